@@ -1,0 +1,309 @@
+"""DataFrame + lme4 formula -> structured model (X, y and ReMat-style terms)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.linalg
+
+from lmmjax.errors import LmmInputError
+from lmmjax.formula import BarTerm, model_matrix, parse_formula, required_columns
+from lmmjax.terms import Term
+
+
+@dataclass(frozen=True, eq=False)
+class Model:
+    """A linear mixed model's data in structured form.
+
+    Attributes
+    ----------
+    formula : str
+        The formula as given.
+    response : str
+        Name of the response.
+    y : numpy.ndarray
+        float64[N].
+    X : numpy.ndarray
+        float64[N, p], full column rank (aliased columns are dropped).
+    fixef_names : tuple of str
+        lme4-style names of X's columns.
+    terms : tuple of Term
+        Random-effect terms, ordered by decreasing number of levels.
+    data : pandas.DataFrame
+        The rows used (missing values removed), with factors converted.
+    n_dropped : int
+        Rows removed because of missing values.
+    dropped_fixef : tuple of str
+        Fixed-effect columns dropped because X was rank deficient.
+    """
+
+    formula: str
+    response: str
+    y: np.ndarray
+    X: np.ndarray
+    fixef_names: tuple[str, ...]
+    terms: tuple[Term, ...]
+    data: pd.DataFrame = field(repr=False)
+    fixed_spec: object = field(repr=False, default=None)
+    fixed_formula: str = "1"
+    n_dropped: int = 0
+    dropped_fixef: tuple[str, ...] = ()
+
+    @property
+    def nobs(self) -> int:
+        """Number of observations N."""
+        return self.y.shape[0]
+
+    @property
+    def p(self) -> int:
+        """Number of fixed effects."""
+        return self.X.shape[1]
+
+    @property
+    def q(self) -> int:
+        """Total number of random effects."""
+        return sum(t.q for t in self.terms)
+
+    @property
+    def ntheta(self) -> int:
+        """Number of covariance parameters."""
+        return sum(t.ntheta for t in self.terms)
+
+    @property
+    def ngroups(self) -> dict[str, int]:
+        """Levels of each grouping factor, ``{factor: M}``."""
+        return {t.group: t.nlevels for t in self.terms}
+
+    def dims(self) -> dict:
+        """Dimensions of the model as a plain dictionary."""
+        return {
+            "nobs": self.nobs,
+            "p": self.p,
+            "q": self.q,
+            "ntheta": self.ntheta,
+            "terms": [
+                {
+                    "group": t.group,
+                    "names": list(t.names),
+                    "levels": t.nlevels,
+                    "d": t.d,
+                    "ntheta": t.ntheta,
+                    "structure": t.structure,
+                }
+                for t in self.terms
+            ],
+        }
+
+    def describe(self) -> str:
+        """A readable account of the model's structure."""
+        lines = [
+            f"Linear mixed model: {self.formula}",
+            f"  observations N = {self.nobs}"
+            + (f" ({self.n_dropped} rows with missing values removed)" if self.n_dropped else ""),
+            f"  fixed effects p = {self.p}: {', '.join(self.fixef_names)}",
+        ]
+        if self.dropped_fixef:
+            lines.append(f"  dropped (rank deficient): {', '.join(self.dropped_fixef)}")
+        lines.append(f"  random effects q = {self.q}, covariance parameters = {self.ntheta}")
+        lines.append(f"  {'group':<20} {'levels':>8} {'d':>3} {'ntheta':>7}  effects")
+        for t in self.terms:
+            lines.append(
+                f"  {t.group:<20} {t.nlevels:>8} {t.d:>3} {t.ntheta:>7}  {', '.join(t.names)}"
+            )
+        return "\n".join(lines)
+
+
+def _factor_codes(col: pd.Series, name: str) -> tuple[np.ndarray, list[str]]:
+    """Integer codes and level labels of a column treated as a factor.
+
+    Levels follow a categorical's own order, else sorted values (numeric
+    sort for numbers, as R's ``factor()``); unused levels are dropped.
+    """
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        cat = col.cat.remove_unused_categories()
+    else:
+        values = col.to_numpy()
+        if col.dtype == object:
+            values = col.astype(str).to_numpy()
+        cat = pd.Categorical(values, categories=np.unique(values))
+        cat = pd.Series(cat, index=col.index)
+    codes = cat.cat.codes.to_numpy().astype(np.int64)
+    labels = [_label(v) for v in cat.cat.categories]
+    return codes, labels
+
+
+def _label(value) -> str:
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def group_index(data: pd.DataFrame, factors: Sequence[str]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Level index of each row for the interaction of ``factors``.
+
+    Levels are the combinations present in the data, in lexicographic order of
+    the factors' own levels, labelled ``"a:b"`` as lme4 does.
+    """
+    codes, labels = zip(*(_factor_codes(data[f], f) for f in factors), strict=True)
+    stacked = np.stack(codes, axis=1)
+    combos, refs = np.unique(stacked, axis=0, return_inverse=True)
+    names = tuple(":".join(labels[k][c] for k, c in enumerate(row)) for row in combos)
+    return refs.reshape(-1).astype(np.int32), names
+
+
+def _as_factors(data: pd.DataFrame, columns: set[str]) -> pd.DataFrame:
+    data = data.copy()
+    for name in columns:
+        if not isinstance(data[name].dtype, pd.CategoricalDtype):
+            codes, labels = _factor_codes(data[name], name)
+            data[name] = pd.Categorical.from_codes(codes, categories=labels)
+    return data
+
+
+def _drop_missing(data: pd.DataFrame, used: list[str]) -> tuple[pd.DataFrame, int]:
+    missing = data[used].isna()
+    keep = ~missing.any(axis=1)
+    n_dropped = int((~keep).sum())
+    if n_dropped:
+        per_col = ", ".join(f"{c} ({int(n)})" for c, n in missing.sum().items() if n)
+        warnings.warn(
+            f"removed {n_dropped} of {len(data)} rows with missing values in: {per_col}",
+            stacklevel=3,
+        )
+    if not keep.any():
+        raise LmmInputError(
+            f"no rows left after removing {n_dropped} rows with missing values in "
+            f"the columns used by the formula ({', '.join(used)})"
+        )
+    return data.loc[keep].reset_index(drop=True), n_dropped
+
+
+def _response(data: pd.DataFrame, response: str) -> np.ndarray:
+    if response in data.columns:
+        col = data[response]
+        if not pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
+            raise LmmInputError(
+                f"response {response!r} is not numeric (dtype {col.dtype}); "
+                "a linear mixed model needs a numeric response"
+            )
+        return col.to_numpy(dtype=np.float64)
+    values, names, _ = model_matrix(f"0 + {response}", data, context="response")
+    if values.shape[1] != 1:
+        raise LmmInputError(
+            f"response {response!r} must be one numeric column, got {len(names)} columns"
+        )
+    return values[:, 0]
+
+
+def full_rank_columns(X: np.ndarray, tol: float = 1e-7) -> np.ndarray:
+    """Indices of a maximal linearly independent subset of X's columns, in order.
+
+    Uses a column-pivoted QR with lme4's relative tolerance.
+    """
+    if X.shape[1] == 0:
+        return np.arange(0)
+    _, r, piv = scipy.linalg.qr(X, mode="economic", pivoting=True)
+    diag = np.abs(np.diag(r))
+    rank = int(np.sum(diag > tol * diag[0])) if diag.size and diag[0] > 0 else 0
+    return np.sort(piv[:rank])
+
+
+def _bar_terms(data: pd.DataFrame, bar: BarTerm) -> list[Term]:
+    refs, levels = group_index(data, bar.factors)
+    if len(levels) < 2:
+        raise LmmInputError(
+            f"grouping factor {bar.group!r} in term {bar.source!r} has a single level "
+            f"({levels[0]!r}); a random effect needs at least two levels"
+        )
+    z, names, _ = model_matrix(bar.lhs, data, context=f"random-effect term {bar.source}:")
+    if z.shape[1] == 0:
+        raise LmmInputError(f"random-effect term {bar.source!r} has no effects")
+    if not bar.uncorrelated:
+        return [Term(bar.group, names, levels, refs, z)]
+    return [Term(bar.group, (n,), levels, refs, z[:, [k]]) for k, n in enumerate(names)]
+
+
+def build_model(data: pd.DataFrame, formula: str, categorical: Sequence[str] = ()) -> Model:
+    """Build the structured model of an lme4 formula on a DataFrame.
+
+    Parameters
+    ----------
+    data : pandas.DataFrame
+        One row per observation.
+    formula : str
+        lme4 syntax, e.g. ``"Reaction ~ Days + (Days | Subject)"``.
+    categorical : sequence of str
+        Columns to treat as factors (R's ``factor()``). Grouping columns are
+        always factors.
+
+    Returns
+    -------
+    Model
+
+    Raises
+    ------
+    LmmInputError
+        For syntax errors, unknown columns, a non-numeric response, a grouping
+        factor with a single level, or no rows left after removing missing values.
+    """
+    if not isinstance(data, pd.DataFrame):
+        raise LmmInputError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    parsed = parse_formula(formula)
+    categorical = list(categorical)
+    columns = set(map(str, data.columns))
+    for name in categorical:
+        if name not in columns:
+            raise LmmInputError(f"categorical column {name!r} is not in the data")
+
+    needed: dict[str, str] = {}
+    for col in sorted(required_columns(parsed.response, context="response")):
+        needed.setdefault(col, "the response")
+    for col in sorted(required_columns(parsed.fixed, context="fixed-effect formula")):
+        needed.setdefault(col, "the fixed effects")
+    for bar in parsed.bars:
+        lhs_cols = required_columns(bar.lhs, context=f"random-effect term {bar.source}:")
+        for col in sorted(lhs_cols | set(bar.factors)):
+            needed.setdefault(col, f"the random-effect term {bar.source!r}")
+    for col, where in needed.items():
+        if col not in columns:
+            avail = ", ".join(sorted(columns))
+            raise LmmInputError(f"unknown column {col!r} in {where}; the data has: {avail}")
+
+    used = list(needed)
+    data, n_dropped = _drop_missing(data[used], used)
+    grouping = {f for bar in parsed.bars for f in bar.factors}
+    data = _as_factors(data, set(categorical) & set(used) | grouping)
+
+    y = _response(data, parsed.response)
+    X, names, spec = model_matrix(parsed.fixed, data, context="fixed-effect formula")
+    keep = full_rank_columns(X)
+    dropped = tuple(n for k, n in enumerate(names) if k not in set(keep))
+    if dropped:
+        warnings.warn(
+            f"fixed-effect model matrix is rank deficient so dropping {len(dropped)} "
+            f"column{'s' if len(dropped) > 1 else ''} / coefficient"
+            f"{'s' if len(dropped) > 1 else ''}: {', '.join(dropped)}",
+            stacklevel=2,
+        )
+        X = X[:, keep]
+        names = tuple(names[k] for k in keep)
+
+    terms = [t for bar in parsed.bars for t in _bar_terms(data, bar)]
+    order = sorted(range(len(terms)), key=lambda k: -terms[k].nlevels)
+    return Model(
+        formula=formula,
+        response=parsed.response,
+        y=y,
+        X=np.ascontiguousarray(X),
+        fixef_names=names,
+        terms=tuple(terms[k] for k in order),
+        data=data,
+        fixed_spec=spec,
+        fixed_formula=parsed.fixed,
+        n_dropped=n_dropped,
+        dropped_fixef=dropped,
+    )

@@ -1,0 +1,186 @@
+"""Command line: ``python -m lmmjax.fit config.yaml [--check] [--output PATH]``.
+
+Reads a YAML config (see :mod:`lmmjax.config`), loads the data, builds the
+model and fits it with the configured method, printing a summary and writing
+the result as JSON when an output path is given. ``--check`` stops after
+building the model and prints its structure.
+
+Exit status: 0 on success; 2 on bad input (config, data, formula) or a
+method that is not built yet, with one ``lmmjax: error: ...`` line on stderr;
+1 with a traceback for anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import lmmjax
+from lmmjax import api
+from lmmjax.config import FitConfig, load_config
+from lmmjax.datasets import load_data
+from lmmjax.errors import LmmInputError, NotBuiltError
+
+__all__ = ["main", "to_jsonable", "write_json"]
+
+_USER_ERRORS = (LmmInputError, NotBuiltError, FileNotFoundError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Build the argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lmmjax.fit",
+        description="Fit a linear mixed model described by a YAML config.",
+    )
+    parser.add_argument("config", help="path of the YAML config file")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config, build the model and print its structure without fitting",
+    )
+    parser.add_argument(
+        "--output",
+        metavar="PATH",
+        default=None,
+        help="write the JSON result here (overrides the config's 'output')",
+    )
+    return parser
+
+
+def _build_model(cfg: FitConfig) -> Any:
+    """Load the data and build the structured model the config describes."""
+    # Imported here so that `--help` and config errors do not pay for the
+    # formula and design machinery.
+    from lmmjax.design import build_model
+
+    df = load_data(cfg.data, base_dir=cfg.base_dir)
+    return build_model(df, cfg.formula, categorical=cfg.categorical)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert a result structure into plain Python that :mod:`json` can write.
+
+    NumPy (and JAX) arrays become nested lists, NumPy scalars become Python
+    scalars, tuples become lists, mapping keys become strings, and
+    non-finite floats become ``None`` (JSON has no NaN or infinity).
+
+    Parameters
+    ----------
+    obj : object
+        A nested structure of dicts, sequences, arrays and scalars.
+
+    Returns
+    -------
+    object
+        The same structure in plain Python types.
+    """
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if hasattr(obj, "__array__") and not isinstance(obj, (str, bytes)):
+        return to_jsonable(np.asarray(obj).tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(result: dict, path: str | Path) -> Path:
+    """Write a result dictionary as indented JSON, creating parent directories.
+
+    Parameters
+    ----------
+    result : dict
+        The result, typically ``result.to_dict()``.
+    path : str or path-like
+        Destination file.
+
+    Returns
+    -------
+    pathlib.Path
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(to_jsonable(result), indent=2, allow_nan=False)
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def run(config: str | Path, check: bool = False, output: str | None = None) -> int:
+    """Carry out one CLI invocation; user errors propagate as exceptions.
+
+    Parameters
+    ----------
+    config : str or path-like
+        The YAML config file.
+    check : bool
+        Stop after building the model and print its structure.
+    output : str, optional
+        JSON output path overriding the config's ``output``.
+
+    Returns
+    -------
+    int
+        Exit status (0).
+    """
+    cfg = load_config(config)
+    if output is not None:
+        cfg = cfg.model_copy(update={"output": output})
+    lmmjax.set_precision(cfg.precision)
+    model = _build_model(cfg)
+    if check:
+        print(model.describe())
+        print("config OK (no fit: --check)")
+        return 0
+    result = api.fit_model(model, cfg)
+    print(result.summary())
+    if cfg.output:
+        written = write_json(result.to_dict(), cfg.output)
+        print(f"results written to {written}")
+    return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    """Collapse an exception's message onto a single line."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line interface.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name; ``sys.argv[1:]`` when omitted.
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 2 on bad input or an unbuilt method.
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or an argparse usage error (status 2)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return run(args.config, check=args.check, output=args.output)
+    except _USER_ERRORS as exc:
+        print(f"lmmjax: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

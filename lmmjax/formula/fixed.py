@@ -1,0 +1,109 @@
+"""Model matrices through formulaic, with lme4-style column names."""
+
+from __future__ import annotations
+
+import re
+
+import formulaic
+import numpy as np
+import pandas as pd
+from formulaic.errors import FormulaicError
+
+from lmmjax.errors import LmmInputError
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m|[\u29da\u29db]")
+_LEVEL = re.compile(r"\[(?:T\.)?([^\]]*)\]")
+_I_CALL = re.compile(r"\bI\(")
+
+
+def r_to_python(formula: str) -> tuple[str, dict[str, str]]:
+    """Translate R's ``^`` inside ``I(...)`` to Python's ``**``.
+
+    Returns the translated formula and a map from each translated ``I(...)``
+    call to the text the user wrote, so that column names read as in R.
+    """
+    out, names, i = [], {}, 0
+    for match in _I_CALL.finditer(formula):
+        if match.start() < i:
+            continue
+        depth, j = 0, match.end() - 1
+        for j in range(match.end() - 1, len(formula)):
+            depth += formula[j] == "("
+            depth -= formula[j] == ")"
+            if depth == 0:
+                break
+        original = formula[match.start() : j + 1]
+        translated = original.replace("^", "**")
+        out.append(formula[i : match.start()] + translated)
+        names[_canonical(translated)] = original
+        i = j + 1
+    out.append(formula[i:])
+    return "".join(out), names
+
+
+def _canonical(expr: str) -> str:
+    return re.sub(r"\s+", "", expr)
+
+
+def clean_message(exc: Exception) -> str:
+    """formulaic's error text without terminal colour codes, on one line."""
+    return " ".join(_ANSI.sub("", str(exc)).split())
+
+
+def lme4_name(name: str, originals: dict[str, str] | None = None) -> str:
+    """Rename a formulaic column as lme4 would print it.
+
+    ``Intercept`` becomes ``(Intercept)``, ``Sex[T.Male]`` becomes ``SexMale``,
+    and ``I(x ** 2)`` becomes ``I(x^2)`` when that is how it was written.
+    """
+    if name == "Intercept":
+        return "(Intercept)"
+    parts = []
+    for part in name.split(":"):
+        key = _canonical(part)
+        if originals and key in originals:
+            parts.append(originals[key])
+        else:
+            parts.append(_LEVEL.sub(r"\1", part))
+    return ":".join(parts)
+
+
+def model_matrix(
+    formula: str, data: pd.DataFrame, *, context: str
+) -> tuple[np.ndarray, tuple[str, ...], object]:
+    """Evaluate a one-sided formula on ``data``.
+
+    Parameters
+    ----------
+    formula : str
+        Right-hand side such as ``"1 + x*Sex"``; R's ``I(x^2)`` is accepted.
+    data : pandas.DataFrame
+        Complete cases only: missing values are removed before this call.
+    context : str
+        Where the formula came from, for error messages.
+
+    Returns
+    -------
+    matrix : numpy.ndarray
+        float64 array (N, p).
+    names : tuple of str
+        lme4-style column names.
+    spec : formulaic.ModelSpec
+        The spec, which rebuilds the same columns on new data.
+    """
+    translated, originals = r_to_python(formula)
+    try:
+        mm = formulaic.model_matrix(translated, data, na_action="raise")
+    except FormulaicError as exc:
+        raise LmmInputError(f"{context} {formula!r}: {clean_message(exc)}") from None
+    names = tuple(lme4_name(c, originals) for c in mm.columns)
+    return np.asarray(mm, dtype=np.float64), names, mm.model_spec
+
+
+def required_columns(formula: str, *, context: str) -> set[str]:
+    """The data columns that a one-sided formula reads."""
+    translated, _ = r_to_python(formula)
+    try:
+        return set(formulaic.Formula(translated).required_variables)
+    except FormulaicError as exc:
+        raise LmmInputError(f"{context} {formula!r}: {clean_message(exc)}") from None

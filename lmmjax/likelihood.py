@@ -1,0 +1,77 @@
+"""Profiled REML/ML objectives (lme4's penalised least squares) and their pieces."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lmmjax.linalg import Structure, factorize, logdet, make_lambdas, solve_lower
+from lmmjax.linalg.blocked import Factor, first_left, rest_left
+
+
+class PLS(NamedTuple):
+    """Penalised least-squares solution at one theta.
+
+    Attributes
+    ----------
+    factor : Factor
+        Blocked Cholesky factor of ``A(theta)``.
+    logdet_A : scalar
+    Lxy : (p + 1, p + 1)
+        Lower Cholesky factor of the Schur complement of ``[X y]``: its top-left
+        block is ``R_X'`` and its last diagonal entry is the root of the
+        penalised residual sum of squares.
+    V1, V2 : blocked ``L^{-1} Lambda' Z' [X y]``
+    """
+
+    factor: Factor
+    logdet_A: jax.Array
+    Lxy: jax.Array
+    V1: jax.Array
+    V2: jax.Array
+
+
+def nobs(struct: Structure) -> int:
+    """Number of observations (static)."""
+    return struct.refs[0].shape[0]
+
+
+def solve_pls(theta: jax.Array, struct: Structure) -> PLS:
+    """Factor ``A(theta)`` and the appended ``[X y]`` system.
+
+    Parameters
+    ----------
+    theta : array
+        Covariance parameters in lme4's order.
+    struct : Structure
+        Built with X and y appended.
+    """
+    layout = struct.layout
+    lambdas = make_lambdas(theta, layout)
+    factor = factorize(struct, lambdas)
+    U1 = first_left(struct.ZtXy1, lambdas[0])
+    U2 = rest_left(struct.ZtXy_rest, lambdas, layout) if layout.has_rest else struct.ZtXy_rest
+    V1, V2 = solve_lower(struct, factor, U1, U2)
+    gram = struct.XytXy - jnp.einsum("mak,mal->kl", V1, V1) - V2.T @ V2
+    return PLS(factor, logdet(factor), jnp.linalg.cholesky(gram), V1, V2)
+
+
+def objective_from_pls(pls: PLS, n: int, p: int, reml: bool) -> jax.Array:
+    """lme4's REML criterion or ML deviance (-2 log-likelihood) from a PLS solution."""
+    r2 = pls.Lxy[p, p] ** 2
+    if reml:
+        nmp = n - p
+        ldx = 2.0 * jnp.sum(jnp.log(jnp.diagonal(pls.Lxy)[:p]))
+        return pls.logdet_A + ldx + nmp * (1.0 + jnp.log(2.0 * jnp.pi * r2 / nmp))
+    return pls.logdet_A + n * (1.0 + jnp.log(2.0 * jnp.pi * r2 / n))
+
+
+def profiled_objective(theta: jax.Array, struct: Structure, reml: bool = True) -> jax.Array:
+    """The profiled REML criterion (``reml=True``) or deviance as a function of theta.
+
+    Comparable with lme4's ``REMLcrit()`` and ``deviance()``.
+    """
+    pls = solve_pls(theta, struct)
+    return objective_from_pls(pls, nobs(struct), struct.layout.p, reml)

@@ -1,0 +1,294 @@
+"""Theta-free precomputation for the blocked factorisation.
+
+Everything here is computed once per model with NumPy, in O(N) time and
+memory plus the dense Schur block. The per-evaluation kernels in
+:mod:`lmmjax.linalg.blocked` then never touch the N rows again for the
+profiled likelihood, and touch them only through segment sums elsewhere.
+
+Block layout (terms sorted by decreasing number of levels):
+
+* block 1 is the first term: ``M1`` diagonal blocks of size ``d1``;
+* block 2 ("rest") stacks the other terms, level-major within each term,
+  ``q_rest = sum_l M_l d_l`` rows, factored densely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from lmmjax.terms import Term
+
+
+@dataclass(frozen=True)
+class TermLayout:
+    """Static shape information of one term."""
+
+    nlevels: int
+    d: int
+    offset: int  # first row of the term inside its block ("rest" block for l >= 2)
+    theta_rows: tuple[int, ...]
+    theta_cols: tuple[int, ...]
+
+    @property
+    def q(self) -> int:
+        return self.nlevels * self.d
+
+    @property
+    def ntheta(self) -> int:
+        return len(self.theta_rows)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Static (hashable) description of the blocked system."""
+
+    terms: tuple[TermLayout, ...]
+    q_rest: int
+    n_wgroups: int
+    p: int  # number of fixed-effect columns, -1 when no X/y was appended
+
+    @property
+    def first(self) -> TermLayout:
+        return self.terms[0]
+
+    @property
+    def rest(self) -> tuple[TermLayout, ...]:
+        return self.terms[1:]
+
+    @property
+    def has_rest(self) -> bool:
+        return len(self.terms) > 1
+
+    @property
+    def ntheta(self) -> int:
+        return sum(t.ntheta for t in self.terms)
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclass
+class Structure:
+    """Arrays of the blocked system (a JAX pytree) plus its static layout.
+
+    Attributes
+    ----------
+    G1 : array (M1, d1, d1)
+        Per-level Gram matrices ``Z_1j' Z_1j`` of the first term.
+    Gw : array (n_wgroups, d1, d1)
+        Distinct values of ``G1``; ``wgroup[j]`` says which one level j has.
+    wgroup : int array (M1,)
+    b_row, b_lev : int arrays (K,)
+        COO pattern of ``B = Z_rest' Z_1`` (row in the rest block, level of term 1),
+        sorted by level.
+    b_val : array (K, d1)
+    pair_entry : int array (P,)
+        Flat index ``a * q_rest + b`` (a >= b) in the rest block of each aggregated
+        pair of B rows sharing a level of term 1, sorted.
+    pair_group : int array (P,)
+        Which ``Gw`` group the pair's level belongs to.
+    pair_val : array (P, d1, d1)
+        Summed outer products ``v_a v_b'`` over the levels of that group.
+    C : array (q_rest, q_rest)
+        Dense ``Z_rest' Z_rest``.
+    ZtXy1 : array (M1, d1, p + 1), ZtXy_rest : array (q_rest, p + 1), XytXy : (p+1, p+1)
+        Cross-products with ``[X y]`` for the penalised least squares (empty when
+        no X/y was given).
+    refs, z : tuples of arrays
+        The terms' level indices and lhs columns, for O(N) products with Z.
+    """
+
+    G1: jax.Array
+    Gw: jax.Array
+    wgroup: jax.Array
+    b_row: jax.Array
+    b_lev: jax.Array
+    b_val: jax.Array
+    pair_entry: jax.Array
+    pair_group: jax.Array
+    pair_val: jax.Array
+    C: jax.Array
+    ZtXy1: jax.Array
+    ZtXy_rest: jax.Array
+    XytXy: jax.Array
+    refs: tuple
+    z: tuple
+    layout: Layout
+
+    _FIELDS = (
+        "G1", "Gw", "wgroup", "b_row", "b_lev", "b_val", "pair_entry", "pair_group",
+        "pair_val", "C", "ZtXy1", "ZtXy_rest", "XytXy", "refs", "z",
+    )  # fmt: skip
+
+    def tree_flatten(self):
+        return tuple(getattr(self, f) for f in self._FIELDS), self.layout
+
+    @classmethod
+    def tree_unflatten(cls, layout, children):
+        return cls(*children, layout=layout)
+
+
+def _term_layouts(terms: list[Term]) -> tuple[TermLayout, ...]:
+    out, offset = [], 0
+    for k, t in enumerate(terms):
+        rows, cols = t.theta_index()
+        out.append(TermLayout(t.nlevels, t.d, offset, tuple(map(int, rows)), tuple(map(int, cols))))
+        if k > 0:
+            offset += t.q
+    return tuple(out)
+
+
+def _segment_outer(refs: np.ndarray, a: np.ndarray, b: np.ndarray, m: int) -> np.ndarray:
+    """``out[j] = sum_{i: refs_i = j} a_i b_i'`` for (N, da) and (N, db)."""
+    out = np.zeros((m, a.shape[1], b.shape[1]))
+    for r in range(a.shape[1]):
+        for c in range(b.shape[1]):
+            out[:, r, c] = np.bincount(refs, weights=a[:, r] * b[:, c], minlength=m)
+    return out
+
+
+def _rest_rows(terms: list[Term], layouts: tuple[TermLayout, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """For each row i and each rest column (l, c): rest-block index and z value.
+
+    Returns ``(idx, val)`` of shape (N, sum_{l>=2} d_l).
+    """
+    idx, val = [], []
+    for t, lay in zip(terms[1:], layouts[1:], strict=True):
+        for c in range(t.d):
+            idx.append(lay.offset + t.refs.astype(np.int64) * t.d + c)
+            val.append(t.z[:, c])
+    return np.stack(idx, axis=1), np.stack(val, axis=1)
+
+
+def _b_coo(first: Term, ridx: np.ndarray, rval: np.ndarray, q_rest: int):
+    """Aggregate ``B = Z_rest' Z_1`` into COO form sorted by (level, row)."""
+    k = ridx.shape[1]
+    lev = np.repeat(first.refs.astype(np.int64), k)
+    key = lev * q_rest + ridx.reshape(-1)
+    uniq, inv = np.unique(key, return_inverse=True)
+    inv = inv.reshape(-1)
+    b_val = np.zeros((uniq.size, first.d))
+    zz = rval.reshape(-1)
+    for c in range(first.d):
+        w = zz * np.repeat(first.z[:, c], k)
+        b_val[:, c] = np.bincount(inv, weights=w, minlength=uniq.size)
+    return uniq % q_rest, uniq // q_rest, b_val
+
+
+def _pairs(b_row, b_lev, b_val, wgroup, n_wgroups, q_rest):
+    """All pairs of B rows that share a level of term 1, aggregated by (entry, group)."""
+    counts = np.bincount(b_lev, minlength=wgroup.size)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pos = np.arange(b_row.size) - starts[b_lev]  # position within the level's block
+    k1 = np.repeat(np.arange(b_row.size), pos + 1)
+    k2 = starts[b_lev[k1]] + (
+        np.arange(k1.size) - np.repeat(np.cumsum(pos + 1) - (pos + 1), pos + 1)
+    )
+    ra, rb = b_row[k1], b_row[k2]
+    hi, lo = np.maximum(ra, rb), np.minimum(ra, rb)
+    entry = hi * q_rest + lo
+    group = wgroup[b_lev[k1]]
+    key = entry * n_wgroups + group
+    uniq, inv = np.unique(key, return_inverse=True)
+    d1 = b_val.shape[1]
+    # orient each pair so that the first vector belongs to the larger row index
+    va = np.where((ra >= rb)[:, None], b_val[k1], b_val[k2])
+    vb = np.where((ra >= rb)[:, None], b_val[k2], b_val[k1])
+    val = np.zeros((uniq.size, d1, d1))
+    for r in range(d1):
+        for c in range(d1):
+            val[:, r, c] = np.bincount(inv, weights=va[:, r] * vb[:, c], minlength=uniq.size)
+    return uniq // n_wgroups, uniq % n_wgroups, val
+
+
+def build_structure(
+    terms: list[Term] | tuple[Term, ...],
+    X: np.ndarray | None = None,
+    y: np.ndarray | None = None,
+    dtype=np.float64,
+) -> Structure:
+    """Precompute the theta-free parts of the blocked factorisation.
+
+    Parameters
+    ----------
+    terms : sequence of Term
+        Random-effect terms, first term the one with most levels.
+    X, y : numpy.ndarray, optional
+        Fixed-effect matrix and response to append for penalised least squares.
+    dtype : numpy dtype
+        Floating-point type of the arrays.
+
+    Returns
+    -------
+    Structure
+    """
+    terms = list(terms)
+    if not terms:
+        raise ValueError("the blocked factorisation needs at least one random-effect term")
+    layouts = _term_layouts(terms)
+    first = terms[0]
+    m1, d1 = first.nlevels, first.d
+    refs1 = first.refs.astype(np.int64)
+    q_rest = sum(t.q for t in terms[1:])
+
+    G1 = _segment_outer(refs1, first.z, first.z, m1)
+    Gw, wgroup = np.unique(G1.reshape(m1, -1), axis=0, return_inverse=True)
+    Gw = Gw.reshape(-1, d1, d1)
+    wgroup = wgroup.reshape(-1)
+
+    if q_rest:
+        ridx, rval = _rest_rows(terms, layouts)
+        b_row, b_lev, b_val = _b_coo(first, ridx, rval, q_rest)
+        pair_entry, pair_group, pair_val = _pairs(b_row, b_lev, b_val, wgroup, Gw.shape[0], q_rest)
+        k = ridx.shape[1]
+        ia = np.repeat(ridx, k, axis=1).reshape(-1)
+        ib = np.tile(ridx, (1, k)).reshape(-1)
+        w = (np.repeat(rval, k, axis=1) * np.tile(rval, (1, k))).reshape(-1)
+        C = np.bincount(ia * q_rest + ib, weights=w, minlength=q_rest * q_rest)
+        C = C.reshape(q_rest, q_rest)
+    else:
+        ridx = rval = None
+        b_row = b_lev = pair_entry = pair_group = np.zeros(0, np.int64)
+        b_val = np.zeros((0, d1))
+        pair_val = np.zeros((0, d1, d1))
+        C = np.zeros((0, 0))
+
+    if X is not None:
+        Xy = np.column_stack([X, y])
+        p = X.shape[1]
+        ZtXy1 = _segment_outer(refs1, first.z, Xy, m1)
+        ZtXy_rest = np.zeros((q_rest, p + 1))
+        if q_rest:
+            for c in range(ridx.shape[1]):
+                for j in range(p + 1):
+                    ZtXy_rest[:, j] += np.bincount(
+                        ridx[:, c], weights=rval[:, c] * Xy[:, j], minlength=q_rest
+                    )
+        XytXy = Xy.T @ Xy
+    else:
+        p = -1
+        ZtXy1 = np.zeros((m1, d1, 0))
+        ZtXy_rest = np.zeros((q_rest, 0))
+        XytXy = np.zeros((0, 0))
+
+    f = lambda a: jax.numpy.asarray(a, dtype=dtype)  # noqa: E731
+    i = lambda a: jax.numpy.asarray(a, dtype=jax.numpy.int32)  # noqa: E731
+    return Structure(
+        G1=f(G1),
+        Gw=f(Gw),
+        wgroup=i(wgroup),
+        b_row=i(b_row),
+        b_lev=i(b_lev),
+        b_val=f(b_val),
+        pair_entry=i(pair_entry),
+        pair_group=i(pair_group),
+        pair_val=f(pair_val),
+        C=f(C),
+        ZtXy1=f(ZtXy1),
+        ZtXy_rest=f(ZtXy_rest),
+        XytXy=f(XytXy),
+        refs=tuple(i(t.refs) for t in terms),
+        z=tuple(f(t.z) for t in terms),
+        layout=Layout(layouts, q_rest, int(Gw.shape[0]), p),
+    )

@@ -1,0 +1,97 @@
+"""Random-effect terms stored as MixedModels.jl-style ``ReMat`` structures.
+
+A term ``(lhs | g)`` is kept as an integer level index per row (``refs``) and
+the ``d`` lhs columns per row (``z``); the N x q design matrix it stands for is
+never formed. ``Z u`` and ``Z' v`` are gathers and segment sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class Term:
+    """One random-effect term ``(lhs | group)``.
+
+    Attributes
+    ----------
+    group : str
+        Name of the grouping factor as lme4 prints it (``"Subject"``,
+        ``"cask:batch"``).
+    names : tuple of str
+        Names of the ``d`` lhs columns (``"(Intercept)"``, ``"Days"``).
+    levels : tuple of str
+        Labels of the ``M`` levels of the grouping factor, in level order.
+    refs : numpy.ndarray
+        ``int32[N]``: the level index of each row.
+    z : numpy.ndarray
+        ``float[N, d]``: the lhs columns of each row.
+    structure : {"unstructured", "diagonal"}
+        Covariance structure of the ``d`` effects within a level.
+    """
+
+    group: str
+    names: tuple[str, ...]
+    levels: tuple[str, ...]
+    refs: np.ndarray
+    z: np.ndarray
+    structure: str = "unstructured"
+
+    @property
+    def nlevels(self) -> int:
+        """Number of levels ``M`` of the grouping factor."""
+        return len(self.levels)
+
+    @property
+    def d(self) -> int:
+        """Number of effects per level (lhs columns)."""
+        return self.z.shape[1]
+
+    @property
+    def q(self) -> int:
+        """Number of random effects ``M * d`` of this term."""
+        return self.nlevels * self.d
+
+    @property
+    def ntheta(self) -> int:
+        """Number of covariance parameters (lower triangle of Lambda)."""
+        return self.d if self.structure == "diagonal" else self.d * (self.d + 1) // 2
+
+    def theta_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """Row and column of each theta entry in the d x d factor Lambda.
+
+        Theta holds Lambda's lower triangle column by column, as lme4 does.
+        """
+        if self.structure == "diagonal":
+            idx = np.arange(self.d)
+            return idx, idx
+        rows, cols = [], []
+        for j in range(self.d):
+            for i in range(j, self.d):
+                rows.append(i)
+                cols.append(j)
+        return np.asarray(rows), np.asarray(cols)
+
+    def theta_lower(self) -> np.ndarray:
+        """Lower bounds of theta: 0 on the diagonal of Lambda, -inf elsewhere."""
+        rows, cols = self.theta_index()
+        return np.where(rows == cols, 0.0, -np.inf)
+
+    def theta_init(self) -> np.ndarray:
+        """lme4's starting value: Lambda = identity."""
+        rows, cols = self.theta_index()
+        return (rows == cols).astype(float)
+
+    def apply(self, u: np.ndarray) -> np.ndarray:
+        """Compute ``Z u`` for effects ``u`` of shape (M, d) without forming Z."""
+        return np.sum(self.z * u[self.refs], axis=1)
+
+    def dense(self) -> np.ndarray:
+        """The dense N x (M d) design, level-major. For tests and debugging only."""
+        n = self.z.shape[0]
+        out = np.zeros((n, self.nlevels, self.d))
+        out[np.arange(n), self.refs, :] = self.z
+        return out.reshape(n, self.q)
