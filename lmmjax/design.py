@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import scipy.linalg
 
 from lmmjax.errors import LmmInputError
 from lmmjax.formula import BarTerm, model_matrix, parse_formula, required_columns
@@ -49,9 +48,12 @@ class Model:
     terms: tuple[Term, ...]
     data: pd.DataFrame = field(repr=False)
     fixed_spec: object = field(repr=False, default=None)
+    """formulaic spec that rebuilds X's columns (before aliased ones are dropped)."""
     fixed_formula: str = "1"
     n_dropped: int = 0
     dropped_fixef: tuple[str, ...] = ()
+    fixed_columns: tuple[int, ...] = ()
+    factor_columns: tuple[str, ...] = ()
 
     @property
     def nobs(self) -> int:
@@ -137,6 +139,7 @@ def _factor_codes(col: pd.Series, name: str) -> tuple[np.ndarray, list[str]]:
 
 
 def _label(value) -> str:
+    """Level label of a value as R prints it (whole floats without ".0")."""
     if isinstance(value, float | np.floating) and float(value).is_integer():
         return str(int(value))
     return str(value)
@@ -202,14 +205,27 @@ def _response(data: pd.DataFrame, response: str) -> np.ndarray:
 def full_rank_columns(X: np.ndarray, tol: float = 1e-7) -> np.ndarray:
     """Indices of a maximal linearly independent subset of X's columns, in order.
 
-    Uses a column-pivoted QR with lme4's relative tolerance.
+    As lme4 (R's LINPACK ``qr(X, tol = 1e-7)``, limited pivoting): columns are
+    taken left to right and one is dropped when its part orthogonal to the
+    columns kept before it is below ``tol`` times its own norm, so it is always
+    the later of two aliased columns that goes, whatever their scales.
     """
-    if X.shape[1] == 0:
-        return np.arange(0)
-    _, r, piv = scipy.linalg.qr(X, mode="economic", pivoting=True)
-    diag = np.abs(np.diag(r))
-    rank = int(np.sum(diag > tol * diag[0])) if diag.size and diag[0] > 0 else 0
-    return np.sort(piv[:rank])
+    n, p = X.shape
+    Q = np.zeros((n, p))
+    keep: list[int] = []
+    for j in range(p):
+        x = np.asarray(X[:, j], dtype=np.float64)
+        norm = np.linalg.norm(x)
+        if norm == 0.0:
+            continue
+        basis = Q[:, : len(keep)]
+        v = x - basis @ (basis.T @ x)
+        v -= basis @ (basis.T @ v)  # second pass for orthogonality
+        rest = np.linalg.norm(v)
+        if rest > tol * norm:
+            Q[:, len(keep)] = v / rest
+            keep.append(j)
+    return np.asarray(keep, dtype=np.int64)
 
 
 def _bar_terms(data: pd.DataFrame, bar: BarTerm) -> list[Term]:
@@ -219,12 +235,25 @@ def _bar_terms(data: pd.DataFrame, bar: BarTerm) -> list[Term]:
             f"grouping factor {bar.group!r} in term {bar.source!r} has a single level "
             f"({levels[0]!r}); a random effect needs at least two levels"
         )
-    z, names, _ = model_matrix(bar.lhs, data, context=f"random-effect term {bar.source}:")
+    z, names, spec = model_matrix(bar.lhs, data, context=f"random-effect term {bar.source}:")
     if z.shape[1] == 0:
         raise LmmInputError(f"random-effect term {bar.source!r} has no effects")
-    if not bar.uncorrelated:
-        return [Term(bar.group, names, levels, refs, z)]
-    return [Term(bar.group, (n,), levels, refs, z[:, [k]]) for k, n in enumerate(names)]
+    columns = (
+        [tuple(range(z.shape[1]))] if not bar.uncorrelated else [(k,) for k in range(len(names))]
+    )
+    return [
+        Term(
+            bar.group,
+            tuple(names[k] for k in cols),
+            levels,
+            refs,
+            np.ascontiguousarray(z[:, list(cols)]),
+            factors=bar.factors,
+            lhs_spec=spec,
+            lhs_columns=cols,
+        )
+        for cols in columns
+    ]
 
 
 def build_model(data: pd.DataFrame, formula: str, categorical: Sequence[str] = ()) -> Model:
@@ -276,7 +305,8 @@ def build_model(data: pd.DataFrame, formula: str, categorical: Sequence[str] = (
     used = list(needed)
     data, n_dropped = _drop_missing(data[used], used)
     grouping = {f for bar in parsed.bars for f in bar.factors}
-    data = _as_factors(data, set(categorical) & set(used) | grouping)
+    factor_columns = tuple(sorted(set(categorical) & set(used) | grouping))
+    data = _as_factors(data, set(factor_columns))
 
     y = _response(data, parsed.response)
     X, names, spec = model_matrix(parsed.fixed, data, context="fixed-effect formula")
@@ -306,4 +336,24 @@ def build_model(data: pd.DataFrame, formula: str, categorical: Sequence[str] = (
         fixed_formula=parsed.fixed,
         n_dropped=n_dropped,
         dropped_fixef=dropped,
+        fixed_columns=tuple(int(k) for k in keep),
+        factor_columns=factor_columns,
     )
+
+
+def conform_newdata(model: Model, newdata: pd.DataFrame) -> pd.DataFrame:
+    """Convert the factor columns of ``newdata`` to the model's level labels.
+
+    Values that the model never saw become missing in those columns; callers
+    decide whether that is an error (fixed effects) or a new level (grouping).
+    """
+    if not isinstance(newdata, pd.DataFrame):
+        raise LmmInputError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
+    newdata = newdata.copy()
+    for name in model.factor_columns:
+        if name not in newdata.columns:
+            continue
+        labels = [None if pd.isna(v) else _label(v) for v in newdata[name].to_numpy()]
+        categories = model.data[name].cat.categories
+        newdata[name] = pd.Categorical(labels, categories=categories)
+    return newdata

@@ -75,3 +75,35 @@ def profiled_objective(theta: jax.Array, struct: Structure, reml: bool = True) -
     """
     pls = solve_pls(theta, struct)
     return objective_from_pls(pls, nobs(struct), struct.layout.p, reml)
+
+
+class Estimates(NamedTuple):
+    """Everything a fit reports that follows from theta by one PLS solution."""
+
+    objective: jax.Array
+    beta: jax.Array  # (p,)
+    sigma: jax.Array
+    vcov: jax.Array  # (p, p)
+    b: tuple  # per term (M_l, d_l) conditional modes
+
+
+def estimates(theta: jax.Array, struct: Structure, reml: bool = True) -> Estimates:
+    """Fixed effects, sigma, their covariance and the conditional modes at theta."""
+    from lmmjax.linalg import blocked_to_terms, solve_upper
+
+    layout = struct.layout
+    n, p = nobs(struct), layout.p
+    pls = solve_pls(theta, struct)
+    Lxx, lyx, r = pls.Lxy[:p, :p], pls.Lxy[p, :p], pls.Lxy[p, p]
+    beta = jax.scipy.linalg.solve_triangular(Lxx.T, lyx, lower=False)
+    sigma = jnp.abs(r) / jnp.sqrt(n - p if reml else n)
+    Linv = jax.scipy.linalg.solve_triangular(Lxx, jnp.eye(p, dtype=Lxx.dtype), lower=True)
+    vcov = sigma**2 * Linv.T @ Linv
+    # conditional modes: u = L^{-T} L^{-1} Lambda' Z' (y - X beta), b = Lambda u
+    coef = jnp.concatenate([-beta, jnp.ones(1, dtype=beta.dtype)])
+    u1, u2 = solve_upper(struct, pls.factor, (pls.V1 @ coef)[..., None], (pls.V2 @ coef)[:, None])
+    b = tuple(
+        jnp.einsum("ac,mc->ma", lam, u_l[..., 0])
+        for lam, u_l in zip(pls.factor.lambdas, blocked_to_terms(struct, u1, u2), strict=True)
+    )
+    return Estimates(objective_from_pls(pls, n, p, reml), beta, sigma, vcov, b)

@@ -7,7 +7,7 @@ never formed. ``Z u`` and ``Z' v`` are gathers and segment sums.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +31,12 @@ class Term:
         ``float[N, d]``: the lhs columns of each row.
     structure : {"unstructured", "diagonal"}
         Covariance structure of the ``d`` effects within a level.
+    factors : tuple of str
+        The data columns whose interaction is the grouping factor.
+    lhs_spec : formulaic.ModelSpec, optional
+        Rebuilds the lhs columns on new data (for prediction).
+    lhs_columns : tuple of int, optional
+        Which columns of ``lhs_spec``'s matrix this term keeps (``||`` splits).
     """
 
     group: str
@@ -39,6 +45,9 @@ class Term:
     refs: np.ndarray
     z: np.ndarray
     structure: str = "unstructured"
+    factors: tuple[str, ...] = ()
+    lhs_spec: object = field(default=None, repr=False)
+    lhs_columns: tuple[int, ...] | None = None
 
     @property
     def nlevels(self) -> int:

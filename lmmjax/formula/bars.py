@@ -151,8 +151,9 @@ def _parse_bar(text: str, chunk: str, start: int) -> list[BarTerm]:
             text, bar_pos, f"random-effect term {stripped!r} has no grouping factor"
         )
     if "|" in group:
-        raise formula_error(text, bar_pos + width, "more than one '|' in a random-effect term")
-    groups = _expand_group(text, group, bar_pos + width)
+        second = bar_pos + width + group.index("|")
+        raise formula_error(text, second, "more than one '|' in a random-effect term")
+    groups = _expand_group(text, group, bar_pos + width + len(group) - len(group.lstrip()))
     return [BarTerm(lhs, g, width == 2, stripped) for g in groups]
 
 
@@ -203,6 +204,8 @@ def parse_formula(text: str) -> ParsedFormula:
     fixed_parts: list[str] = []
     bars: list[BarTerm] = []
     for op, chunk, start in _split_top(rhs, rhs_start, "+-"):
+        if op and not chunk.strip() and start + len(chunk) == len(text):
+            raise formula_error(text, start - 1, f"missing term after '{op}'")
         if _is_bar_chunk(chunk):
             if op == "-":
                 raise formula_error(text, start - 1, "a random-effect term cannot be subtracted")

@@ -12,6 +12,7 @@ from formulaic.errors import FormulaicError
 from lmmjax.errors import LmmInputError
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m|[\u29da\u29db]")
+_ANSI_ONLY = re.compile(r"\x1b\[[0-9;]*m")
 _LEVEL = re.compile(r"\[(?:T\.)?([^\]]*)\]")
 _I_CALL = re.compile(r"\bI\(")
 
@@ -46,8 +47,19 @@ def _canonical(expr: str) -> str:
 
 
 def clean_message(exc: Exception) -> str:
-    """formulaic's error text without terminal colour codes, on one line."""
-    return " ".join(_ANSI.sub("", str(exc)).split())
+    """formulaic's error text without terminal colour codes, on one line.
+
+    formulaic marks the offending token of a syntax error between ``\u29db``
+    and ``\u29da``; that position is kept as a caret line under the formula.
+    """
+    text = _ANSI_ONLY.sub("", str(exc))
+    head, _, marked = text.partition("\n\n")
+    start = marked.find("\u29db")
+    message = " ".join(_ANSI.sub("", head).split()).rstrip(".")
+    if start < 0 or "\n" in marked:
+        return " ".join(_ANSI.sub("", text).split())
+    shown = _ANSI.sub("", marked)
+    return f"{message} (at position {start + 1})\n  {shown}\n  {' ' * start}^"
 
 
 def lme4_name(name: str, originals: dict[str, str] | None = None) -> str:

@@ -1,0 +1,288 @@
+"""Profiled REML / ML fitting: optax L-BFGS on theta with autodiff gradients.
+
+Theta is optimised unconstrained: the objective depends on each Lambda_l only
+through ``Lambda_l Lambda_l'``, which is unchanged when a column of Lambda_l
+changes sign, so the bounded problem (diagonal of Lambda >= 0, as in lme4)
+is solved by optimising freely and flipping the sign of every column with a
+negative diagonal afterwards. Parameters that end near the boundary are
+snapped to zero when that costs almost nothing, and the fit is flagged
+singular as lme4's ``isSingular()`` would.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import scipy.optimize
+
+from lmmjax.likelihood import Estimates, estimates, profiled_objective
+from lmmjax.linalg import Structure, build_structure
+from lmmjax.precision import float_dtype
+
+
+@dataclass
+class OptimizerLog:
+    """What the optimiser did.
+
+    Attributes
+    ----------
+    optimizer : str
+        ``"lbfgs"``, or ``"lbfgs+nelder-mead"`` when the derivative-free fallback
+        produced the reported optimum.
+    iterations, fevals : int
+        L-BFGS iterations and objective(+gradient) evaluations.
+    grad_norm : float
+        Infinity norm of the projected gradient at the reported theta.
+    converged : bool
+    seconds, compile_seconds : float
+    messages : list of str
+    """
+
+    optimizer: str = "lbfgs"
+    iterations: int = 0
+    fevals: int = 0
+    grad_norm: float = float("nan")
+    converged: bool = False
+    seconds: float = 0.0
+    compile_seconds: float = 0.0
+    messages: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _objective(theta, struct, reml):
+    return profiled_objective(theta, struct, reml)
+
+
+def _lbfgs(theta0, struct: Structure, maxiter, gtol, reml: bool):
+    """optax L-BFGS with zoom line search in one compiled loop, then the estimates."""
+    fun = partial(_objective, struct=struct, reml=reml)
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(fun)
+
+    def step(carry):
+        theta, state, _, it, nfev = carry
+        value, grad = value_and_grad(theta, state=state)
+        updates, state = opt.update(grad, state, theta, value=value, grad=grad, value_fn=fun)
+        nfev = nfev + optax.tree.get(state, "num_linesearch_steps")
+        return optax.apply_updates(theta, updates), state, value, it + 1, nfev
+
+    def cond(carry):
+        _, state, prev, it, _ = carry
+        value = optax.tree.get(state, "value")
+        grad = optax.tree.get(state, "grad")
+        scale = jnp.maximum(1.0, jnp.abs(value))
+        small = jnp.max(jnp.abs(grad)) <= gtol * scale
+        # stop when a full iteration no longer decreases the objective
+        stalled = (it > 1) & (jnp.abs(prev - value) <= 1e-14 * scale)
+        return (it == 0) | ((it < maxiter) & ~small & ~stalled & jnp.isfinite(value))
+
+    init = (theta0, opt.init(theta0), jnp.asarray(jnp.inf, theta0.dtype), 0, 1)
+    theta, state, _, it, nfev = jax.lax.while_loop(cond, step, init)
+    value, grad = optax.tree.get(state, "value"), optax.tree.get(state, "grad")
+    return theta, value, grad, it, nfev, estimates(theta, struct, reml)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn, *args, **static):
+    """AOT-compile ``fn`` once per argument shapes; returns (callable, seconds spent)."""
+    leaves, treedef = jax.tree.flatten(args)
+    shapes = tuple((leaf.shape, str(leaf.dtype)) for leaf in map(jnp.asarray, leaves))
+    key = (fn.__name__, treedef, shapes, tuple(sorted(static.items())))
+    if key in _COMPILED:
+        return _COMPILED[key], 0.0
+    start = time.perf_counter()
+    compiled = jax.jit(partial(fn, **static)).lower(*args).compile()
+    _COMPILED[key] = compiled
+    return compiled, time.perf_counter() - start
+
+
+def _value_and_grad_fn(theta, struct, reml):
+    return jax.value_and_grad(_objective)(theta, struct, reml)
+
+
+def canonical_theta(theta: np.ndarray, struct: Structure) -> tuple[np.ndarray, np.ndarray]:
+    """Flip Lambda's columns so that its diagonal is non-negative (same objective).
+
+    Returns the flipped theta and the signs applied (to flip a gradient too).
+    """
+    theta = np.array(theta, dtype=float)
+    signs = np.ones_like(theta)
+    k = 0
+    for t in struct.layout.terms:
+        rows, cols = np.asarray(t.theta_rows), np.asarray(t.theta_cols)
+        block = theta[k : k + t.ntheta]
+        for j in range(t.d):
+            diag = np.flatnonzero((rows == j) & (cols == j))
+            if diag.size and block[diag[0]] < 0:
+                block[cols == j] *= -1.0
+                signs[k : k + t.ntheta][cols == j] = -1.0
+        k += t.ntheta
+    return theta, signs
+
+
+def on_bound(struct: Structure) -> np.ndarray:
+    """Mask of theta entries with a lower bound of zero (Lambda's diagonal)."""
+    out = []
+    for t in struct.layout.terms:
+        out.extend(r == c for r, c in zip(t.theta_rows, t.theta_cols, strict=True))
+    return np.asarray(out, dtype=bool)
+
+
+def projected_grad_norm(grad: np.ndarray, theta: np.ndarray, bounded: np.ndarray) -> float:
+    """Infinity norm of the gradient projected on the feasible set ``theta_b >= 0``."""
+    g = np.array(grad, dtype=float)
+    at_bound = bounded & (theta <= 0.0)
+    g[at_bound] = np.minimum(g[at_bound], 0.0)
+    return float(np.max(np.abs(g))) if g.size else 0.0
+
+
+def _snap(theta, value, struct, reml, bounded, snap_tol, log):
+    """Set bounded parameters within 1e-3 of zero to zero when the objective allows."""
+    near = bounded & (np.abs(theta) < 1e-3) & (theta != 0.0)
+    for i in np.flatnonzero(near):
+        trial = theta.copy()
+        trial[i] = 0.0
+        f, _ = _compiled(_objective, jnp.asarray(trial, struct.C.dtype), struct, reml=reml)
+        trial_value = float(f(jnp.asarray(trial, struct.C.dtype), struct))
+        if trial_value - value <= snap_tol:
+            log.messages.append(f"theta[{i}] = {theta[i]:.3g} snapped to 0")
+            theta, value = trial, min(value, trial_value)
+    return theta, value
+
+
+def _nelder_mead(theta, struct, reml, bounded):
+    dtype = struct.C.dtype
+    f, _ = _compiled(_objective, jnp.asarray(theta, dtype), struct, reml=reml)
+    bounds = [(0.0, None) if b else (None, None) for b in bounded]
+    res = scipy.optimize.minimize(
+        lambda th: float(f(jnp.asarray(th, dtype), struct)),
+        np.clip(theta, [b[0] if b[0] is not None else -np.inf for b in bounds], None),
+        method="Nelder-Mead",
+        bounds=bounds,
+        options={"xatol": 1e-8, "fatol": 1e-10, "maxfev": 20000, "adaptive": True},
+    )
+    return np.asarray(res.x), float(res.fun), int(res.nfev)
+
+
+def optimize_theta(
+    struct: Structure,
+    theta0: np.ndarray,
+    *,
+    reml: bool = True,
+    maxiter: int = 500,
+    gtol: float = 1e-6,
+    fallback: bool = True,
+    snap_tol: float = 1e-5,
+) -> tuple[np.ndarray, float, OptimizerLog, bool, Estimates | None]:
+    """Minimise the profiled objective over theta.
+
+    Parameters
+    ----------
+    struct : Structure
+        Blocked system with ``[X y]`` appended.
+    theta0 : array
+        Starting value.
+    reml : bool
+        REML criterion (True) or ML deviance (False).
+    maxiter : int
+        Maximum L-BFGS iterations.
+    gtol : float
+        Convergence when the projected gradient's infinity norm is at most
+        ``gtol * max(1, |objective|)``.
+    fallback : bool
+        Try Nelder-Mead when L-BFGS does not converge.
+    snap_tol : float
+        Largest objective increase accepted when snapping to the boundary.
+
+    Returns
+    -------
+    theta, objective, log, singular, estimates
+        ``estimates`` is None when theta changed after the compiled run.
+    """
+    log = OptimizerLog()
+    start = time.perf_counter()
+    dtype = struct.C.dtype
+    theta0 = jnp.asarray(theta0, dtype=dtype)
+    maxiter, gtol = jnp.asarray(maxiter), jnp.asarray(gtol, dtype=dtype)
+    run, log.compile_seconds = _compiled(_lbfgs, theta0, struct, maxiter, gtol, reml=reml)
+    theta, value, grad, it, nfev, est = run(theta0, struct, maxiter, gtol)
+    log.iterations, log.fevals = int(it), int(nfev)
+    bounded = on_bound(struct)
+    theta, flips = canonical_theta(np.asarray(theta), struct)
+    value, grad = float(value), np.asarray(grad) * flips
+
+    def check(th):
+        vg, seconds = _compiled(_value_and_grad_fn, jnp.asarray(th, dtype), struct, reml=reml)
+        log.compile_seconds += seconds
+        v, g = vg(jnp.asarray(th, dtype), struct)
+        return float(v), projected_grad_norm(np.asarray(g), th, bounded)
+
+    gnorm = projected_grad_norm(grad, theta, bounded)
+    converged = bool(np.isfinite(value) and gnorm <= gtol * max(1.0, abs(value)))
+    changed = False
+    if not converged and fallback:
+        log.messages.append(
+            f"L-BFGS stopped after {log.iterations} iterations with projected gradient "
+            f"{gnorm:.3g}; trying Nelder-Mead"
+        )
+        nm_theta, nm_value, nm_fev = _nelder_mead(theta, struct, reml, bounded)
+        log.fevals += nm_fev
+        if np.isfinite(nm_value) and (not np.isfinite(value) or nm_value < value - 1e-10):
+            theta, log.optimizer = canonical_theta(nm_theta, struct)[0], "lbfgs+nelder-mead"
+            log.messages.append(f"Nelder-Mead improved the objective to {nm_value:.10g}")
+            changed = True
+        else:
+            log.messages.append("Nelder-Mead did not improve on L-BFGS")
+        value, gnorm = check(theta)
+        converged = bool(np.isfinite(value) and gnorm <= 10 * gtol * max(1.0, abs(value)))
+    snapped, value = _snap(theta, value, struct, reml, bounded, snap_tol, log)
+    if changed or not np.array_equal(snapped, theta):
+        theta = snapped
+        value, gnorm = check(theta)
+        est = None
+    log.grad_norm, log.converged = gnorm, converged
+    log.seconds = time.perf_counter() - start
+    singular = bool(bounded.any() and np.min(np.abs(theta[bounded])) < 1e-4)
+    return theta, value, log, singular, est
+
+
+def fit(model, *, reml: bool = True, **options):
+    """Fit a linear mixed model by REML or ML.
+
+    Parameters
+    ----------
+    model : lmmjax.design.Model
+        The structured model.
+    reml : bool
+        REML (default) or maximum likelihood.
+    **options
+        Passed to :func:`optimize_theta` (``maxiter``, ``gtol``, ``fallback``,
+        ``snap_tol``).
+
+    Returns
+    -------
+    lmmjax.results.LmmFit
+    """
+    from lmmjax.results import LmmFit
+
+    start = time.perf_counter()
+    if not model.terms:
+        raise ValueError("the model has no random-effect terms; use an ordinary linear model")
+    struct = build_structure(model.terms, model.X, model.y, dtype=float_dtype())
+    theta0 = np.concatenate([t.theta_init() for t in model.terms])
+    theta, value, log, singular, est = optimize_theta(struct, theta0, reml=reml, **options)
+    result = LmmFit.from_theta(
+        model, struct, theta, reml=reml, log=log, singular=singular, estimates=est
+    )
+    result.seconds = time.perf_counter() - start
+    return result
