@@ -1,11 +1,14 @@
 """lmmjax: linear mixed models in JAX."""
 
 from lmmjax.precision import get_precision, set_precision  # noqa: I001  (sets float64 first)
+from lmmjax.cache import enable_compilation_cache
 from lmmjax.errors import LmmInputError, NotBuiltError
 from lmmjax.terms import Term
 from lmmjax.api import lmm
 from lmmjax.design import Model, build_model
 from lmmjax.results import LmmFit, compare
+
+enable_compilation_cache()
 
 __all__ = [
     "LmmFit",
@@ -15,6 +18,7 @@ __all__ = [
     "Term",
     "build_model",
     "compare",
+    "enable_compilation_cache",
     "get_precision",
     "lmm",
     "set_precision",

@@ -319,7 +319,10 @@ def test_describe_pastes():
     assert "fixed effects p = 1: (Intercept)" in text
     assert "random effects q = 40, covariance parameters = 2" in text
     rows = [line.split() for line in lines if line.strip().startswith(("cask:batch", "batch"))]
-    assert rows == [["cask:batch", "30", "1", "1", "(Intercept)"], ["batch", "10", "1", "1", "(Intercept)"]]
+    assert rows == [
+        ["cask:batch", "30", "1", "1", "(Intercept)"],
+        ["batch", "10", "1", "1", "(Intercept)"],
+    ]
 
 
 # --------------------------------------------------------------------------------------

@@ -160,6 +160,19 @@ def _snap(theta, value, struct, reml, bounded, snap_tol, log):
     return theta, value
 
 
+def _escape_boundary(theta, value, struct, reml, bounded, step=0.05):
+    """A point off the boundary with a lower objective, or None if there is none."""
+    f, _ = _compiled(_objective, jnp.asarray(theta, struct.C.dtype), struct, reml=reml)
+    for i in np.flatnonzero(bounded & (np.abs(theta) < 1e-4)):
+        probe = theta.copy()
+        probe[i] = step
+        if float(f(jnp.asarray(probe, struct.C.dtype), struct)) < value - 1e-10 * max(
+            1, abs(value)
+        ):
+            return probe
+    return None
+
+
 def _nelder_mead(theta, struct, reml, bounded):
     dtype = struct.C.dtype
     f, _ = _compiled(_objective, jnp.asarray(theta, dtype), struct, reml=reml)
@@ -218,6 +231,15 @@ def optimize_theta(
     theta, value, grad, it, nfev, est = run(theta0, struct, maxiter, gtol)
     log.iterations, log.fevals = int(it), int(nfev)
     bounded = on_bound(struct)
+    # A zero diagonal entry is a stationary point of the sign-symmetric objective even
+    # when it is not a minimum: probe off the boundary and restart if that is lower.
+    for _ in range(int(bounded.sum())):
+        probe = _escape_boundary(np.asarray(theta), float(value), struct, reml, bounded)
+        if probe is None:
+            break
+        log.messages.append("restarted L-BFGS off a stationary point at the boundary")
+        theta, value, grad, it, nfev, est = run(jnp.asarray(probe, dtype), struct, maxiter, gtol)
+        log.iterations, log.fevals = log.iterations + int(it), log.fevals + int(nfev)
     theta, flips = canonical_theta(np.asarray(theta), struct)
     value, grad = float(value), np.asarray(grad) * flips
 

@@ -1,0 +1,413 @@
+"""Bayesian LMM builder: priors, parameterisation, NumPyro model and potential.
+
+Parameters (NumPyro sample sites; "g" is a term's unique name made safe for
+file formats, e.g. ``Subject``, ``Subject_1``, ``cask_batch``):
+
+* ``beta`` (p,): fixed effects;
+* ``sigma``: residual SD;
+* ``sd_g`` (d_g,): random-effect SDs, absent when fixed by ``fixed_scales``
+  (or replaced by one ``sd_shared`` scalar in the shared-scale setting);
+* ``L_g`` (d_g, d_g): Cholesky factor of the correlation matrix (d_g > 1);
+* ``z_g`` (M_g, d_g): standard-normal effects of a sampled (non-marginalised)
+  class, ``b_g[m] = C_g z_g[m]`` with ``C_g = diag(sd_g) L_g`` (non-centred).
+
+The likelihood enters through ``numpyro.factor`` with the marginal kernels of
+:mod:`lmmjax.bayes.marginal`. The HMC potential is NumPyro's
+``potential_energy`` of this model: a pure function of the unconstrained
+parameters and the data pytree, shared by the NumPyro and BlackJAX samplers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.infer.util import constrain_fn, potential_energy
+
+from lmmjax.bayes.marginal import KernelData, eigen_precompute, marginal_loglik
+from lmmjax.bayes.priors import PriorSet, default_priors, resolve_priors, to_distribution
+from lmmjax.errors import LmmInputError
+from lmmjax.linalg import build_structure
+from lmmjax.precision import float_dtype
+
+__all__ = [
+    "BayesModel",
+    "BayesSpec",
+    "build_bayes_model",
+    "chols_from_params",
+    "lmm_model",
+    "safe_name",
+]
+
+
+def safe_name(name: str) -> str:
+    """A variable-name-safe version of a term name (``cask:batch`` -> ``cask_batch``)."""
+    return re.sub(r"[^0-9A-Za-z_]", "_", name)
+
+
+def _unique_names(terms) -> list[str]:
+    """lme4's VarCorr names: a factor's second term is ``g.1``, its third ``g.2``."""
+    seen: dict[str, int] = {}
+    out = []
+    for t in terms:
+        k = seen.get(t.group, 0)
+        out.append(t.group if k == 0 else f"{t.group}.{k}")
+        seen[t.group] = k + 1
+    return out
+
+
+@dataclass(frozen=True)
+class BayesSpec:
+    """Static (hashable) description of a Bayesian LMM.
+
+    Attributes
+    ----------
+    likelihood : {"normal", "lognormal"}
+    p : int
+        Number of fixed effects.
+    names : tuple of str
+        Safe unique term names, used in site names.
+    d, nlevels : tuple of int
+        Effects per level and levels of each term.
+    correlated : tuple of bool
+        Whether each term has an LKJ correlation (unstructured, d > 1).
+    marginal : tuple of bool
+        Which terms are integrated out.
+    fixed_sd : tuple
+        Per term, a tuple of d fixed SDs, or None when the SDs are sampled.
+    shared_scale : bool
+        All random-effect SDs are ``sd_shared`` times the (fixed) relative scales
+        in ``fixed_sd`` (the seed paper's shared-scale setting).
+    fast : bool
+        Use the eigendecomposition fast path.
+    priors : PriorSet
+    """
+
+    likelihood: str
+    p: int
+    names: tuple[str, ...]
+    d: tuple[int, ...]
+    nlevels: tuple[int, ...]
+    correlated: tuple[bool, ...]
+    marginal: tuple[bool, ...]
+    fixed_sd: tuple
+    shared_scale: bool
+    fast: bool
+    priors: PriorSet
+
+    @property
+    def nterms(self) -> int:
+        return len(self.names)
+
+
+def chols_from_params(params: Mapping, spec: BayesSpec) -> tuple:
+    """Each term's covariance Cholesky factor ``C_l = diag(sd_l) L_l`` from constrained values."""
+    out = []
+    for k, name in enumerate(spec.names):
+        sd = _term_sd(params, spec, k)
+        if spec.correlated[k]:
+            out.append(sd[:, None] * params[f"L_{name}"])
+        else:
+            out.append(jnp.diag(sd))
+    return tuple(out)
+
+
+def _term_sd(params: Mapping, spec: BayesSpec, k: int):
+    name = spec.names[k]
+    if spec.fixed_sd[k] is not None:
+        sd = jnp.asarray(spec.fixed_sd[k])
+        if spec.shared_scale:
+            sd = sd * params["sd_shared"]
+        return sd
+    return params[f"sd_{name}"]
+
+
+def effects_from_params(params: Mapping, chols: tuple, spec: BayesSpec) -> tuple:
+    """Sampled classes' effects ``b_l = z_l C_l'`` (None for marginalised terms)."""
+    out = []
+    for k, name in enumerate(spec.names):
+        if spec.marginal[k]:
+            out.append(None)
+        else:
+            out.append(params[f"z_{name}"] @ chols[k].T)
+    return tuple(out)
+
+
+def loglik_from_params(params: Mapping, data: KernelData, spec: BayesSpec):
+    """The (marginal) log-likelihood at constrained parameter values."""
+    chols = chols_from_params(params, spec)
+    effects = effects_from_params(params, chols, spec)
+    scale = params["sd_shared"] if spec.shared_scale else 1.0
+    return marginal_loglik(
+        params["beta"], params["sigma"], chols, effects, data, spec.marginal, spec.nlevels,
+        fast=spec.fast, scale=scale,
+    )  # fmt: skip
+
+
+def lmm_model(data: KernelData, spec: BayesSpec) -> None:
+    """The NumPyro model: priors as sample sites, the likelihood as a factor.
+
+    Parameters
+    ----------
+    data : KernelData
+        Data pytree (passed as a model argument, never closed over).
+    spec : BayesSpec
+        Static description (bind it with :func:`functools.partial`).
+    """
+    pri = spec.priors
+    dtype = data.y.dtype
+    params = {
+        "beta": numpyro.sample("beta", to_distribution(pri.beta, dtype).to_event(1)),
+        "sigma": numpyro.sample("sigma", to_distribution(pri.sigma, dtype, scalar=True)),
+    }
+    if spec.shared_scale:
+        params["sd_shared"] = numpyro.sample(
+            "sd_shared", to_distribution(pri.sd[0], dtype, scalar=True)
+        )
+    for k, name in enumerate(spec.names):
+        if spec.fixed_sd[k] is None:
+            params[f"sd_{name}"] = numpyro.sample(
+                f"sd_{name}", to_distribution(pri.sd[k], dtype).to_event(1)
+            )
+        if spec.correlated[k]:
+            eta = jnp.asarray(pri.corr[k].scale[0], dtype)
+            params[f"L_{name}"] = numpyro.sample(f"L_{name}", dist.LKJCholesky(spec.d[k], eta))
+        if not spec.marginal[k]:
+            shape = (spec.nlevels[k], spec.d[k])
+            params[f"z_{name}"] = numpyro.sample(
+                f"z_{name}", dist.Normal(jnp.zeros(shape, dtype), 1.0).to_event(2)
+            )
+    numpyro.factor("loglik", loglik_from_params(params, data, spec))
+
+
+@dataclass(frozen=True, eq=False)
+class BayesModel:
+    """A Bayesian LMM ready to sample: design, static spec and data pytree.
+
+    Build with :func:`build_bayes_model`.
+
+    Attributes
+    ----------
+    model : lmmjax.design.Model
+    spec : BayesSpec
+    data : KernelData
+    term_names : tuple of str
+        lme4-style unique term names (``Subject``, ``Subject.1``).
+    """
+
+    model: object
+    spec: BayesSpec
+    data: KernelData
+    term_names: tuple[str, ...]
+
+    @property
+    def numpyro_model(self):
+        """The NumPyro model with the static spec bound: ``model(data)``."""
+        return partial(lmm_model, spec=self.spec)
+
+    def potential(self, params: Mapping, data: KernelData | None = None) -> jax.Array:
+        """HMC potential (negative log joint density) at unconstrained ``params``."""
+        data = self.data if data is None else data
+        return potential_energy(self.numpyro_model, (data,), {}, params)
+
+    def log_density(self, params: Mapping, data: KernelData | None = None) -> jax.Array:
+        """Log joint density at unconstrained ``params`` (minus the potential)."""
+        return -self.potential(params, data)
+
+    def constrain(self, params: Mapping, data: KernelData | None = None) -> dict:
+        """Map unconstrained values to the constrained sample sites."""
+        data = self.data if data is None else data
+        return constrain_fn(self.numpyro_model, (data,), {}, params)
+
+    def site_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the unconstrained parameters, by site name."""
+        s = self.spec
+        out = {"beta": (s.p,), "sigma": ()}
+        if s.shared_scale:
+            out["sd_shared"] = ()
+        for k, name in enumerate(s.names):
+            if s.fixed_sd[k] is None:
+                out[f"sd_{name}"] = (s.d[k],)
+            if s.correlated[k]:
+                out[f"L_{name}"] = (s.d[k] * (s.d[k] - 1) // 2,)
+            if not s.marginal[k]:
+                out[f"z_{name}"] = (s.nlevels[k], s.d[k])
+        return out
+
+    def init_params(self, key: jax.Array, num_chains: int) -> dict:
+        """Over-dispersed unconstrained starting points, one per chain.
+
+        Fixed effects start at least squares plus a jitter of a tenth of their
+        prior scale; log-scales at half their prior scale plus U(-1, 1); the
+        correlation and standardised effects at U(-1, 1) (U(-0.5, 0.5) for
+        correlations).
+        """
+        s, pri = self.spec, self.spec.priors
+        y, X = np.asarray(self.data.y), np.asarray(self.data.X)
+        beta0 = np.linalg.lstsq(X, y, rcond=None)[0]
+        resid_sd = float(np.std(y - X @ beta0)) or 1.0
+        dtype = self.data.y.dtype
+        shapes = self.site_shapes()
+        keys = jax.random.split(key, len(shapes))
+        out = {}
+        for k_, (site, shape) in zip(keys, shapes.items(), strict=True):
+            u = np.asarray(jax.random.uniform(k_, (num_chains, *shape), minval=-1, maxval=1))
+            if site == "beta":
+                val = beta0 + 0.1 * np.asarray(pri.beta.scale) * u
+            elif site == "sigma":
+                val = np.log(0.5 * resid_sd) + u
+            elif site.startswith("sd_"):
+                scale = np.asarray(pri.sd[0].scale[:1] if site == "sd_shared" else
+                                   pri.sd[s.names.index(site[3:])].scale)  # fmt: skip
+                val = np.log(0.5 * scale) + u
+            elif site.startswith("L_"):
+                val = 0.5 * u
+            else:
+                val = u
+            out[site] = jnp.asarray(val, dtype=dtype)
+        return out
+
+
+def _resolve_marginal(marginalize, terms, names) -> tuple[bool, ...]:
+    if marginalize is None or (isinstance(marginalize, str) and marginalize == "none"):
+        return (False,) * len(terms)
+    if isinstance(marginalize, str) and marginalize == "all":
+        return (True,) * len(terms)
+    if isinstance(marginalize, str):
+        marginalize = [marginalize]
+    wanted = list(marginalize)
+    groups = {t.group for t in terms}
+    for g in wanted:
+        if g not in groups and g not in names:
+            raise LmmInputError(
+                f"marginalize: {g!r} is not a grouping factor of the model; "
+                f"choose from {', '.join(sorted(groups))} (or 'none' / 'all')"
+            )
+    return tuple(t.group in wanted or n in wanted for t, n in zip(terms, names, strict=True))
+
+
+def _resolve_fixed(fixed_scales, terms, names) -> tuple:
+    fixed_scales = dict(fixed_scales or {})
+    groups = {t.group for t in terms}
+    for g, v in fixed_scales.items():
+        if g not in groups and g not in names:
+            raise LmmInputError(
+                f"fixed_scales: {g!r} is not a grouping factor of the model; "
+                f"choose from {', '.join(sorted(groups))}"
+            )
+        if not np.all(np.asarray(v, dtype=float) > 0):
+            raise LmmInputError(f"fixed_scales: the scale of {g!r} must be > 0, got {v}")
+    out = []
+    for t, n in zip(terms, names, strict=True):
+        v = fixed_scales.get(n, fixed_scales.get(t.group))
+        if v is None:
+            out.append(None)
+        else:
+            arr = np.atleast_1d(np.asarray(v, dtype=float))
+            if arr.size == 1:
+                arr = np.repeat(arr, t.d)
+            if arr.size != t.d:
+                raise LmmInputError(f"fixed_scales: {n!r} needs 1 or {t.d} values, got {arr.size}")
+            out.append(tuple(float(a) for a in arr))
+    return tuple(out)
+
+
+def build_bayes_model(
+    model,
+    *,
+    marginalize: str | Sequence[str] = "all",
+    likelihood: str = "normal",
+    priors: Mapping | None = None,
+    fixed_scales: Mapping | None = None,
+    shared_scale: bool = False,
+    fast_path: bool | None = None,
+) -> BayesModel:
+    """Build the Bayesian version of a structured model.
+
+    Parameters
+    ----------
+    model : lmmjax.design.Model
+        From :func:`lmmjax.design.build_model`.
+    marginalize : "none", "all" or sequence of str
+        Grouping factors whose random effects are integrated out of the potential.
+    likelihood : {"normal", "lognormal"}
+        LogNormal models ``log y`` as Normal and adds the Jacobian ``-sum(log y)``.
+    priors : mapping, optional
+        Per-parameter overrides (see :mod:`lmmjax.bayes.priors`).
+    fixed_scales : mapping of str to float, optional
+        Random-effect SDs held at constants, by grouping factor.
+    shared_scale : bool
+        Every random-effect SD is one sampled scale ``sd_shared`` times its entry of
+        ``fixed_scales`` (1 where not given); needs uncorrelated terms.
+    fast_path : bool, optional
+        Use the eigendecomposition fast path; by default whenever it applies
+        (every class marginalised, every covariance a constant times one scale).
+
+    Returns
+    -------
+    BayesModel
+    """
+    terms = list(model.terms)
+    if not terms:
+        raise LmmInputError("the Bayesian LMM needs at least one random-effect term")
+    if likelihood not in ("normal", "lognormal"):
+        raise LmmInputError(f"likelihood must be 'normal' or 'lognormal', got {likelihood!r}")
+    names = _unique_names(terms)
+    safe = tuple(safe_name(n) for n in names)
+    if len(set(safe)) != len(safe):
+        raise LmmInputError(f"term names {names} are not distinct once made safe: {safe}")
+    dtype = float_dtype()
+    y = np.asarray(model.y, dtype=float)
+    log_jac = 0.0
+    if likelihood == "lognormal":
+        if np.any(y <= 0):
+            raise LmmInputError("the lognormal likelihood needs a strictly positive response")
+        log_jac = -float(np.sum(np.log(y)))
+        y = np.log(y)
+    marginal = _resolve_marginal(marginalize, terms, names)
+    fixed = _resolve_fixed(fixed_scales, terms, names)
+    correlated = tuple(t.d > 1 and t.structure != "diagonal" for t in terms)
+    if shared_scale:
+        if any(correlated):
+            raise LmmInputError("shared_scale needs uncorrelated terms (d = 1 or '||')")
+        fixed = tuple(
+            f if f is not None else (1.0,) * t.d for f, t in zip(fixed, terms, strict=True)
+        )
+    eligible = all(marginal) and all(f is not None for f in fixed) and not any(correlated)
+    if fast_path and not eligible:
+        raise LmmInputError(
+            "the eigendecomposition fast path needs every class marginalised and every "
+            "random-effect SD fixed (or shared) without correlations"
+        )
+    fast = eligible if fast_path is None else bool(fast_path)
+
+    defaults = default_priors(y, model.X, terms, names)
+    pri = resolve_priors(defaults, priors, model.fixef_names, names, [t.group for t in terms])
+    spec = BayesSpec(
+        likelihood=likelihood, p=model.X.shape[1], names=safe, d=tuple(t.d for t in terms),
+        nlevels=tuple(t.nlevels for t in terms), correlated=correlated, marginal=marginal,
+        fixed_sd=fixed, shared_scale=bool(shared_scale), fast=fast, priors=pri,
+    )  # fmt: skip
+    struct = eig = None
+    if fast:
+        eig = eigen_precompute(terms, [np.diag(f) for f in fixed], dtype=dtype)
+    elif any(marginal):
+        struct = build_structure([t for t, m in zip(terms, marginal, strict=True) if m],
+                                 dtype=dtype)  # fmt: skip
+    data = KernelData(
+        y=jnp.asarray(y, dtype),
+        X=jnp.asarray(model.X, dtype),
+        log_jac=jnp.asarray(log_jac, dtype),
+        struct=struct,
+        refs=tuple(jnp.asarray(t.refs, jnp.int32) for t in terms),
+        z=tuple(jnp.asarray(t.z, dtype) for t in terms),
+        eig=eig,
+    )
+    return BayesModel(model=model, spec=spec, data=data, term_names=tuple(names))

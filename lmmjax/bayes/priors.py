@@ -1,0 +1,350 @@
+"""Prior distributions of the Bayesian LMM: data-scaled defaults and overrides.
+
+Defaults (weakly informative, scaled to the response ``y``, on the modelling
+scale: ``log y`` for the LogNormal likelihood; ``s_y`` its standard deviation):
+
+* fixed effect k: ``Normal(0, 2.5 s_y / sd(x_k))``; a constant column
+  (the intercept) gets ``Normal(mean(y), 2.5 s_y (1 + sum_k |mean(x_k)| / sd(x_k)))``
+  so that it stays weak when the other columns are not centred;
+* residual SD ``sigma``: ``HalfNormal(s_y)``;
+* random-effect SD of lhs column c of a term: ``HalfNormal(s_y / rms(z_c))``;
+* correlation matrix of a term with d > 1 effects: ``LKJCholesky(d, eta=2)``.
+
+Overrides are keyed by parameter name (the API's ``priors=`` and the YAML's
+``nuts.priors``):
+
+* ``beta`` (every fixed effect) or ``beta[<name>]`` (one of them):
+  ``{dist: normal | student_t, loc, scale, df}``;
+* ``sigma``, ``sd`` (every random-effect SD), ``sd_<group>`` (one term, a scalar
+  or one scale per effect): ``{dist: halfnormal | halfcauchy | halfstudent_t |
+  exponential, scale, df, rate}``;
+* ``corr`` (every term) or ``corr_<group>``: ``{eta}``.
+
+Missing keys of an override keep the default's values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import numpy as np
+import numpyro.distributions as dist
+
+from lmmjax.errors import LmmInputError
+
+__all__ = ["Prior", "PriorSet", "default_priors", "resolve_priors", "to_distribution"]
+
+_LOCATION_FAMILIES = ("normal", "student_t")
+_SCALE_FAMILIES = ("halfnormal", "halfcauchy", "halfstudent_t", "exponential")
+
+
+@dataclass(frozen=True)
+class Prior:
+    """One prior family with per-element parameters (hashable, static).
+
+    Attributes
+    ----------
+    family : str
+        ``normal``, ``student_t``, ``halfnormal``, ``halfcauchy``, ``halfstudent_t``,
+        ``exponential`` or ``lkj``.
+    loc, scale, df : tuple of float
+        Per-element parameters (``scale`` is ``1 / rate`` for ``exponential``,
+        and holds ``eta`` for ``lkj``).
+    """
+
+    family: str
+    loc: tuple[float, ...] = ()
+    scale: tuple[float, ...] = ()
+    df: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict:
+        """Plain description for output files."""
+        out: dict = {"dist": self.family}
+        if self.family == "lkj":
+            out["eta"] = self.scale[0]
+            return out
+        if self.loc:
+            out["loc"] = list(self.loc)
+        if self.family == "exponential":
+            out["rate"] = [1.0 / s for s in self.scale]
+        else:
+            out["scale"] = list(self.scale)
+        if self.df:
+            out["df"] = list(self.df)
+        return out
+
+
+@dataclass(frozen=True)
+class PriorSet:
+    """Every prior of one model.
+
+    Attributes
+    ----------
+    beta : Prior
+        Fixed effects (p elements).
+    sigma : Prior
+        Residual SD (one element).
+    sd : tuple of Prior
+        Per term, its d_l random-effect SDs.
+    corr : tuple of Prior
+        Per term, the LKJ prior of its correlation matrix (``eta`` in ``scale``).
+    """
+
+    beta: Prior
+    sigma: Prior
+    sd: tuple[Prior, ...]
+    corr: tuple[Prior, ...]
+
+    def to_dict(self, fixef_names, term_names) -> dict:
+        """Priors by parameter name, for output files."""
+        out = {"beta": {**self.beta.to_dict(), "names": list(fixef_names)}}
+        out["sigma"] = self.sigma.to_dict()
+        for name, sd, corr in zip(term_names, self.sd, self.corr, strict=True):
+            out[f"sd_{name}"] = sd.to_dict()
+            out[f"corr_{name}"] = corr.to_dict()
+        return out
+
+
+def _tup(values) -> tuple[float, ...]:
+    return tuple(float(v) for v in np.atleast_1d(np.asarray(values, dtype=float)))
+
+
+def default_priors(y, X, terms, term_names) -> PriorSet:
+    """Weakly informative priors scaled to the data (see the module docstring).
+
+    Parameters
+    ----------
+    y : array (N,)
+        Response on the modelling scale.
+    X : array (N, p)
+    terms : sequence of Term
+    term_names : sequence of str
+        Unique term names (``Subject``, ``Subject.1``, ...).
+
+    Returns
+    -------
+    PriorSet
+    """
+    y = np.asarray(y, dtype=float)
+    X = np.asarray(X, dtype=float)
+    sy = float(np.std(y))
+    sy = sy if sy > 0 else 1.0
+    mean_x, sd_x = X.mean(axis=0), X.std(axis=0)
+    varying = sd_x > 1e-12 * np.maximum(1.0, np.abs(mean_x))
+    loc = np.zeros(X.shape[1])
+    scale = np.empty(X.shape[1])
+    scale[varying] = 2.5 * sy / sd_x[varying]
+    shift = float(np.sum(np.abs(mean_x[varying]) / sd_x[varying]))
+    const = ~varying
+    loc[const] = np.mean(y) / np.where(mean_x[const] != 0, mean_x[const], 1.0)
+    scale[const] = 2.5 * sy * (1.0 + shift) / np.maximum(np.abs(mean_x[const]), 1e-12)
+    if const.sum() > 1:  # several constant columns cannot all carry the mean
+        loc[const] = 0.0
+    sd_priors, corr_priors = [], []
+    for t in terms:
+        rms = np.sqrt(np.mean(np.asarray(t.z, dtype=float) ** 2, axis=0))
+        rms = np.where(rms > 0, rms, 1.0)
+        sd_priors.append(Prior("halfnormal", scale=_tup(sy / rms)))
+        corr_priors.append(Prior("lkj", scale=(2.0,)))
+    del term_names
+    return PriorSet(
+        beta=Prior("normal", loc=_tup(loc), scale=_tup(scale)),
+        sigma=Prior("halfnormal", scale=(sy,)),
+        sd=tuple(sd_priors),
+        corr=tuple(corr_priors),
+    )
+
+
+def _broadcast(value, n: int, key: str, field: str) -> tuple[float, ...]:
+    arr = np.atleast_1d(np.asarray(value, dtype=float))
+    if arr.size == 1:
+        arr = np.repeat(arr, n)
+    if arr.size != n:
+        raise LmmInputError(f"prior {key!r}: {field} has {arr.size} values, expected 1 or {n}")
+    return _tup(arr)
+
+
+def _override(prior: Prior, spec: Mapping, key: str, families: tuple[str, ...]) -> Prior:
+    """Apply one override mapping to a prior of n elements."""
+    if not isinstance(spec, Mapping):
+        raise LmmInputError(f"prior {key!r} must be a mapping like {{dist: ..., scale: ...}}")
+    allowed = {"dist", "family", "loc", "scale", "df", "rate", "eta"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise LmmInputError(
+            f"prior {key!r}: unknown field(s) {', '.join(sorted(map(str, unknown)))}; "
+            f"allowed: {', '.join(sorted(allowed))}"
+        )
+    n = max(len(prior.scale), 1)
+    family = str(spec.get("dist", spec.get("family", prior.family))).lower().replace("-", "_")
+    if family not in families:
+        raise LmmInputError(
+            f"prior {key!r}: distribution {family!r} not available here; "
+            f"choose one of {', '.join(families)}"
+        )
+    new = replace(prior, family=family)
+    if family == "lkj":
+        if set(spec) - {"dist", "family", "eta"}:
+            raise LmmInputError(f"prior {key!r}: an LKJ prior takes only 'eta'")
+        eta = float(spec.get("eta", prior.scale[0]))
+        if not eta > 0:
+            raise LmmInputError(f"prior {key!r}: eta must be > 0, got {eta}")
+        return replace(new, scale=(eta,))
+    if "eta" in spec:
+        raise LmmInputError(f"prior {key!r}: 'eta' only applies to correlation priors")
+    if "loc" in spec:
+        if family not in _LOCATION_FAMILIES:
+            raise LmmInputError(f"prior {key!r}: {family} has no 'loc'")
+        new = replace(new, loc=_broadcast(spec["loc"], n, key, "loc"))
+    elif family in _LOCATION_FAMILIES and not new.loc:
+        new = replace(new, loc=(0.0,) * n)
+    if "rate" in spec:
+        if family != "exponential":
+            raise LmmInputError(f"prior {key!r}: 'rate' only applies to exponential")
+        rate = np.asarray(_broadcast(spec["rate"], n, key, "rate"))
+        new = replace(new, scale=_tup(1.0 / rate))
+    if "scale" in spec:
+        new = replace(new, scale=_broadcast(spec["scale"], n, key, "scale"))
+    if family in ("student_t", "halfstudent_t"):
+        new = replace(new, df=_broadcast(spec.get("df", prior.df or 3.0), n, key, "df"))
+    else:
+        if "df" in spec:
+            raise LmmInputError(f"prior {key!r}: {family} has no 'df'")
+        new = replace(new, df=())
+    if family not in _LOCATION_FAMILIES:
+        new = replace(new, loc=())
+    if any(s <= 0 for s in new.scale) or any(v <= 0 for v in new.df):
+        raise LmmInputError(f"prior {key!r}: scale, rate and df must be > 0")
+    return new
+
+
+def _set_element(prior: Prior, k: int, other: Prior) -> Prior:
+    """Replace element k of a vector prior with the single-element prior ``other``."""
+    if other.family != prior.family:
+        raise LmmInputError(
+            "a single fixed effect's prior must use the same family as the others "
+            f"({prior.family}); set 'beta' to change the family of all of them"
+        )
+
+    def put(values, new):
+        if not values:
+            return values
+        values = list(values)
+        values[k] = new[0] if new else values[k]
+        return tuple(values)
+
+    return replace(
+        prior, loc=put(prior.loc, other.loc), scale=put(prior.scale, other.scale),
+        df=put(prior.df, other.df),
+    )  # fmt: skip
+
+
+def resolve_priors(
+    defaults: PriorSet,
+    overrides: Mapping | None,
+    fixef_names,
+    term_names,
+    term_groups,
+) -> PriorSet:
+    """Apply per-parameter overrides to the default priors.
+
+    Parameters
+    ----------
+    defaults : PriorSet
+    overrides : mapping of str to mapping, optional
+        See the module docstring for the keys.
+    fixef_names : sequence of str
+    term_names : sequence of str
+        Unique term names (``Subject``, ``Subject.1``).
+    term_groups : sequence of str
+        Grouping factor of each term (``sd_<factor>`` applies to all its terms).
+
+    Returns
+    -------
+    PriorSet
+
+    Raises
+    ------
+    LmmInputError
+        For an unknown parameter name or a malformed override.
+    """
+    pri = defaults
+    overrides = dict(overrides or {})
+    beta = pri.beta
+    sigma = pri.sigma
+    sd, corr = list(pri.sd), list(pri.corr)
+
+    def terms_for(name: str) -> list[int]:
+        hits = [k for k, t in enumerate(term_names) if t == name]
+        return hits or [k for k, g in enumerate(term_groups) if g == name]
+
+    # global keys first, then specific ones, so that specific ones win
+    order = sorted(overrides, key=lambda k: (k not in ("beta", "sd", "corr", "sigma"), k))
+    for key in order:
+        spec = overrides[key]
+        if key == "beta":
+            beta = _override(beta, spec, key, _LOCATION_FAMILIES)
+        elif key.startswith("beta[") and key.endswith("]"):
+            name = key[5:-1]
+            if name not in fixef_names:
+                raise LmmInputError(
+                    f"prior {key!r}: no fixed effect {name!r}; the model has "
+                    f"{', '.join(fixef_names)}"
+                )
+            k = list(fixef_names).index(name)
+            one = Prior(beta.family, loc=beta.loc[k : k + 1], scale=beta.scale[k : k + 1],
+                        df=beta.df[k : k + 1])  # fmt: skip
+            beta = _set_element(beta, k, _override(one, spec, key, _LOCATION_FAMILIES))
+        elif key == "sigma":
+            sigma = _override(sigma, spec, key, _SCALE_FAMILIES)
+        elif key == "sd":
+            sd = [_override(s, spec, key, _SCALE_FAMILIES) for s in sd]
+        elif key == "corr":
+            corr = [_override(c, spec, key, ("lkj",)) for c in corr]
+        elif key.startswith("sd_") and terms_for(key[3:]):
+            for k in terms_for(key[3:]):
+                sd[k] = _override(sd[k], spec, key, _SCALE_FAMILIES)
+        elif key.startswith("corr_") and terms_for(key[5:]):
+            for k in terms_for(key[5:]):
+                corr[k] = _override(corr[k], spec, key, ("lkj",))
+        else:
+            names = ["beta", "beta[<fixef>]", "sigma", "sd", "corr"]
+            names += [f"sd_{t}" for t in term_names] + [f"corr_{t}" for t in term_names]
+            raise LmmInputError(f"unknown prior parameter {key!r}; choose from {', '.join(names)}")
+    return PriorSet(beta, sigma, tuple(sd), tuple(corr))
+
+
+def to_distribution(prior: Prior, dtype=None, scalar: bool = False) -> dist.Distribution:
+    """The NumPyro distribution of a vector prior (batch shape = number of elements).
+
+    Parameters
+    ----------
+    prior : Prior
+    dtype : numpy dtype, optional
+    scalar : bool
+        Use the first element only, giving a scalar distribution.
+
+    Returns
+    -------
+    numpyro.distributions.Distribution
+    """
+
+    def arr(v):
+        a = np.asarray(v, dtype=dtype or np.float64)
+        return a[0] if scalar else a
+
+    fam = prior.family
+    if fam == "normal":
+        return dist.Normal(arr(prior.loc), arr(prior.scale))
+    if fam == "student_t":
+        return dist.StudentT(arr(prior.df), arr(prior.loc), arr(prior.scale))
+    if fam == "halfnormal":
+        return dist.HalfNormal(arr(prior.scale))
+    if fam == "halfcauchy":
+        return dist.HalfCauchy(arr(prior.scale))
+    if fam == "halfstudent_t":
+        return dist.FoldedDistribution(dist.StudentT(arr(prior.df), 0.0, arr(prior.scale)))
+    if fam == "exponential":
+        return dist.Exponential(1.0 / arr(prior.scale))
+    raise ValueError(f"no vector distribution for prior family {fam!r}")
