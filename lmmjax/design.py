@@ -304,8 +304,9 @@ def build_model(data: pd.DataFrame, formula: str, categorical: Sequence[str] = (
 
     used = list(needed)
     data, n_dropped = _drop_missing(data[used], used)
-    grouping = {f for bar in parsed.bars for f in bar.factors}
-    factor_columns = tuple(sorted(set(categorical) & set(used) | grouping))
+    # grouping columns are factors only inside their bar (group_index); elsewhere a
+    # column keeps its type unless it is listed as categorical, as in lme4
+    factor_columns = tuple(sorted(set(categorical) & set(used)))
     data = _as_factors(data, set(factor_columns))
 
     y = _response(data, parsed.response)
@@ -357,3 +358,18 @@ def conform_newdata(model: Model, newdata: pd.DataFrame) -> pd.DataFrame:
         categories = model.data[name].cat.categories
         newdata[name] = pd.Categorical(labels, categories=categories)
     return newdata
+
+
+def row_labels(data: pd.DataFrame, factors: Sequence[str]) -> np.ndarray:
+    """Each row's level label of the interaction of ``factors`` (``"a:b"``)."""
+    parts = [
+        np.array([None if pd.isna(v) else _label(v) for v in data[f].to_numpy()], dtype=object)
+        for f in factors
+    ]
+    out = parts[0]
+    for part in parts[1:]:
+        pairs = zip(out, part, strict=True)
+        out = np.array(
+            [None if a is None or b is None else f"{a}:{b}" for a, b in pairs], dtype=object
+        )
+    return out

@@ -11,7 +11,7 @@ import pandas as pd
 import scipy.linalg
 import scipy.stats
 
-from lmmjax.design import Model, conform_newdata
+from lmmjax.design import Model, conform_newdata, row_labels
 from lmmjax.errors import LmmInputError
 from lmmjax.likelihood import Estimates
 from lmmjax.likelihood import estimates as compute_estimates
@@ -292,12 +292,11 @@ class LmmFit:
         missing = [f for f in term.factors if f not in data.columns]
         if missing:
             raise LmmInputError(f"newdata lacks grouping column {missing[0]!r}")
-        labels = data[list(term.factors)].astype(object).astype(str)
-        labels = labels.agg(":".join, axis=1) if len(term.factors) > 1 else labels.iloc[:, 0]
+        labels = row_labels(data, term.factors)
         lookup = {lvl: k for k, lvl in enumerate(term.levels)}
         refs = np.array([lookup.get(v, -1) for v in labels], dtype=np.int64)
         if not allow_new_levels and (refs < 0).any():
-            new = sorted(set(labels[refs < 0]))
+            new = sorted({str(v) for v in labels[refs < 0]})
             raise LmmInputError(
                 f"newdata has levels of {term.group!r} not in the fit: {', '.join(new[:5])}"
             )

@@ -448,12 +448,6 @@ def test_sleepstudy_names_match_lme4():
     assert term.levels[:5] == ("308", "309", "310", "330", "331")  # lme4's ranef order
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: a numeric column used as a grouping factor is turned into a "
-    "factor everywhere, so `Days` in the fixed part becomes 9 dummy columns "
-    "(lme4 keeps the numeric slope `Days`)",
-)
 def test_grouping_column_keeps_its_type_in_the_fixed_part():
     model = build_model(load_bundled("sleepstudy"), "Reaction ~ Days + (1 | Subject) + (1 | Days)")
     assert model.fixef_names == ("(Intercept)", "Days")

@@ -1,0 +1,384 @@
+"""Posterior output: ArviZ InferenceData, summaries, JSON and netCDF.
+
+Variables of the ``posterior`` group (``g`` a term's safe name):
+
+* ``beta`` (chain, draw, fixef); ``sigma`` (chain, draw);
+* ``sd_g`` (chain, draw, g_effect): random-effect SDs (absent when fixed);
+* ``corr_g`` (chain, draw, g_pair): correlations, for terms with d > 1;
+* ``r_g`` (chain, draw, g_level, g_effect): the random effects, sampled or
+  recovered, with the same names and shapes whatever ``marginalize`` is.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+with warnings.catch_warnings():  # ArviZ announces its refactor on import
+    warnings.simplefilter("ignore", FutureWarning)
+    import arviz as az
+
+__all__ = ["BayesFit", "build_inference_data"]
+
+HDI_PROB = 0.95
+
+
+def _corr_pairs(names) -> list[tuple[int, int, str]]:
+    return [
+        (a, b, f"{names[a]},{names[b]}") for a in range(len(names)) for b in range(a + 1, len(names))
+    ]
+
+
+def build_inference_data(bm, draws, effects) -> az.InferenceData:
+    """Assemble the InferenceData of one run.
+
+    Parameters
+    ----------
+    bm : lmmjax.bayes.model.BayesModel
+    draws : lmmjax.bayes.samplers.Draws
+    effects : tuple of arrays (chains, draws, M_l, d_l)
+        Every term's random effects.
+
+    Returns
+    -------
+    arviz.InferenceData
+    """
+    spec, model = bm.spec, bm.model
+    s = draws.samples
+    posterior = {"beta": s["beta"], "sigma": s["sigma"]}
+    dims = {"beta": ["fixef"]}
+    coords: dict = {"fixef": list(model.fixef_names)}
+    if spec.shared_scale:
+        posterior["sd_shared"] = s["sd_shared"]
+    for k, (name, term) in enumerate(zip(spec.names, model.terms, strict=True)):
+        coords[f"{name}_level"] = list(term.levels)
+        coords[f"{name}_effect"] = list(term.names)
+        if spec.fixed_sd[k] is None:
+            posterior[f"sd_{name}"] = s[f"sd_{name}"]
+            dims[f"sd_{name}"] = [f"{name}_effect"]
+        if spec.correlated[k]:
+            L = s[f"L_{name}"]
+            R = np.einsum("...ik,...jk->...ij", L, L)
+            pairs = _corr_pairs(term.names)
+            posterior[f"corr_{name}"] = np.stack([R[..., a, b] for a, b, _ in pairs], axis=-1)
+            dims[f"corr_{name}"] = [f"{name}_pair"]
+            coords[f"{name}_pair"] = [lab for _, _, lab in pairs]
+        posterior[f"r_{name}"] = np.asarray(effects[k])
+        dims[f"r_{name}"] = [f"{name}_level", f"{name}_effect"]
+    sample_stats = dict(draws.stats)
+    y = np.asarray(model.y)
+    attrs = {
+        "inference_library": "lmmjax (numpyro/blackjax NUTS)",
+        "formula": model.formula,
+        "likelihood": spec.likelihood,
+        "marginalize": ",".join(n for n, m in zip(spec.names, spec.marginal, strict=True) if m)
+        or "none",
+        "eigen_fast_path": int(spec.fast),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        idata = az.from_dict(
+            posterior=posterior,
+            sample_stats=sample_stats,
+            observed_data={"y": y},
+            coords={**coords, "obs": np.arange(y.size)},
+            dims={**dims, "y": ["obs"]},
+            attrs=attrs,
+        )
+    return idata
+
+
+@dataclass
+class BayesFit:
+    """A Bayesian LMM fitted by NUTS.
+
+    Attributes
+    ----------
+    bm : lmmjax.bayes.model.BayesModel
+        The model that was sampled.
+    idata : arviz.InferenceData
+        Posterior (fixed effects, scales, correlations, random effects),
+        ``sample_stats`` and ``observed_data``.
+    settings : SamplerSettings
+    seconds : float
+        Wall time of the whole fit (warm-up, sampling, recovery, output).
+    warmup_seconds, sampling_seconds, recovery_seconds : float
+    """
+
+    bm: object
+    idata: az.InferenceData
+    settings: object
+    seconds: float = float("nan")
+    warmup_seconds: float = float("nan")
+    sampling_seconds: float = float("nan")
+    recovery_seconds: float = float("nan")
+    _table: pd.DataFrame | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------- helpers
+    @property
+    def model(self):
+        """The structured model (:class:`lmmjax.design.Model`)."""
+        return self.bm.model
+
+    @property
+    def posterior(self):
+        """The posterior group of the InferenceData."""
+        return self.idata.posterior
+
+    def _values(self, var: str) -> np.ndarray:
+        return np.asarray(self.posterior[var].values)
+
+    def parameter_names(self) -> list[str]:
+        """Posterior variables other than the random effects."""
+        return [v for v in self.posterior.data_vars if not str(v).startswith("r_")]
+
+    def summary(self, var_names=None, ranef: bool = False) -> pd.DataFrame:
+        """ArviZ summary: mean, sd, 95% HDI, MCSE, ess_bulk, ess_tail and r_hat.
+
+        Parameters
+        ----------
+        var_names : list of str, optional
+            Variables to summarise; by default every parameter (and the random
+            effects too when ``ranef`` is True).
+        ranef : bool
+            Include the random effects ``r_*``.
+        """
+        if var_names is None and not ranef and self._table is not None:
+            return self._table
+        if var_names is None:
+            var_names = list(self.posterior.data_vars) if ranef else self.parameter_names()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            table = az.summary(self.idata, var_names=var_names, hdi_prob=HDI_PROB)
+        if not ranef and var_names == self.parameter_names():
+            self._table = table
+        return table
+
+    # ----------------------------------------------------------- estimates
+    @property
+    def fixef(self) -> pd.Series:
+        """Posterior means of the fixed effects."""
+        m = self._values("beta").mean(axis=(0, 1))
+        return pd.Series(m, index=list(self.model.fixef_names), name="mean")
+
+    @property
+    def fixef_se(self) -> pd.Series:
+        """Posterior standard deviations of the fixed effects."""
+        sd = self._values("beta").std(axis=(0, 1), ddof=1)
+        return pd.Series(sd, index=list(self.model.fixef_names), name="sd")
+
+    @property
+    def sigma(self) -> float:
+        """Posterior mean of the residual SD (on the modelling scale)."""
+        return float(self._values("sigma").mean())
+
+    def sd_draws(self, k: int) -> np.ndarray:
+        """Draws (chain, draw, d) of term k's random-effect SDs (constant if fixed)."""
+        spec = self.bm.spec
+        name = spec.names[k]
+        if spec.fixed_sd[k] is None:
+            return self._values(f"sd_{name}")
+        base = np.asarray(spec.fixed_sd[k])
+        if spec.shared_scale:
+            return self._values("sd_shared")[..., None] * base
+        shape = self._values("sigma").shape
+        return np.broadcast_to(base, (*shape, base.size))
+
+    def corr_draws(self, k: int) -> np.ndarray:
+        """Draws (chain, draw, d, d) of term k's correlation matrix."""
+        spec = self.bm.spec
+        d = spec.d[k]
+        shape = self._values("sigma").shape
+        R = np.broadcast_to(np.eye(d), (*shape, d, d)).copy()
+        if spec.correlated[k]:
+            pairs = _corr_pairs(self.model.terms[k].names)
+            vals = self._values(f"corr_{spec.names[k]}")
+            for j, (a, b, _) in enumerate(pairs):
+                R[..., a, b] = R[..., b, a] = vals[..., j]
+        return R
+
+    def ranef(self) -> dict[str, pd.DataFrame]:
+        """Posterior means of the random effects, one frame per term."""
+        out = {}
+        for name, tname, t in zip(self.bm.spec.names, self.bm.term_names, self.model.terms,
+                                  strict=True):  # fmt: skip
+            m = self._values(f"r_{name}").mean(axis=(0, 1))
+            out[tname] = pd.DataFrame(m, index=pd.Index(t.levels, name=t.group),
+                                      columns=list(t.names))  # fmt: skip
+        return out
+
+    def varcorr_rows(self) -> list[dict]:
+        """lme4-style VarCorr rows with posterior means (variance, sd, corr)."""
+        rows = []
+        for k, (gname, t) in enumerate(zip(self.bm.term_names, self.model.terms, strict=True)):
+            sd = self.sd_draws(k)
+            R = self.corr_draws(k)
+            for a in range(t.d):
+                rows.append(
+                    dict(group=gname, var1=t.names[a], var2=None,
+                         variance=float(np.mean(sd[..., a] ** 2)),
+                         sd=float(np.mean(sd[..., a])), corr=None)
+                )  # fmt: skip
+            for a in range(t.d):
+                for b in range(a + 1, t.d):
+                    cov = sd[..., a] * sd[..., b] * R[..., a, b]
+                    rows.append(
+                        dict(group=gname, var1=t.names[a], var2=t.names[b],
+                             variance=float(np.mean(cov)), sd=None,
+                             corr=float(np.mean(R[..., a, b])))
+                    )  # fmt: skip
+        sig = self._values("sigma")
+        rows.append(dict(group="Residual", var1=None, var2=None,
+                         variance=float(np.mean(sig**2)), sd=float(np.mean(sig)), corr=None))  # fmt: skip
+        return rows
+
+    @property
+    def varcorr(self) -> pd.DataFrame:
+        """VarCorr table of posterior means."""
+        return pd.DataFrame(self.varcorr_rows())
+
+    def theta(self) -> np.ndarray:
+        """Posterior mean of lme4's theta (lower triangles of ``chol(Sigma_l) / sigma``)."""
+        sig = self._values("sigma")
+        out = []
+        for k, t in enumerate(self.model.terms):
+            C = self.sd_draws(k)[..., :, None] * np.linalg.cholesky(self.corr_draws(k))
+            lam = C / sig[..., None, None]
+            rows, cols = t.theta_index()
+            out.append(lam[..., rows, cols].mean(axis=(0, 1)))
+        return np.concatenate(out)
+
+    @property
+    def divergences(self) -> int:
+        """Number of divergent transitions after warm-up."""
+        return int(np.asarray(self.idata.sample_stats["diverging"]).sum())
+
+    def max_rhat(self) -> float:
+        """Largest split-R-hat over the parameters (random effects excluded)."""
+        r = self.summary()["r_hat"].to_numpy(dtype=float)
+        return float(np.nanmax(r)) if r.size else float("nan")
+
+    @property
+    def converged(self) -> bool:
+        """Every r_hat <= 1.01 and no divergent transition."""
+        return bool(self.max_rhat() <= 1.01 and self.divergences == 0)
+
+    def posterior_table(self) -> dict[str, dict]:
+        """Per quantity {mean, sd, hdi_low, hdi_high, ess_bulk, r_hat} (JSON's ``posterior``)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ess = az.ess(self.idata, method="bulk")
+            rhat = az.rhat(self.idata)
+        out: dict[str, dict] = {}
+
+        def add(label, draws, ess_v, rhat_v):
+            draws = np.asarray(draws, dtype=float)
+            lo, hi = az.hdi(draws, hdi_prob=HDI_PROB)  # draws: (chain, draw)
+            out[label] = dict(mean=float(draws.mean()), sd=float(draws.std(ddof=1)),
+                              hdi_low=float(lo), hdi_high=float(hi), ess_bulk=ess_v,
+                              r_hat=rhat_v)  # fmt: skip
+
+        def num(x):
+            x = float(x)
+            return x if np.isfinite(x) else None
+
+        beta = self._values("beta")
+        for j, n in enumerate(self.model.fixef_names):
+            add(f"fixef[{n}]", beta[..., j], num(ess["beta"].values[j]),
+                num(rhat["beta"].values[j]))  # fmt: skip
+        add("sigma", self._values("sigma"), num(ess["sigma"].values), num(rhat["sigma"].values))
+        spec = self.bm.spec
+        for k, (name, gname, t) in enumerate(
+            zip(spec.names, self.bm.term_names, self.model.terms, strict=True)
+        ):
+            sd = self.sd_draws(k)
+            for a in range(t.d):
+                if spec.fixed_sd[k] is None:
+                    e, r = ess[f"sd_{name}"].values[a], rhat[f"sd_{name}"].values[a]
+                elif spec.shared_scale:
+                    e, r = ess["sd_shared"].values, rhat["sd_shared"].values
+                else:
+                    e = r = float("nan")
+                add(f"sd[{gname}, {t.names[a]}]", sd[..., a], num(e), num(r))
+            if spec.correlated[k]:
+                for j, (a, b, _) in enumerate(_corr_pairs(t.names)):
+                    add(f"corr[{gname}, {t.names[a]}, {t.names[b]}]",
+                        self._values(f"corr_{name}")[..., j],
+                        num(ess[f"corr_{name}"].values[j]),
+                        num(rhat[f"corr_{name}"].values[j]))  # fmt: skip
+        return out
+
+    # --------------------------------------------------------------- output
+    def to_dict(self) -> dict:
+        """The JSON result: the shared keys with posterior means, plus ``posterior``."""
+        s = self.settings
+        spec = self.bm.spec
+        return {
+            "method": "nuts",
+            "formula": self.model.formula,
+            "nobs": self.model.nobs,
+            "ngroups": self.model.ngroups,
+            "fixef": self.fixef.to_dict(),
+            "fixef_se": self.fixef_se.to_dict(),
+            "sigma": self.sigma,
+            "theta": self.theta().tolist(),
+            "varcorr": self.varcorr_rows(),
+            "objective": None,
+            "loglik": None,
+            "aic": None,
+            "bic": None,
+            "converged": self.converged,
+            "singular": None,
+            "seconds": self.seconds,
+            "n_dropped": self.model.n_dropped,
+            "dropped_fixef": list(self.model.dropped_fixef),
+            "posterior": self.posterior_table(),
+            "divergences": self.divergences,
+            "max_r_hat": self.max_rhat(),
+            "nuts": {
+                "backend": s.backend, "num_warmup": s.num_warmup, "num_samples": s.num_samples,
+                "num_chains": s.num_chains, "target_accept": s.target_accept,
+                "max_tree_depth": s.max_tree_depth, "dense_mass": s.dense_mass, "seed": s.seed,
+                "likelihood": spec.likelihood,
+                "marginalize": [g for g, m in zip(self.bm.term_names, spec.marginal,
+                                                  strict=True) if m],
+                "eigen_fast_path": spec.fast,
+                "warmup_seconds": self.warmup_seconds,
+                "sampling_seconds": self.sampling_seconds,
+                "recovery_seconds": self.recovery_seconds,
+                "priors": spec.priors.to_dict(self.model.fixef_names, self.bm.term_names),
+            },
+        }  # fmt: skip
+
+    def to_netcdf(self, path) -> str:
+        """Write the InferenceData to a netCDF file; returns the path."""
+        from pathlib import Path
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.idata.to_netcdf(str(path))
+        return str(path)
+
+    def report(self) -> str:
+        """A printed summary: model, sampler, diagnostics and the parameter table."""
+        s, spec = self.settings, self.bm.spec
+        marg = [g for g, m in zip(self.bm.term_names, spec.marginal, strict=True) if m]
+        lines = [
+            f"Bayesian linear mixed model (NUTS, {s.backend}): {self.model.formula}",
+            f"  likelihood {spec.likelihood}; N = {self.model.nobs}; "
+            f"marginalised: {', '.join(marg) or 'none'}"
+            + ("; eigendecomposition fast path" if spec.fast else ""),
+            f"  {s.num_chains} chains x {s.num_samples} draws after {s.num_warmup} warm-up; "
+            f"{self.seconds:.1f} s (warm-up {self.warmup_seconds:.1f} s, sampling "
+            f"{self.sampling_seconds:.1f} s, recovery {self.recovery_seconds:.1f} s)",
+            f"  divergences: {self.divergences}; max r_hat: {self.max_rhat():.3f}",
+            "",
+            self.summary().to_string(),
+        ]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.report()
