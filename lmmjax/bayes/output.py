@@ -28,7 +28,9 @@ HDI_PROB = 0.95
 
 def _corr_pairs(names) -> list[tuple[int, int, str]]:
     return [
-        (a, b, f"{names[a]},{names[b]}") for a in range(len(names)) for b in range(a + 1, len(names))
+        (a, b, f"{names[a]},{names[b]}")
+        for a in range(len(names))
+        for b in range(a + 1, len(names))
     ]
 
 

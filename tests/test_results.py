@@ -1,0 +1,146 @@
+"""The REML/ML results object: random effects, prediction, tests, summaries."""
+
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.linalg
+
+import lmmjax
+from lmmjax.datasets import load_bundled
+from lmmjax.design import build_model
+from lmmjax.inference import reml as reml_mod
+from lmmjax.linalg import build_structure
+
+
+@pytest.fixture(scope="module")
+def sleep():
+    return lmmjax.lmm("Reaction ~ Days + (Days | Subject)", "bundled:sleepstudy")
+
+
+@pytest.fixture(scope="module")
+def pastes():
+    return lmmjax.lmm("strength ~ 1 + (1 | batch/cask)", "bundled:Pastes")
+
+
+def dense_parts(fit):
+    """Dense Z, Lambda and A for a small model (a reference, not the library path)."""
+    terms = fit.model.terms
+    Z = np.hstack([t.dense() for t in terms])
+    lambdas = [np.asarray(lam) for lam in fit.covariances()]
+    lambdas = [np.linalg.cholesky(c + 1e-300 * np.eye(len(c))) / fit.sigma for c in lambdas]
+    Lam = scipy.linalg.block_diag(
+        *[np.kron(np.eye(t.nlevels), lam) for t, lam in zip(terms, lambdas, strict=True)]
+    )
+    A = Lam.T @ Z.T @ Z @ Lam + np.eye(Z.shape[1])
+    return Z, Lam, A
+
+
+@pytest.mark.parametrize("name", ["sleep", "pastes"])
+def test_ranef_and_condvar_match_dense(name, request):
+    fit = request.getfixturevalue(name)
+    Z, Lam, A = dense_parts(fit)
+    r = fit.model.y - fit.model.X @ fit.beta
+    b = Lam @ np.linalg.solve(A, Lam.T @ Z.T @ r)
+    cov = fit.sigma**2 * Lam @ np.linalg.solve(A, Lam.T)
+    ranef = fit.ranef()
+    offset = 0
+    for t in fit.model.terms:
+        frame = ranef[t.group]
+        ours = frame[list(t.names)].to_numpy()
+        np.testing.assert_allclose(ours.ravel(), b[offset : offset + t.q], rtol=1e-6, atol=1e-8)
+        cv = frame.attrs["condvar"]
+        cv = cv if isinstance(cv, np.ndarray) else cv[0]
+        for m in range(t.nlevels):
+            sl = slice(offset + m * t.d, offset + (m + 1) * t.d)
+            np.testing.assert_allclose(cv[m], cov[sl, sl], rtol=1e-6, atol=1e-10)
+        offset += t.q
+
+
+def test_fitted_residuals_and_predict(sleep):
+    fitted = sleep.fitted()
+    np.testing.assert_allclose(fitted + sleep.residuals(), sleep.model.y)
+    np.testing.assert_allclose(sleep.predict(sleep.model.data), fitted)
+    pop = sleep.predict(pd.DataFrame({"Days": [0.0, 1.0], "Subject": [999, 999]}))
+    np.testing.assert_allclose(pop, sleep.fixef.iloc[0] + sleep.fixef.iloc[1] * np.array([0, 1]))
+    with pytest.raises(lmmjax.LmmInputError, match="not in the fit: 999"):
+        sleep.predict(pd.DataFrame({"Days": [1.0], "Subject": [999]}), allow_new_levels=False)
+    np.testing.assert_allclose(
+        sleep.predict(sleep.model.data, re_form=False), sleep.model.X @ sleep.beta
+    )
+
+
+def test_coef_adds_fixed_and_random(sleep):
+    coef = sleep.coef()["Subject"]
+    ranef = sleep.ranef(condvar=False)["Subject"]
+    np.testing.assert_allclose(coef["Days"], sleep.fixef["Days"] + ranef["Days"])
+
+
+def test_confint_is_wald(sleep):
+    ci = sleep.confint(0.95)
+    np.testing.assert_allclose(ci.iloc[:, 0], sleep.fixef - 1.959963984540054 * sleep.fixef_se)
+    assert list(ci.columns) == ["2.5 %", "97.5 %"]
+
+
+def test_compare_refits_reml_by_ml(sleep):
+    m0 = lmmjax.lmm("Reaction ~ Days + (1 | Subject)", "bundled:sleepstudy")
+    table = lmmjax.compare(m0, sleep)
+    ml1 = lmmjax.lmm("Reaction ~ Days + (Days | Subject)", "bundled:sleepstudy", reml=False)
+    assert table["deviance"].iloc[1] == pytest.approx(ml1.objective, abs=1e-6)
+    assert table["Df"].iloc[1] == 2
+    chisq = table["deviance"].iloc[0] - table["deviance"].iloc[1]
+    assert table["Pr(>Chisq)"].iloc[1] == pytest.approx(np.exp(-chisq / 2), rel=1e-6)  # df = 2
+
+
+def test_summary_in_lme4_order(sleep):
+    text = sleep.summary()
+    keys = ["REML criterion at convergence", "Scaled residuals", "Random effects",
+            "Number of obs: 180", "Fixed effects", "Correlation of Fixed Effects"]  # fmt: skip
+    positions = [text.index(k) for k in keys]
+    assert positions == sorted(positions)
+
+
+def test_to_dict_has_the_json_keys(sleep):
+    out = sleep.to_dict()
+    for key in ["method", "formula", "nobs", "ngroups", "fixef", "fixef_se", "sigma", "theta",
+                "varcorr", "objective", "loglik", "aic", "bic", "converged", "singular",
+                "seconds"]:  # fmt: skip
+        assert key in out
+    assert out["optimizer"]["fevals"] >= out["optimizer"]["iterations"] > 0
+    assert out["optimizer"]["grad_norm"] <= 1e-6 * abs(out["objective"])
+
+
+def test_rank_deficient_fixed_effects_are_dropped():
+    data = load_bundled("sleepstudy").assign(Days2=lambda d: 2.0 * d["Days"])
+    with pytest.warns(UserWarning, match="dropping 1 column.*Days2"):
+        fit = lmmjax.lmm("Reaction ~ Days + Days2 + (1 | Subject)", data)
+    ref = lmmjax.lmm("Reaction ~ Days + (1 | Subject)", "bundled:sleepstudy")
+    assert list(fit.fixef.index) == ["(Intercept)", "Days"]
+    assert fit.objective == pytest.approx(ref.objective, abs=1e-8)
+    assert "rank deficient" in fit.summary()
+
+
+def test_boundary_stationary_point_is_escaped():
+    model = build_model(load_bundled("Dyestuff"), "Yield ~ 1 + (1 | Batch)")
+    struct = build_structure(model.terms, model.X, model.y)
+    bounded = reml_mod.on_bound(struct)
+    value0 = float(reml_mod.profiled_objective(jnp.zeros(1), struct, True))
+    probe = reml_mod._escape_boundary(np.zeros(1), value0, struct, True, bounded)
+    assert probe is not None and probe[0] > 0
+
+
+def test_fallback_runs_when_lbfgs_stops_early():
+    model = build_model(load_bundled("Penicillin"), "diameter ~ 1 + (1 | plate) + (1 | sample)")
+    fit = reml_mod.fit(model, reml=True, maxiter=1)
+    assert any("Nelder-Mead" in m for m in fit.log.messages)
+    assert fit.objective == pytest.approx(330.860588999606, abs=2e-3)
+
+
+def test_canonical_theta_flips_columns():
+    model = build_model(load_bundled("sleepstudy"), "Reaction ~ Days + (Days | Subject)")
+    struct = build_structure(model.terms, model.X, model.y)
+    theta, signs = reml_mod.canonical_theta(np.array([-1.0, 0.5, -0.2]), struct)
+    np.testing.assert_allclose(theta, [1.0, -0.5, 0.2])
+    np.testing.assert_allclose(signs, [-1, -1, -1])
+    f = lambda th: float(reml_mod.profiled_objective(jnp.asarray(th), struct, True))  # noqa: E731
+    assert f(theta) == pytest.approx(f([-1.0, 0.5, -0.2]), rel=1e-12)
