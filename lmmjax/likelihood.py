@@ -6,9 +6,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from lmmjax.linalg import Structure, factorize, logdet, make_lambdas, solve_lower
-from lmmjax.linalg.blocked import Factor, first_left, rest_left
+from lmmjax.linalg.blocked import Factor, first_left, l21_times, rest_left, schur_blocks
+from lmmjax.linalg.dense import logdet_quad
 
 
 class PLS(NamedTuple):
@@ -71,10 +73,26 @@ def objective_from_pls(pls: PLS, n: int, p: int, reml: bool) -> jax.Array:
 def profiled_objective(theta: jax.Array, struct: Structure, reml: bool = True) -> jax.Array:
     """The profiled REML criterion (``reml=True``) or deviance as a function of theta.
 
-    Comparable with lme4's ``REMLcrit()`` and ``deviance()``.
+    Comparable with lme4's ``REMLcrit()`` and ``deviance()``. Equal to
+    ``objective_from_pls(solve_pls(...))`` but never factors the dense block
+    itself: :func:`lmmjax.linalg.dense.logdet_quad` gives its log-determinant
+    and quadratic form with a cheaper gradient.
     """
-    pls = solve_pls(theta, struct)
-    return objective_from_pls(pls, nobs(struct), struct.layout.p, reml)
+    layout = struct.layout
+    n, p = nobs(struct), layout.p
+    lambdas = make_lambdas(theta, layout)
+    L11, A22 = schur_blocks(struct, lambdas)
+    V1 = lax.linalg.triangular_solve(
+        L11, first_left(struct.ZtXy1, lambdas[0]), left_side=True, lower=True
+    )
+    logdet_A = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L11, axis1=1, axis2=2)))
+    gram = struct.XytXy - jnp.einsum("mak,mal->kl", V1, V1)
+    if layout.has_rest:
+        R2 = rest_left(struct.ZtXy_rest, lambdas, layout) - l21_times(struct, L11, lambdas, V1)
+        logdet_22, Q = logdet_quad(A22, R2)
+        logdet_A, gram = logdet_A + logdet_22, gram - Q
+    Lxy = jnp.linalg.cholesky(gram)
+    return objective_from_pls(PLS(None, logdet_A, Lxy, V1, None), n, p, reml)
 
 
 class Estimates(NamedTuple):

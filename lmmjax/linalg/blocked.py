@@ -99,6 +99,30 @@ def schur_weights(struct: Structure, lam1: jax.Array) -> jax.Array:
     return jnp.einsum("gka,gkb->gab", Y, Y)
 
 
+def schur_blocks(struct: Structure, lambdas: tuple) -> tuple[jax.Array, jax.Array]:
+    """``L11`` (batched Cholesky of the first block) and the dense Schur complement ``A22``.
+
+    ``A22 = Lambda_r' (C - B W B') Lambda_r + I`` is returned unfactored, shape
+    (q_rest, q_rest); it is empty when the model has one term.
+    """
+    layout = struct.layout
+    lam1 = lambdas[0]
+    d1 = layout.first.d
+    A11 = first_left(first_left(struct.G1, lam1).transpose(0, 2, 1), lam1) + jnp.eye(d1)
+    L11 = jnp.linalg.cholesky(A11)
+    if not layout.has_rest:
+        return L11, jnp.zeros((0, 0), dtype=L11.dtype)
+    q = layout.q_rest
+    W = schur_weights(struct, lam1)
+    vals = jnp.einsum("pab,pab->p", struct.pair_val, W[struct.pair_group])
+    S = jax.ops.segment_sum(vals, struct.pair_entry, q * q, indices_are_sorted=True)
+    S = S.reshape(q, q)
+    S = S + S.T - jnp.diag(jnp.diag(S))
+    M = struct.C - S
+    A22 = rest_left(rest_left(M, lambdas, layout).T, lambdas, layout) + jnp.eye(q)
+    return L11, A22
+
+
 def factorize(struct: Structure, lambdas: tuple) -> Factor:
     """Blocked Cholesky factor of ``A = Lambda' Z' Z Lambda + I``.
 
@@ -113,22 +137,15 @@ def factorize(struct: Structure, lambdas: tuple) -> Factor:
     -------
     Factor
     """
-    layout = struct.layout
-    lam1 = lambdas[0]
-    d1 = layout.first.d
-    A11 = first_left(first_left(struct.G1, lam1).transpose(0, 2, 1), lam1) + jnp.eye(d1)
-    L11 = jnp.linalg.cholesky(A11)
-    if not layout.has_rest:
-        return Factor(lambdas, L11, jnp.zeros((0, 0), dtype=L11.dtype))
-    q = layout.q_rest
-    W = schur_weights(struct, lam1)
-    vals = jnp.einsum("pab,pab->p", struct.pair_val, W[struct.pair_group])
-    S = jax.ops.segment_sum(vals, struct.pair_entry, q * q, indices_are_sorted=True)
-    S = S.reshape(q, q)
-    S = S + S.T - jnp.diag(jnp.diag(S))
-    M = struct.C - S
-    A22 = rest_left(rest_left(M, lambdas, layout).T, lambdas, layout) + jnp.eye(q)
-    return Factor(lambdas, L11, jnp.linalg.cholesky(A22))
+    L11, A22 = schur_blocks(struct, lambdas)
+    L22 = jnp.linalg.cholesky(A22) if struct.layout.has_rest else A22
+    return Factor(lambdas, L11, L22)
+
+
+def l21_times(struct: Structure, L11: jax.Array, lambdas: tuple, w1: jax.Array) -> jax.Array:
+    """``L21 w1 = Lambda_r' B Lambda_1 L11^{-T} w1`` without forming ``L21``."""
+    t1 = first_left(_tri_solve(L11, w1, transpose=True), lambdas[0], transpose=False)
+    return rest_left(_b_times(struct, t1), lambdas, struct.layout)
 
 
 def logdet(factor: Factor) -> jax.Array:
@@ -142,9 +159,7 @@ def solve_lower(struct: Structure, factor: Factor, c1: jax.Array, c2: jax.Array)
     w1 = _tri_solve(factor.L11, c1)
     if not struct.layout.has_rest:
         return w1, c2
-    t1 = first_left(_tri_solve(factor.L11, w1, transpose=True), factor.lambdas[0], transpose=False)
-    l21w = rest_left(_b_times(struct, t1), factor.lambdas, struct.layout)
-    return w1, _tri_solve(factor.L22, c2 - l21w)
+    return w1, _tri_solve(factor.L22, c2 - l21_times(struct, factor.L11, factor.lambdas, w1))
 
 
 def solve_upper(struct: Structure, factor: Factor, w1: jax.Array, w2: jax.Array):
