@@ -93,7 +93,9 @@ def _bt_times(struct: Structure, x2: jax.Array) -> jax.Array:
 def schur_weights(struct: Structure, lam1: jax.Array) -> jax.Array:
     """``W_g = Lambda_1 (Lambda_1' G_g Lambda_1 + I)^{-1} Lambda_1'`` per Gram group."""
     d1 = lam1.shape[0]
-    Aw = first_left(first_left(struct.Gw, lam1).transpose(0, 2, 1), lam1) + jnp.eye(d1)
+    Aw = first_left(first_left(struct.Gw, lam1).transpose(0, 2, 1), lam1) + jnp.eye(
+        d1, dtype=lam1.dtype
+    )
     Lw = jnp.linalg.cholesky(Aw)
     Y = _tri_solve(Lw, jnp.broadcast_to(lam1.T, Aw.shape))
     return jnp.einsum("gka,gkb->gab", Y, Y)
@@ -108,7 +110,9 @@ def schur_blocks(struct: Structure, lambdas: tuple) -> tuple[jax.Array, jax.Arra
     layout = struct.layout
     lam1 = lambdas[0]
     d1 = layout.first.d
-    A11 = first_left(first_left(struct.G1, lam1).transpose(0, 2, 1), lam1) + jnp.eye(d1)
+    A11 = first_left(first_left(struct.G1, lam1).transpose(0, 2, 1), lam1) + jnp.eye(
+        d1, dtype=lam1.dtype
+    )
     L11 = jnp.linalg.cholesky(A11)
     if not layout.has_rest:
         return L11, jnp.zeros((0, 0), dtype=L11.dtype)
@@ -119,7 +123,7 @@ def schur_blocks(struct: Structure, lambdas: tuple) -> tuple[jax.Array, jax.Arra
     S = S.reshape(q, q)
     S = S + S.T - jnp.diag(jnp.diag(S))
     M = struct.C - S
-    A22 = rest_left(rest_left(M, lambdas, layout).T, lambdas, layout) + jnp.eye(q)
+    A22 = rest_left(rest_left(M, lambdas, layout).T, lambdas, layout) + jnp.eye(q, dtype=M.dtype)
     return L11, A22
 
 
