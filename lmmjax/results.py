@@ -15,7 +15,13 @@ from lmmjax.design import Model, conform_newdata, row_labels
 from lmmjax.errors import LmmInputError
 from lmmjax.likelihood import Estimates
 from lmmjax.likelihood import estimates as compute_estimates
-from lmmjax.linalg import Structure, factorize, make_lambdas, solve_lower
+from lmmjax.linalg import Structure, factorize, make_lambdas
+from lmmjax.linalg.blocked import inverse_diag_blocks
+
+
+@jax.jit
+def _inverse_blocks(theta, struct):
+    return inverse_diag_blocks(struct, factorize(struct, make_lambdas(theta, struct.layout)))
 
 
 def unique_group_names(terms) -> list[str]:
@@ -96,11 +102,6 @@ class LmmFit:
             converged=True if log is None else log.converged, log=log, _struct=struct,
         )  # fmt: skip
 
-    @property
-    def _factor(self):
-        th = jnp.asarray(self.theta, dtype=self._struct.C.dtype)
-        return factorize(self._struct, make_lambdas(th, self._struct.layout))
-
     # ------------------------------------------------------------ estimates
     @property
     def fixef(self) -> pd.Series:
@@ -163,32 +164,10 @@ class LmmFit:
         )
 
     # ------------------------------------------------------- random effects
-    def _cond_var_blocks(self, chunk: int = 256) -> list[np.ndarray]:
-        """Diagonal blocks of ``A^{-1}`` per term and level, via chunked solves."""
-        struct, factor = self._struct, self._factor
-        lay = struct.layout
-        dtype = factor.L11.dtype
-        out = []
-        offsets = [0]
-        for t in lay.terms:
-            offsets.append(offsets[-1] + t.q)
-        q = offsets[-1]
-        first_q = lay.first.q
-        for ti, t in enumerate(lay.terms):
-            blocks = np.zeros((t.nlevels, t.d, t.d))
-            step = max(1, chunk // t.d)
-            for m0 in range(0, t.nlevels, step):
-                m1 = min(m0 + step, t.nlevels)
-                cols = np.arange(offsets[ti] + m0 * t.d, offsets[ti] + m1 * t.d)
-                e = np.zeros((q, cols.size))
-                e[cols, np.arange(cols.size)] = 1.0
-                e1 = jnp.asarray(e[:first_q].reshape(lay.first.nlevels, lay.first.d, -1), dtype)
-                w1, w2 = solve_lower(struct, factor, e1, jnp.asarray(e[first_q:], dtype))
-                w = np.concatenate([np.asarray(w1).reshape(first_q, -1), np.asarray(w2)], axis=0)
-                w = w.reshape(q, m1 - m0, t.d)
-                blocks[m0:m1] = np.einsum("kma,kmb->mab", w, w)
-            out.append(blocks)
-        return out
+    def _cond_var_blocks(self) -> list[np.ndarray]:
+        """Diagonal blocks of ``A^{-1}`` per term and level (compiled chunked solves)."""
+        th = jnp.asarray(self.theta, dtype=self._struct.C.dtype)
+        return [np.asarray(b, dtype=float) for b in _inverse_blocks(th, self._struct)]
 
     def ranef(self, condvar: bool = True) -> dict[str, pd.DataFrame]:
         """Conditional modes of the random effects, one DataFrame per grouping factor.

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lmmjax.linalg.structure import Layout, Structure
@@ -211,4 +212,34 @@ def blocked_to_terms(struct: Structure, x1: jax.Array, x2: jax.Array) -> list[ja
     out = [x1]
     for t in struct.layout.rest:
         out.append(x2[t.offset : t.offset + t.q].reshape(t.nlevels, t.d, -1))
+    return out
+
+
+def inverse_diag_blocks(struct: Structure, factor: Factor, chunk: int = 128) -> list[jax.Array]:
+    """Diagonal blocks of ``A^{-1}``, one (M_l, d_l, d_l) array per term.
+
+    ``A^{-1} = L^{-T} L^{-1}``, so a level's block is the Gram matrix of the
+    matching columns of ``L^{-1}``; they are solved ``chunk`` levels at a time
+    with :func:`lax.map`, never holding more than q x (chunk d) numbers.
+    """
+    layout = struct.layout
+    q1, q_total = layout.first.q, layout.first.q + layout.q_rest
+    dtype = factor.L11.dtype
+    offsets = [0, *np.cumsum([t.q for t in layout.terms])]
+    out = []
+    for t, offset in zip(layout.terms, offsets, strict=False):
+
+        def solve_chunk(start, t=t, offset=offset):
+            levels = start + jnp.arange(chunk)
+            cols = (offset + levels[:, None] * t.d + jnp.arange(t.d)[None, :]).reshape(-1)
+            valid = jnp.repeat(levels < t.nlevels, t.d)
+            e = ((jnp.arange(q_total)[:, None] == cols[None, :]) & valid[None, :]).astype(dtype)
+            e1 = e[:q1].reshape(layout.first.nlevels, layout.first.d, -1)
+            w1, w2 = solve_lower(struct, factor, e1, e[q1:])
+            w = jnp.concatenate([w1.reshape(q1, -1), w2], axis=0).reshape(q_total, chunk, t.d)
+            return jnp.einsum("kma,kmb->mab", w, w)
+
+        starts = jnp.arange(0, t.nlevels, chunk)
+        blocks = lax.map(solve_chunk, starts).reshape(-1, t.d, t.d)
+        out.append(blocks[: t.nlevels])
     return out
