@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import formulaic
 import numpy as np
 import pandas as pd
+from formulaic.errors import FormulaicError
 
 from lmmjax.errors import LmmInputError
 from lmmjax.formula import BarTerm, model_matrix, parse_formula, required_columns
+from lmmjax.formula.fixed import clean_message, r_to_python
 from lmmjax.terms import Term
 
 
@@ -54,6 +57,11 @@ class Model:
     dropped_fixef: tuple[str, ...] = ()
     fixed_columns: tuple[int, ...] = ()
     factor_columns: tuple[str, ...] = ()
+    fixed_variables: tuple[str, ...] = ()
+    used_variables: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"Model({self.formula!r}, nobs={self.nobs}, p={self.p}, q={self.q})"
 
     @property
     def nobs(self) -> int:
@@ -228,7 +236,26 @@ def full_rank_columns(X: np.ndarray, tol: float = 1e-7) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
+def _split_uncorrelated(bar: BarTerm) -> list[BarTerm]:
+    """lme4's ``(a + b || g)``: one correlated term per term of the lhs formula.
+
+    The intercept becomes ``(1 | g)`` and every other term ``(0 + term | g)``, so a
+    numeric covariate gets its own variance and a factor a block over its levels.
+    """
+    translated, _ = r_to_python(bar.lhs)
+    try:
+        parts = [str(t) for t in formulaic.Formula(translated)]
+    except FormulaicError as exc:
+        raise LmmInputError(f"random-effect term {bar.source}: {clean_message(exc)}") from None
+    return [
+        replace(bar, lhs="1" if part == "1" else f"0 + {part}", uncorrelated=False)
+        for part in parts
+    ]
+
+
 def _bar_terms(data: pd.DataFrame, bar: BarTerm) -> list[Term]:
+    if bar.uncorrelated:
+        return [t for sub in _split_uncorrelated(bar) for t in _bar_terms(data, sub)]
     refs, levels = group_index(data, bar.factors)
     if len(levels) < 2:
         raise LmmInputError(
@@ -238,21 +265,18 @@ def _bar_terms(data: pd.DataFrame, bar: BarTerm) -> list[Term]:
     z, names, spec = model_matrix(bar.lhs, data, context=f"random-effect term {bar.source}:")
     if z.shape[1] == 0:
         raise LmmInputError(f"random-effect term {bar.source!r} has no effects")
-    columns = (
-        [tuple(range(z.shape[1]))] if not bar.uncorrelated else [(k,) for k in range(len(names))]
-    )
+    cols = tuple(range(z.shape[1]))
     return [
         Term(
             bar.group,
-            tuple(names[k] for k in cols),
+            names,
             levels,
             refs,
-            np.ascontiguousarray(z[:, list(cols)]),
+            np.ascontiguousarray(z),
             factors=bar.factors,
             lhs_spec=spec,
             lhs_columns=cols,
-        )
-        for cols in columns
+        )  # fmt: skip
     ]
 
 
@@ -291,7 +315,8 @@ def build_model(data: pd.DataFrame, formula: str, categorical: Sequence[str] = (
     needed: dict[str, str] = {}
     for col in sorted(required_columns(parsed.response, context="response")):
         needed.setdefault(col, "the response")
-    for col in sorted(required_columns(parsed.fixed, context="fixed-effect formula")):
+    fixed_vars = sorted(required_columns(parsed.fixed, context="fixed-effect formula"))
+    for col in fixed_vars:
         needed.setdefault(col, "the fixed effects")
     for bar in parsed.bars:
         lhs_cols = required_columns(bar.lhs, context=f"random-effect term {bar.source}:")
@@ -323,6 +348,11 @@ def build_model(data: pd.DataFrame, formula: str, categorical: Sequence[str] = (
         X = X[:, keep]
         names = tuple(names[k] for k in keep)
 
+    if not parsed.bars:
+        raise LmmInputError(
+            f"formula {formula!r} has no random-effect terms such as (1 | group); "
+            "a linear mixed model needs at least one"
+        )
     terms = [t for bar in parsed.bars for t in _bar_terms(data, bar)]
     order = sorted(range(len(terms)), key=lambda k: -terms[k].nlevels)
     return Model(
@@ -339,6 +369,8 @@ def build_model(data: pd.DataFrame, formula: str, categorical: Sequence[str] = (
         dropped_fixef=dropped,
         fixed_columns=tuple(int(k) for k in keep),
         factor_columns=factor_columns,
+        fixed_variables=tuple(fixed_vars),
+        used_variables=tuple(used),
     )
 
 
@@ -351,12 +383,22 @@ def conform_newdata(model: Model, newdata: pd.DataFrame) -> pd.DataFrame:
     if not isinstance(newdata, pd.DataFrame):
         raise LmmInputError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
     newdata = newdata.copy()
+    for name in model.fixed_variables:
+        col = model.data[name] if name in model.data.columns else None
+        if name not in newdata.columns or col is None or pd.api.types.is_numeric_dtype(col):
+            continue
+        known = col.cat.categories if isinstance(col.dtype, pd.CategoricalDtype) else col.unique()
+        known = {_label(v) for v in known}
+        unseen = sorted({_label(v) for v in newdata[name].dropna().unique()} - known)
+        if unseen:
+            raise LmmInputError(
+                f"newdata column {name!r} has levels the fit never saw: {', '.join(unseen[:5])}"
+            )
     for name in model.factor_columns:
         if name not in newdata.columns:
             continue
         labels = [None if pd.isna(v) else _label(v) for v in newdata[name].to_numpy()]
-        categories = model.data[name].cat.categories
-        newdata[name] = pd.Categorical(labels, categories=categories)
+        newdata[name] = pd.Categorical(labels, categories=model.data[name].cat.categories)
     return newdata
 
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,8 @@ def run(config: str | Path, check: bool = False, output: str | None = None) -> i
     model = _build_model(cfg)
     if check:
         print(model.describe())
+        if cfg.method not in api._FITTERS:
+            raise NotBuiltError(f"method '{cfg.method}' is not built yet in this version of lmmjax")
         print("config OK (no fit: --check)")
         return 0
     result = api.fit_model(model, cfg)
@@ -150,6 +153,11 @@ def run(config: str | Path, check: bool = False, output: str | None = None) -> i
         written = write_json(result.to_dict(), cfg.output)
         print(f"results written to {written}")
     return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Print a warning as one ``lmmjax: warning: ...`` line, without source lines."""
+    print(f"lmmjax: warning: {_one_line(message)}", file=sys.stderr if file is None else file)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -175,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help, or an argparse usage error (status 2)
         return exc.code if isinstance(exc.code, int) else 2
+    warnings.showwarning = _show_warning
     try:
         return run(args.config, check=args.check, output=args.output)
     except _USER_ERRORS as exc:

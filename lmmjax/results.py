@@ -82,6 +82,13 @@ class LmmFit:
     seconds: float = float("nan")
     _struct: Structure = field(default=None, repr=False)
 
+    def __repr__(self) -> str:
+        kind = "REML" if self.reml else "ML"
+        return (
+            f"LmmFit({self.model.formula!r}, {kind}, objective={self.objective:.4f}, "
+            f"nobs={self.nobs}, converged={self.converged}, singular={self.singular})"
+        )
+
     # ----------------------------------------------------------------- build
     @classmethod
     def from_theta(cls, model: Model, struct: Structure, theta, *, reml, log=None,
@@ -250,21 +257,34 @@ class LmmFit:
         if newdata is None:
             return self.fitted() if re_form else self.model.X @ self.beta
         m = self.model
-        data = conform_newdata(m, newdata)
+        if not isinstance(newdata, pd.DataFrame):
+            raise LmmInputError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
+        needed = m.fixed_variables if not re_form else m.used_variables
+        needed = [c for c in needed if c != m.response]
+        absent = [c for c in needed if c not in newdata.columns]
+        if absent:
+            raise LmmInputError(f"newdata lacks column {absent[0]!r} used by the model")
+        # rows with a missing value predict NaN, as lme4's predict(na.action = na.pass)
+        complete = newdata[needed].notna().all(axis=1).to_numpy()
+        out = np.full(len(newdata), np.nan)
+        rows = newdata.loc[complete]
+        if rows.empty:
+            return out
+        data = conform_newdata(m, rows)
         try:
             X = np.asarray(m.fixed_spec.get_model_matrix(data, na_action="raise"), dtype=float)
         except Exception as exc:  # formulaic raises several types for bad new data
             raise LmmInputError(f"cannot build fixed effects for newdata: {exc}") from None
-        X = X[:, list(m.fixed_columns)]
-        pred = X @ self.beta
-        if not re_form:
-            return pred
-        zs, refs = [], []
-        for t in m.terms:
-            z = np.asarray(t.lhs_spec.get_model_matrix(data, na_action="ignore"), dtype=float)
-            zs.append(z[:, list(t.lhs_columns)])
-            refs.append(self._level_index(t, data, allow_new_levels))
-        return pred + self._random_part(zs, refs)
+        pred = X[:, list(m.fixed_columns)] @ self.beta
+        if re_form:
+            zs, refs = [], []
+            for t in m.terms:
+                z = np.asarray(t.lhs_spec.get_model_matrix(data, na_action="raise"), dtype=float)
+                zs.append(z[:, list(t.lhs_columns)])
+                refs.append(self._level_index(t, rows, allow_new_levels))
+            pred = pred + self._random_part(zs, refs)
+        out[complete] = pred
+        return out
 
     @staticmethod
     def _level_index(term, data: pd.DataFrame, allow_new_levels: bool) -> np.ndarray:

@@ -6,8 +6,20 @@ import numpy as np
 import pandas as pd
 
 
-def _fmt_table(frame: pd.DataFrame, digits: int = 4) -> str:
-    return frame.to_string(float_format=lambda v: f"{v:.{digits}g}" if np.isfinite(v) else "")
+def _coef_table(fit) -> str:
+    """Estimates and standard errors to 4 significant digits of the SE, as R's printCoefmat."""
+    se = fit.fixef_se.to_numpy()
+    smallest = np.min(se[se > 0]) if np.any(se > 0) else 1.0
+    decimals = int(max(0, 3 - np.floor(np.log10(smallest))))
+    table = pd.DataFrame(
+        {
+            "Estimate": [f"{v:.{decimals}f}" for v in fit.fixef],
+            "Std. Error": [f"{v:.{decimals}f}" for v in se],
+            "t value": [f"{v:.3f}" for v in fit.tvalues],
+        },
+        index=fit.fixef.index,
+    )
+    return table.to_string()
 
 
 def _random_effects_table(fit) -> str:
@@ -58,10 +70,9 @@ def format_summary(fit) -> str:
             pd.DataFrame([q], columns=["Min", "1Q", "Median", "3Q", "Max"]).to_string(
                 index=False, float_format=lambda v: f"{v:.4f}"),
             "", "Random effects:", _random_effects_table(fit)]  # fmt: skip
-    groups = ", ".join(f"{g}, {n}" for g, n in fit.ngroups.items())
+    groups = "; ".join(f"{g}, {n}" for g, n in fit.ngroups.items())
     out.append(f"Number of obs: {fit.nobs}, groups:  {groups}")
-    fe = pd.DataFrame({"Estimate": fit.fixef, "Std. Error": fit.fixef_se, "t value": fit.tvalues})
-    out += ["", "Fixed effects:", _fmt_table(fe)]
+    out += ["", "Fixed effects:", _coef_table(fit)]
     if m.p > 1:
         se = np.sqrt(np.diag(fit.vcov))
         corr = fit.vcov / np.outer(se, se)

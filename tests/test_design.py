@@ -424,3 +424,8 @@ def test_unknown_categorical_column(small):
 def test_data_not_a_dataframe():
     with pytest.raises(LmmInputError, match="pandas DataFrame, got dict"):
         build_model({"y": [1.0, 2.0]}, "y ~ 1 + (1 | g)")
+
+
+def test_formula_without_random_effects_is_refused():
+    with pytest.raises(LmmInputError, match="no random-effect terms"):
+        build_model(load_bundled("sleepstudy"), "Reaction ~ Days")

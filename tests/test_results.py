@@ -1,5 +1,7 @@
 """The REML/ML results object: random effects, prediction, tests, summaries."""
 
+import warnings
+
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
@@ -144,3 +146,45 @@ def test_canonical_theta_flips_columns():
     np.testing.assert_allclose(signs, [-1, -1, -1])
     f = lambda th: float(reml_mod.profiled_objective(jnp.asarray(th), struct, True))  # noqa: E731
     assert f(theta) == pytest.approx(f([-1.0, 0.5, -0.2]), rel=1e-12)
+
+
+def test_uncorrelated_factor_term_expands_like_lme4():
+    # lme4: (cask || batch) is (1 | batch) + (0 + cask | batch); REMLcrit 246.0643 (lme4 1.1-31)
+    fit = lmmjax.lmm("strength ~ 1 + (cask || batch)", "bundled:Pastes")
+    assert [t.d for t in fit.model.terms] == [1, 3]
+    assert fit.objective == pytest.approx(246.0643, abs=2e-3)
+
+
+def test_predict_rejects_unseen_fixed_levels_and_passes_missing_rows():
+    fit = lmmjax.lmm("strength ~ cask + (1 | batch)", "bundled:Pastes")
+    with pytest.raises(lmmjax.LmmInputError, match="'cask' has levels the fit never saw: d"):
+        fit.predict(pd.DataFrame({"cask": ["d"], "batch": ["A"]}))
+    pred = fit.predict(pd.DataFrame({"cask": ["a", None], "batch": ["A", "A"]}))
+    assert np.isfinite(pred[0]) and np.isnan(pred[1])
+    with pytest.raises(lmmjax.LmmInputError, match="lacks column 'cask'"):
+        fit.predict(pd.DataFrame({"batch": ["A"]}))
+
+
+@pytest.mark.parametrize(
+    "formula, subset, match",
+    [
+        ("Reaction ~ Days + (1 | idx)", None, "180 levels for 180 observations"),
+        ("Reaction ~ Days + (Days | Subject)", "Days < 1", "18 levels for 18 observations"),
+    ],
+)
+def test_unidentifiable_models_are_refused(formula, subset, match):
+    data = load_bundled("sleepstudy").assign(idx=lambda d: np.arange(len(d)))
+    if subset:
+        data = data.query(subset)
+    with pytest.raises(lmmjax.LmmInputError, match=match), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Days < 1 subset also drops an aliased column
+        lmmjax.lmm(formula, data)
+
+
+def test_unknown_option_names_the_option():
+    with pytest.raises(lmmjax.LmmInputError, match="unknown REML/ML option 'maxiters'"):
+        lmmjax.lmm("Yield ~ 1 + (1 | Batch)", "bundled:Dyestuff", maxiters=3)
+
+
+def test_repr_is_short(sleep):
+    assert len(repr(sleep)) < 200 and len(repr(sleep.model)) < 200

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 import scipy.optimize
 
+from lmmjax.errors import LmmInputError
 from lmmjax.likelihood import Estimates, estimates, profiled_objective
 from lmmjax.linalg import Structure, build_structure
 from lmmjax.precision import float_dtype
@@ -297,6 +298,33 @@ def optimize_theta(
     return theta, value, log, singular, est
 
 
+_OPTIONS = {"maxiter", "gtol", "fallback", "snap_tol"}
+
+
+def check_identifiable(model) -> None:
+    """lme4's checks that each term can be told apart from the residual.
+
+    Raises
+    ------
+    LmmInputError
+        When a grouping factor has as many levels as there are observations, or
+        a term has at least as many random effects as observations.
+    """
+    for t in model.terms:
+        if t.nlevels >= model.nobs:
+            raise LmmInputError(
+                f"grouping factor {t.group!r} has {t.nlevels} levels for {model.nobs} "
+                "observations; the number of levels must be smaller than the number of "
+                "observations (the variance is not identifiable from the residual)"
+            )
+        if t.q >= model.nobs and t.d > 1:
+            raise LmmInputError(
+                f"term ({' + '.join(t.names)} | {t.group}) has {t.q} random effects for "
+                f"{model.nobs} observations; its parameters and the residual variance "
+                "are probably unidentifiable"
+            )
+
+
 def fit(model, *, reml: bool = True, **options):
     """Fit a linear mixed model by REML or ML.
 
@@ -317,8 +345,12 @@ def fit(model, *, reml: bool = True, **options):
     from lmmjax.results import LmmFit
 
     start = time.perf_counter()
-    if not model.terms:
-        raise ValueError("the model has no random-effect terms; use an ordinary linear model")
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise LmmInputError(
+            f"unknown REML/ML option {unknown[0]!r}; the options are {', '.join(sorted(_OPTIONS))}"
+        )
+    check_identifiable(model)
     struct = build_structure(model.terms, model.X, model.y, dtype=float_dtype())
     theta0 = np.concatenate([t.theta_init() for t in model.terms])
     theta, value, log, singular, est = optimize_theta(struct, theta0, reml=reml, **options)
