@@ -31,10 +31,17 @@ def _fit_profiled(model: Any, cfg: FitConfig) -> Any:
     )
 
 
+def _fit_nuts(model: Any, cfg: FitConfig) -> Any:
+    from lmmjax.bayes import fit_from_config
+
+    return fit_from_config(model, cfg)
+
+
 # method name -> fitter(model, cfg); methods land here as they are built.
 _FITTERS: dict[str, Callable[[Any, FitConfig], Any]] = {
     "reml": _fit_profiled,
     "ml": _fit_profiled,
+    "nuts": _fit_nuts,
 }
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "marginal_loglik",
     "normal_loglik",
     "residual",
+    "tzt",
 ]
 
 _LOG_2PI = float(np.log(2.0 * np.pi))

@@ -21,7 +21,7 @@ with warnings.catch_warnings():  # ArviZ announces its refactor on import
     warnings.simplefilter("ignore", FutureWarning)
     import arviz as az
 
-__all__ = ["BayesFit", "build_inference_data"]
+__all__ = ["BayesFit", "NutsSummary", "build_inference_data"]
 
 HDI_PROB = 0.95
 
@@ -93,6 +93,22 @@ def build_inference_data(bm, draws, effects) -> az.InferenceData:
     return idata
 
 
+class NutsSummary(pd.DataFrame):
+    """ArviZ's summary table that prints in full, under a header of run diagnostics."""
+
+    _metadata = ["header"]
+
+    @property
+    def _constructor(self):
+        return pd.DataFrame  # anything derived from the table is a plain frame
+
+    def __str__(self) -> str:
+        header = getattr(self, "header", "")
+        return (header + "\n\n" if header else "") + self.to_string()
+
+    __repr__ = __str__
+
+
 @dataclass
 class BayesFit:
     """A Bayesian LMM fitted by NUTS.
@@ -137,7 +153,7 @@ class BayesFit:
         """Posterior variables other than the random effects."""
         return [v for v in self.posterior.data_vars if not str(v).startswith("r_")]
 
-    def summary(self, var_names=None, ranef: bool = False) -> pd.DataFrame:
+    def summary(self, var_names=None, ranef: bool = False) -> NutsSummary:
         """ArviZ summary: mean, sd, 95% HDI, MCSE, ess_bulk, ess_tail and r_hat.
 
         Parameters
@@ -147,16 +163,25 @@ class BayesFit:
             effects too when ``ranef`` is True).
         ranef : bool
             Include the random effects ``r_*``.
+
+        Returns
+        -------
+        NutsSummary
+            A DataFrame, one row per scalar quantity; printing it shows the
+            run's diagnostics above the table.
         """
         if var_names is None and not ranef and self._table is not None:
+            self._table.header = self._header(self._table)
             return self._table
+        default = var_names is None and not ranef
         if var_names is None:
             var_names = list(self.posterior.data_vars) if ranef else self.parameter_names()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            table = az.summary(self.idata, var_names=var_names, hdi_prob=HDI_PROB)
-        if not ranef and var_names == self.parameter_names():
+            table = NutsSummary(az.summary(self.idata, var_names=var_names, hdi_prob=HDI_PROB))
+        if default:
             self._table = table
+        table.header = self._header(table)
         return table
 
     # ----------------------------------------------------------- estimates
@@ -233,8 +258,10 @@ class BayesFit:
                              corr=float(np.mean(R[..., a, b])))
                     )  # fmt: skip
         sig = self._values("sigma")
-        rows.append(dict(group="Residual", var1=None, var2=None,
-                         variance=float(np.mean(sig**2)), sd=float(np.mean(sig)), corr=None))  # fmt: skip
+        rows.append(
+            dict(group="Residual", var1=None, var2=None, variance=float(np.mean(sig**2)),
+                 sd=float(np.mean(sig)), corr=None)
+        )  # fmt: skip
         return rows
 
     @property
@@ -261,7 +288,8 @@ class BayesFit:
     def max_rhat(self) -> float:
         """Largest split-R-hat over the parameters (random effects excluded)."""
         r = self.summary()["r_hat"].to_numpy(dtype=float)
-        return float(np.nanmax(r)) if r.size else float("nan")
+        r = r[np.isfinite(r)]  # NaN with a single chain
+        return float(r.max()) if r.size else float("nan")
 
     @property
     def converged(self) -> bool:
@@ -278,7 +306,7 @@ class BayesFit:
 
         def add(label, draws, ess_v, rhat_v):
             draws = np.asarray(draws, dtype=float)
-            lo, hi = az.hdi(draws, hdi_prob=HDI_PROB)  # draws: (chain, draw)
+            lo, hi = az.hdi(draws.reshape(-1), hdi_prob=HDI_PROB)
             out[label] = dict(mean=float(draws.mean()), sd=float(draws.std(ddof=1)),
                               hdi_low=float(lo), hdi_high=float(hi), ess_bulk=ess_v,
                               r_hat=rhat_v)  # fmt: skip
@@ -366,7 +394,20 @@ class BayesFit:
 
     def report(self) -> str:
         """A printed summary: model, sampler, diagnostics and the parameter table."""
+        return str(self.summary())
+
+    def _header(self, table) -> str:
+        """Model, sampler settings, timings and diagnostics, above the summary table."""
         s, spec = self.settings, self.bm.spec
+        r = table["r_hat"].to_numpy(dtype=float)
+        r = r[np.isfinite(r)]
+        max_rhat = f"{r.max():.3f}" if r.size else "n/a (one chain)"
+        if np.isfinite(self.warmup_seconds):
+            phases = (
+                f"warm-up {self.warmup_seconds:.1f} s, sampling {self.sampling_seconds:.1f} s, "
+            )
+        else:
+            phases = f"warm-up and sampling {self.sampling_seconds:.1f} s, "
         marg = [g for g, m in zip(self.bm.term_names, spec.marginal, strict=True) if m]
         lines = [
             f"Bayesian linear mixed model (NUTS, {s.backend}): {self.model.formula}",
@@ -374,11 +415,8 @@ class BayesFit:
             f"marginalised: {', '.join(marg) or 'none'}"
             + ("; eigendecomposition fast path" if spec.fast else ""),
             f"  {s.num_chains} chains x {s.num_samples} draws after {s.num_warmup} warm-up; "
-            f"{self.seconds:.1f} s (warm-up {self.warmup_seconds:.1f} s, sampling "
-            f"{self.sampling_seconds:.1f} s, recovery {self.recovery_seconds:.1f} s)",
-            f"  divergences: {self.divergences}; max r_hat: {self.max_rhat():.3f}",
-            "",
-            self.summary().to_string(),
+            f"{self.seconds:.1f} s ({phases}recovery {self.recovery_seconds:.1f} s)",
+            f"  divergences: {self.divergences}; max r_hat: {max_rhat}",
         ]
         return "\n".join(lines)
 

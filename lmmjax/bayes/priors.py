@@ -165,6 +165,20 @@ def _broadcast(value, n: int, key: str, field: str) -> tuple[float, ...]:
     return _tup(arr)
 
 
+_ALIASES = {
+    "normal": "normal", "studentt": "student_t", "t": "student_t",
+    "halfnormal": "halfnormal", "halfcauchy": "halfcauchy", "halfstudentt": "halfstudent_t",
+    "halft": "halfstudent_t", "exponential": "exponential", "lkj": "lkj",
+    "lkjcholesky": "lkj",
+}  # fmt: skip
+
+
+def _family_name(name) -> str:
+    """Canonical family name: case, '-' and '_' do not matter (``HalfNormal``, ``half_normal``)."""
+    key = str(name).lower().replace("-", "").replace("_", "")
+    return _ALIASES.get(key, str(name))
+
+
 def _override(prior: Prior, spec: Mapping, key: str, families: tuple[str, ...]) -> Prior:
     """Apply one override mapping to a prior of n elements."""
     if not isinstance(spec, Mapping):
@@ -177,7 +191,7 @@ def _override(prior: Prior, spec: Mapping, key: str, families: tuple[str, ...]) 
             f"allowed: {', '.join(sorted(allowed))}"
         )
     n = max(len(prior.scale), 1)
-    family = str(spec.get("dist", spec.get("family", prior.family))).lower().replace("-", "_")
+    family = _family_name(spec.get("dist", spec.get("family", prior.family)))
     if family not in families:
         raise LmmInputError(
             f"prior {key!r}: distribution {family!r} not available here; "

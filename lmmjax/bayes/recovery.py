@@ -102,7 +102,16 @@ def _recover(samples, data, key, spec, batch_size):
     )
 
 
-def recover_effects(samples, data: KernelData, spec: BayesSpec, key, batch_size: int = 64):
+def _default_batch(data: KernelData, spec: BayesSpec, budget: float = 2.5e8) -> int:
+    """Draws per batch so that the per-draw dense blocks stay within ``budget`` bytes."""
+    q_rest = data.struct.layout.q_rest if data.struct is not None else 0
+    nobs = data.y.shape[0]
+    n_effects = sum(m * d for m, d in zip(spec.nlevels, spec.d, strict=True))
+    per_draw = 8.0 * (q_rest * q_rest + 4 * nobs + 4 * n_effects)
+    return int(max(1, min(256, budget // per_draw)))
+
+
+def recover_effects(samples, data: KernelData, spec: BayesSpec, key, batch_size: int | None = None):
     """Random effects of every term for every draw.
 
     Parameters
@@ -113,12 +122,15 @@ def recover_effects(samples, data: KernelData, spec: BayesSpec, key, batch_size:
     spec : BayesSpec
     key : jax.random key
         One key for the whole posterior; draw i uses the i-th split.
-    batch_size : int
-        Draws vectorised at once (memory grows with it).
+    batch_size : int, optional
+        Draws vectorised at once (memory grows with it); by default as many as
+        keep the per-draw dense blocks within about 250 MB.
 
     Returns
     -------
     tuple of arrays (n_draws, M_l, d_l)
     """
     n = jax.tree.leaves(samples)[0].shape[0]
+    if batch_size is None:
+        batch_size = _default_batch(data, spec)
     return _recover(dict(samples), data, key, spec, max(1, min(batch_size, n)))
