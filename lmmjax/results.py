@@ -17,22 +17,12 @@ from lmmjax.likelihood import Estimates
 from lmmjax.likelihood import estimates as compute_estimates
 from lmmjax.linalg import Structure, factorize, make_lambdas
 from lmmjax.linalg.blocked import inverse_diag_blocks
+from lmmjax.terms import unique_group_names
 
 
 @jax.jit
 def _inverse_blocks(theta, struct):
     return inverse_diag_blocks(struct, factorize(struct, make_lambdas(theta, struct.layout)))
-
-
-def unique_group_names(terms) -> list[str]:
-    """lme4's VarCorr names: a factor's second term is ``g.1``, its third ``g.2``."""
-    seen: dict[str, int] = {}
-    out = []
-    for t in terms:
-        k = seen.get(t.group, 0)
-        out.append(t.group if k == 0 else f"{t.group}.{k}")
-        seen[t.group] = k + 1
-    return out
 
 
 def varcorr_rows(terms, covariances, sigma: float) -> list[dict]:

@@ -104,3 +104,14 @@ class Term:
         out = np.zeros((n, self.nlevels, self.d))
         out[np.arange(n), self.refs, :] = self.z
         return out.reshape(n, self.q)
+
+
+def unique_group_names(terms) -> list[str]:
+    """lme4's VarCorr names: a factor's second term is ``g.1``, its third ``g.2``."""
+    seen: dict[str, int] = {}
+    out = []
+    for t in terms:
+        k = seen.get(t.group, 0)
+        out.append(t.group if k == 0 else f"{t.group}.{k}")
+        seen[t.group] = k + 1
+    return out

@@ -36,6 +36,7 @@ from lmmjax.bayes.priors import PriorSet, default_priors, resolve_priors, to_dis
 from lmmjax.errors import LmmInputError
 from lmmjax.linalg import build_structure
 from lmmjax.precision import float_dtype
+from lmmjax.terms import unique_group_names
 
 __all__ = [
     "BayesModel",
@@ -50,17 +51,6 @@ __all__ = [
 def safe_name(name: str) -> str:
     """A variable-name-safe version of a term name (``cask:batch`` -> ``cask_batch``)."""
     return re.sub(r"[^0-9A-Za-z_]", "_", name)
-
-
-def _unique_names(terms) -> list[str]:
-    """lme4's VarCorr names: a factor's second term is ``g.1``, its third ``g.2``."""
-    seen: dict[str, int] = {}
-    out = []
-    for t in terms:
-        k = seen.get(t.group, 0)
-        out.append(t.group if k == 0 else f"{t.group}.{k}")
-        seen[t.group] = k + 1
-    return out
 
 
 @dataclass(frozen=True)
@@ -365,7 +355,7 @@ def build_bayes_model(
         raise LmmInputError("the Bayesian LMM needs at least one random-effect term")
     if likelihood not in ("normal", "lognormal"):
         raise LmmInputError(f"likelihood must be 'normal' or 'lognormal', got {likelihood!r}")
-    names = _unique_names(terms)
+    names = unique_group_names(terms)
     safe = tuple(safe_name(n) for n in names)
     if len(set(safe)) != len(safe):
         raise LmmInputError(f"term names {names} are not distinct once made safe: {safe}")
