@@ -6,11 +6,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from lmmjax.linalg import Structure, factorize, logdet, make_lambdas, solve_lower
-from lmmjax.linalg.blocked import Factor, first_left, l21_times, rest_left, schur_blocks
-from lmmjax.linalg.dense import logdet_quad
+from lmmjax.linalg.blocked import Factor, first_left, logdet_and_quad, rest_left
 
 
 class PLS(NamedTuple):
@@ -75,24 +73,17 @@ def profiled_objective(theta: jax.Array, struct: Structure, reml: bool = True) -
 
     Comparable with lme4's ``REMLcrit()`` and ``deviance()``. Equal to
     ``objective_from_pls(solve_pls(...))`` but never factors the dense block
-    itself: :func:`lmmjax.linalg.dense.logdet_quad` gives its log-determinant
-    and quadratic form with a cheaper gradient.
+    itself: :func:`lmmjax.linalg.blocked.logdet_and_quad` gives the
+    log-determinant and quadratic forms with a cheaper gradient.
     """
     layout = struct.layout
     n, p = nobs(struct), layout.p
     lambdas = make_lambdas(theta, layout)
-    L11, A22 = schur_blocks(struct, lambdas)
-    V1 = lax.linalg.triangular_solve(
-        L11, first_left(struct.ZtXy1, lambdas[0]), left_side=True, lower=True
-    )
-    logdet_A = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L11, axis1=1, axis2=2)))
-    gram = struct.XytXy - jnp.einsum("mak,mal->kl", V1, V1)
-    if layout.has_rest:
-        R2 = rest_left(struct.ZtXy_rest, lambdas, layout) - l21_times(struct, L11, lambdas, V1)
-        logdet_22, Q = logdet_quad(A22, R2)
-        logdet_A, gram = logdet_A + logdet_22, gram - Q
-    Lxy = jnp.linalg.cholesky(gram)
-    return objective_from_pls(PLS(None, logdet_A, Lxy, V1, None), n, p, reml)
+    U1 = first_left(struct.ZtXy1, lambdas[0])
+    U2 = rest_left(struct.ZtXy_rest, lambdas, layout) if layout.has_rest else struct.ZtXy_rest
+    logdet_A, quad = logdet_and_quad(struct, lambdas, U1, U2)
+    Lxy = jnp.linalg.cholesky(struct.XytXy - quad)
+    return objective_from_pls(PLS(None, logdet_A, Lxy, None, None), n, p, reml)
 
 
 class Estimates(NamedTuple):

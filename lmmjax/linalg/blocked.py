@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lmmjax.linalg.dense import logdet_quad
 from lmmjax.linalg.structure import Layout, Structure
 
 
@@ -151,6 +152,37 @@ def l21_times(struct: Structure, L11: jax.Array, lambdas: tuple, w1: jax.Array) 
     """``L21 w1 = Lambda_r' B Lambda_1 L11^{-T} w1`` without forming ``L21``."""
     t1 = first_left(_tri_solve(L11, w1, transpose=True), lambdas[0], transpose=False)
     return rest_left(_b_times(struct, t1), lambdas, struct.layout)
+
+
+def logdet_and_quad(struct: Structure, lambdas: tuple, c1: jax.Array, c2: jax.Array):
+    """``log|A|`` and ``c' A^{-1} c`` (a k x k matrix) for blocked ``c``, differentiably.
+
+    The work shared by the profiled REML/ML objective and the NUTS marginal
+    likelihood. Equal to ``logdet(F)`` and ``w'w`` with ``w = L^{-1} c`` from
+    :func:`factorize` and :func:`solve_lower`, but the dense Schur block goes
+    through :func:`lmmjax.linalg.dense.logdet_quad`, whose gradient needs one
+    inverse instead of reverse mode through its Cholesky factor.
+
+    Parameters
+    ----------
+    struct : Structure
+    lambdas : tuple of (d, d) arrays
+    c1, c2 : arrays (M1, d1, k) and (q_rest, k)
+
+    Returns
+    -------
+    logdet_A : scalar
+    quad : array (k, k)
+    """
+    L11, A22 = schur_blocks(struct, lambdas)
+    w1 = _tri_solve(L11, c1)
+    logdet_A = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L11, axis1=1, axis2=2)))
+    quad = jnp.einsum("mak,mal->kl", w1, w1)
+    if struct.layout.has_rest:
+        R2 = c2 - l21_times(struct, L11, lambdas, w1)
+        logdet_22, quad_22 = logdet_quad(A22, R2)
+        logdet_A, quad = logdet_A + logdet_22, quad + quad_22
+    return logdet_A, quad
 
 
 def logdet(factor: Factor) -> jax.Array:
