@@ -58,21 +58,32 @@ def solve_pls(theta: jax.Array, struct: Structure) -> PLS:
     return PLS(factor, logdet(factor), jnp.linalg.cholesky(gram), V1, V2)
 
 
-def objective_from_pls(pls: PLS, n: int, p: int, reml: bool) -> jax.Array:
-    """lme4's REML criterion or ML deviance (-2 log-likelihood) from a PLS solution."""
-    r2 = pls.Lxy[p, p] ** 2
+def profiled_criterion(logdet_A, Lxy, n: int, p: int, reml: bool) -> jax.Array:
+    """lme4's REML criterion or ML deviance (-2 log-likelihood).
+
+    Parameters
+    ----------
+    logdet_A : scalar
+        ``log|A(theta)|``.
+    Lxy : array (p + 1, p + 1)
+        Lower Cholesky factor of the ``[X y]`` Schur complement (see :class:`PLS`).
+    n, p : int
+        Observations and fixed effects.
+    reml : bool
+    """
+    r2 = Lxy[p, p] ** 2
     if reml:
         nmp = n - p
-        ldx = 2.0 * jnp.sum(jnp.log(jnp.diagonal(pls.Lxy)[:p]))
-        return pls.logdet_A + ldx + nmp * (1.0 + jnp.log(2.0 * jnp.pi * r2 / nmp))
-    return pls.logdet_A + n * (1.0 + jnp.log(2.0 * jnp.pi * r2 / n))
+        ldx = 2.0 * jnp.sum(jnp.log(jnp.diagonal(Lxy)[:p]))
+        return logdet_A + ldx + nmp * (1.0 + jnp.log(2.0 * jnp.pi * r2 / nmp))
+    return logdet_A + n * (1.0 + jnp.log(2.0 * jnp.pi * r2 / n))
 
 
 def profiled_objective(theta: jax.Array, struct: Structure, reml: bool = True) -> jax.Array:
     """The profiled REML criterion (``reml=True``) or deviance as a function of theta.
 
     Comparable with lme4's ``REMLcrit()`` and ``deviance()``. Equal to
-    ``objective_from_pls(solve_pls(...))`` but never factors the dense block
+    the criterion of :func:`solve_pls`'s solution but never factors the dense block
     itself: :func:`lmmjax.linalg.blocked.logdet_and_quad` gives the
     log-determinant and quadratic forms with a cheaper gradient.
     """
@@ -83,7 +94,7 @@ def profiled_objective(theta: jax.Array, struct: Structure, reml: bool = True) -
     U2 = rest_left(struct.ZtXy_rest, lambdas, layout) if layout.has_rest else struct.ZtXy_rest
     logdet_A, quad = logdet_and_quad(struct, lambdas, U1, U2)
     Lxy = jnp.linalg.cholesky(struct.XytXy - quad)
-    return objective_from_pls(PLS(None, logdet_A, Lxy, None, None), n, p, reml)
+    return profiled_criterion(logdet_A, Lxy, n, p, reml)
 
 
 class Estimates(NamedTuple):
@@ -115,4 +126,5 @@ def estimates(theta: jax.Array, struct: Structure, reml: bool = True) -> Estimat
         jnp.einsum("ac,mc->ma", lam, u_l[..., 0])
         for lam, u_l in zip(pls.factor.lambdas, blocked_to_terms(struct, u1, u2), strict=True)
     )
-    return Estimates(objective_from_pls(pls, n, p, reml), beta, sigma, vcov, b)
+    objective = profiled_criterion(pls.logdet_A, pls.Lxy, n, p, reml)
+    return Estimates(objective, beta, sigma, vcov, b)
