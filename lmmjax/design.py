@@ -6,14 +6,12 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-import formulaic
 import numpy as np
 import pandas as pd
-from formulaic.errors import FormulaicError
 
 from lmmjax.errors import LmmInputError
 from lmmjax.formula import BarTerm, model_matrix, parse_formula, required_columns
-from lmmjax.formula.fixed import clean_message, r_to_python
+from lmmjax.formula.fixed import formula_terms
 from lmmjax.terms import Term
 
 
@@ -242,11 +240,7 @@ def _split_uncorrelated(bar: BarTerm) -> list[BarTerm]:
     The intercept becomes ``(1 | g)`` and every other term ``(0 + term | g)``, so a
     numeric covariate gets its own variance and a factor a block over its levels.
     """
-    translated, _ = r_to_python(bar.lhs)
-    try:
-        parts = [str(t) for t in formulaic.Formula(translated)]
-    except FormulaicError as exc:
-        raise LmmInputError(f"random-effect term {bar.source}: {clean_message(exc)}") from None
+    parts = formula_terms(bar.lhs, context=f"random-effect term {bar.source}:")
     return [
         replace(bar, lhs="1" if part == "1" else f"0 + {part}", uncorrelated=False)
         for part in parts

@@ -112,10 +112,20 @@ def model_matrix(
     return np.asarray(mm, dtype=np.float64), names, mm.model_spec
 
 
-def required_columns(formula: str, *, context: str) -> set[str]:
-    """The data columns that a one-sided formula reads."""
+def _parse(formula: str, context: str):
+    """formulaic's parse of a one-sided formula (R's ``^`` in ``I()`` accepted)."""
     translated, _ = r_to_python(formula)
     try:
-        return set(formulaic.Formula(translated).required_variables)
+        return formulaic.Formula(translated)
     except FormulaicError as exc:
         raise LmmInputError(f"{context} {formula!r}: {clean_message(exc)}") from None
+
+
+def required_columns(formula: str, *, context: str) -> set[str]:
+    """The data columns that a one-sided formula reads."""
+    return set(_parse(formula, context).required_variables)
+
+
+def formula_terms(formula: str, *, context: str) -> list[str]:
+    """The terms of a one-sided formula after expansion (``"x*z"`` -> 1, x, z, x:z)."""
+    return [str(term) for term in _parse(formula, context)]
