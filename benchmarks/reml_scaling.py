@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+from lmmjax.likelihood import profiled_objective
 
 import lmmjax  # noqa: F401  (float64, compilation cache)
 from lmmjax.design import build_model
-from lmmjax.likelihood import profiled_objective
 from lmmjax.linalg import build_structure
 
 

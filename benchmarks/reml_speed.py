@@ -24,11 +24,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from lmmjax.inference.reml import fit
 
 import lmmjax
 from lmmjax.datasets import load_data
 from lmmjax.design import build_model
-from lmmjax.inference.reml import fit
 
 CASES = {
     "InstEval": dict(

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 import lmmjax  # noqa: F401  (float64, compilation cache)
-from lmmjax.bayes import SamplerSettings, build_bayes_model, sample_model
+from lmmjax.bayes import NutsOptions, build_bayes_model, sample_model
 from lmmjax.datasets import load_bundled
 from lmmjax.design import build_model
 
@@ -93,7 +93,7 @@ def measure(model, likelihood, marginalize, settings) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit = sample_model(bm, settings)
-        table = fit.summary()
+        table = fit.posterior_summary()
     ess = float(table["ess_bulk"].min())
     iters = settings.num_chains * settings.num_samples
     return {
@@ -122,7 +122,7 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--backend", default="numpyro", choices=["numpyro", "blackjax"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    settings = SamplerSettings(
+    settings = NutsOptions(
         backend=args.backend, num_warmup=args.warmup, num_samples=args.samples,
         num_chains=args.chains, seed=args.seed, progress_bar=False, time_phases=True,
     )  # fmt: skip

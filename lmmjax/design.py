@@ -50,7 +50,6 @@ class Model:
     data: pd.DataFrame = field(repr=False)
     fixed_spec: object = field(repr=False, default=None)
     """formulaic spec that rebuilds X's columns (before aliased ones are dropped)."""
-    fixed_formula: str = "1"
     n_dropped: int = 0
     dropped_fixef: tuple[str, ...] = ()
     fixed_columns: tuple[int, ...] = ()
@@ -100,7 +99,6 @@ class Model:
                     "levels": t.nlevels,
                     "d": t.d,
                     "ntheta": t.ntheta,
-                    "structure": t.structure,
                 }
                 for t in self.terms
             ],
@@ -358,7 +356,6 @@ def build_model(data: pd.DataFrame, formula: str, categorical: Sequence[str] = (
         terms=tuple(terms[k] for k in order),
         data=data,
         fixed_spec=spec,
-        fixed_formula=parsed.fixed,
         n_dropped=n_dropped,
         dropped_fixef=dropped,
         fixed_columns=tuple(int(k) for k in keep),

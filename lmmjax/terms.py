@@ -2,7 +2,8 @@
 
 A term ``(lhs | g)`` is kept as an integer level index per row (``refs``) and
 the ``d`` lhs columns per row (``z``); the N x q design matrix it stands for is
-never formed. ``Z u`` and ``Z' v`` are gathers and segment sums.
+never formed; :mod:`lmmjax.linalg` computes ``Z b`` and ``Z' r`` from them by
+gathers and segment sums.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ class Term:
         ``int32[N]``: the level index of each row.
     z : numpy.ndarray
         ``float[N, d]``: the lhs columns of each row.
-    structure : {"unstructured", "diagonal"}
-        Covariance structure of the ``d`` effects within a level.
     factors : tuple of str
         The data columns whose interaction is the grouping factor.
     lhs_spec : formulaic.ModelSpec, optional
@@ -44,7 +43,6 @@ class Term:
     levels: tuple[str, ...]
     refs: np.ndarray
     z: np.ndarray
-    structure: str = "unstructured"
     factors: tuple[str, ...] = ()
     lhs_spec: object = field(default=None, repr=False)
     lhs_columns: tuple[int, ...] | None = None
@@ -67,16 +65,13 @@ class Term:
     @property
     def ntheta(self) -> int:
         """Number of covariance parameters (lower triangle of Lambda)."""
-        return self.d if self.structure == "diagonal" else self.d * (self.d + 1) // 2
+        return self.d * (self.d + 1) // 2
 
     def theta_index(self) -> tuple[np.ndarray, np.ndarray]:
         """Row and column of each theta entry in the d x d factor Lambda.
 
         Theta holds Lambda's lower triangle column by column, as lme4 does.
         """
-        if self.structure == "diagonal":
-            idx = np.arange(self.d)
-            return idx, idx
         rows, cols = [], []
         for j in range(self.d):
             for i in range(j, self.d):
@@ -84,19 +79,10 @@ class Term:
                 cols.append(j)
         return np.asarray(rows), np.asarray(cols)
 
-    def theta_lower(self) -> np.ndarray:
-        """Lower bounds of theta: 0 on the diagonal of Lambda, -inf elsewhere."""
-        rows, cols = self.theta_index()
-        return np.where(rows == cols, 0.0, -np.inf)
-
     def theta_init(self) -> np.ndarray:
         """lme4's starting value: Lambda = identity."""
         rows, cols = self.theta_index()
         return (rows == cols).astype(float)
-
-    def apply(self, u: np.ndarray) -> np.ndarray:
-        """Compute ``Z u`` for effects ``u`` of shape (M, d) without forming Z."""
-        return np.sum(self.z * u[self.refs], axis=1)
 
     def dense(self) -> np.ndarray:
         """The dense N x (M d) design, level-major. For tests and debugging only."""

@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import pytest
 
-from lmmjax.bayes import SamplerSettings, build_bayes_model, fit_nuts, sample_model
+from lmmjax.bayes import NutsOptions, build_bayes_model, fit_nuts, sample_model
 from lmmjax.datasets import load_bundled
 from lmmjax.design import build_model
 
@@ -100,7 +100,7 @@ def test_output_layout(sleepstudy_fits, tmp_path):
     for stat in ("diverging", "tree_depth", "step_size"):
         assert stat in fit.idata.sample_stats
     assert fit.idata.observed_data["y"].shape == (180,)
-    table = fit.summary()
+    table = fit.posterior_summary()
     for col in ("mean", "sd", "hdi_2.5%", "hdi_97.5%", "ess_bulk", "ess_tail", "r_hat"):
         assert col in table.columns
     out = fit.to_dict()
@@ -138,7 +138,7 @@ def test_lognormal_and_fixed_scales_run():
     assert bm.spec.fast
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = sample_model(bm, SamplerSettings(num_warmup=200, num_samples=200, num_chains=1,
+        fit = sample_model(bm, NutsOptions(num_warmup=200, num_samples=200, num_chains=1,
                                                progress_bar=False))  # fmt: skip
     assert "sd_plate" not in fit.idata.posterior
     assert fit.idata.posterior["r_sample"].shape == (1, 200, 6, 1)
@@ -152,7 +152,7 @@ def test_cli_method_nuts_blackjax(sleepstudy_fits, tmp_path, monkeypatch, capsys
     BlackJAX samples the same potential as NumPyro, so the posterior matches the
     NumPyro run within Monte Carlo error.
     """
-    from lmmjax.fit import main
+    from lmmjax.cli import main
 
     cfg = tmp_path / "nuts.yaml"
     cfg.write_text(
@@ -193,7 +193,7 @@ def test_divergences_and_rhat_are_reported_loudly(sleepstudy_fits, capsys):
     import copy
 
     from lmmjax.bayes import NutsWarning
-    from lmmjax.bayes.nuts import check_diagnostics
+    from lmmjax.bayes.fit import check_diagnostics
 
     fit = copy.copy(sleepstudy_fits["all"])
     fit.idata = fit.idata.copy()

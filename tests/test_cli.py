@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 from lmmjax import api
-from lmmjax.fit import main, to_jsonable
+from lmmjax.cli import main
+from lmmjax.methods import METHODS, Method
+from lmmjax.output import to_jsonable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -103,7 +105,8 @@ def test_data_path_relative_to_config(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("method", ["sparse", "map", "nuts"])
 def test_unbuilt_method_exits_2(tmp_path, capsys, method, monkeypatch):
-    monkeypatch.delitem(api._FITTERS, method, raising=False)
+    entry = METHODS[method]
+    monkeypatch.setitem(METHODS, method, Method(entry.name, entry.section))
     path = write(tmp_path, SLEEPSTUDY + f"method: {method}\n")
     assert main([str(path)]) == 2
     line = error_line(capsys)

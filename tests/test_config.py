@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from lmmjax.config import FitConfig, NutsOptions, RemlOptions, load_config
+from lmmjax.config import FitConfig, load_config
 from lmmjax.errors import LmmInputError
+from lmmjax.options import NutsOptions, RemlOptions
 
 VALID = """\
 # a comment

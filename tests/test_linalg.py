@@ -17,18 +17,22 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from lmmjax.likelihood import profiled_objective
 from lmmjax.linalg import (
-    blocked_to_terms,
     build_structure,
+    conditional_moments,
+    cross_products,
+    dense_gram,
+    eigen_gls_gram,
+    eigen_moments,
+    eigen_precompute,
     factorize,
-    lambda_zt,
+    gls_gram,
     logdet,
+    logdet_quad,
     make_lambdas,
-    solve_lower,
-    solve_upper,
-    z_lambda,
+    z_times,
 )
+from lmmjax.reml.objective import profiled_objective
 from lmmjax.terms import Term
 
 RTOL = 1e-10
@@ -140,29 +144,28 @@ def dense_objective(Z, Lam, X, y, reml: bool) -> float:
 
 
 @jax.jit
-def blocked_quantities(theta, struct, c1, c2, r, u1, u2):
+def blocked_quantities(theta, struct, xpy, M, r, effects):
     """The blocked kernels and objectives the tests compare, compiled once per shape."""
-    lambdas = make_lambdas(theta, struct.layout)
-    factor = factorize(struct, lambdas)
-    w1, w2 = solve_lower(struct, factor, c1, c2)
-    x1, x2 = solve_upper(struct, factor, w1, w2)
+    lambdas = make_lambdas(theta, struct)
+    xm = cross_products(struct, M)
+    xr = cross_products(struct, r)
+    sigma = 1.7
     return {
         "lambdas": lambdas,
-        "logdet": logdet(factor),
-        "w": (w1, w2),
-        "x": (x1, x2),
-        "lzt": lambda_zt(struct, lambdas, r),
-        "lzt_vec": lambda_zt(struct, lambdas, r[:, 0]),
-        "zl": z_lambda(struct, lambdas, u1, u2),
-        "objective_reml": profiled_objective(theta, struct, True),
-        "objective_ml": profiled_objective(theta, struct, False),
+        "logdet": logdet(factorize(struct, lambdas)),
+        "xm": xm,
+        "gls": gls_gram(struct, lambdas, xm),
+        "moments": conditional_moments(struct, lambdas, xr, sigma, cov=True, chunk=5),
+        "zb": z_times(struct.refs, struct.z, effects),
+        "objective_reml": profiled_objective(theta, struct, xpy, True),
+        "objective_ml": profiled_objective(theta, struct, xpy, False),
     }
 
 
-def _weighted_objective(theta, struct, weights):
+def _weighted_objective(theta, struct, xpy, weights):
     """``weights[0] * REML + weights[1] * ML``: one compiled gradient serves both."""
-    reml = profiled_objective(theta, struct, True)
-    ml = profiled_objective(theta, struct, False)
+    reml = profiled_objective(theta, struct, xpy, True)
+    ml = profiled_objective(theta, struct, xpy, False)
     return weights[0] * reml + weights[1] * ml
 
 
@@ -170,8 +173,8 @@ objective_and_grad = jax.jit(jax.value_and_grad(_weighted_objective))
 WEIGHTS = {True: jnp.array([1.0, 0.0]), False: jnp.array([0.0, 1.0])}
 
 
-def objective(theta: np.ndarray, struct, reml: bool) -> tuple[float, np.ndarray]:
-    value, grad = objective_and_grad(jnp.asarray(theta), struct, WEIGHTS[reml])
+def objective(theta: np.ndarray, case, reml: bool) -> tuple[float, np.ndarray]:
+    value, grad = objective_and_grad(jnp.asarray(theta), case["struct"], case["xpy"], WEIGHTS[reml])
     return float(value), np.asarray(grad)
 
 
@@ -179,12 +182,6 @@ def flat(x1, x2) -> np.ndarray:
     """Blocked (M1, d1, k), (q_rest, k) -> the dense (q, k) level-major layout."""
     x1 = np.asarray(x1)
     return np.concatenate([x1.reshape(-1, x1.shape[-1]), np.asarray(x2)], axis=0)
-
-
-def split(v: np.ndarray, terms) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Dense (q, k) -> blocked form."""
-    q1 = terms[0].q
-    return jnp.asarray(v[:q1].reshape(terms[0].nlevels, terms[0].d, -1)), jnp.asarray(v[q1:])
 
 
 def rel(a, b) -> float:
@@ -198,14 +195,16 @@ def computed(name: str) -> dict:
     case = make_case(name)
     terms, Z, Lam, rng = case["terms"], case["Z"], case["Lam"], case["rng"]
     n, q = Z.shape
-    struct = build_structure(terms, case["X"], case["y"])
-    c = rng.normal(size=(q, 3))
-    r = rng.normal(size=(n, 2))
-    u = rng.normal(size=(q, 2))
-    args = (struct, *split(c, terms), jnp.asarray(r), *split(u, terms))
+    struct = build_structure(terms)
+    xpy = cross_products(struct, np.column_stack([case["X"], case["y"]]))
+    M = rng.normal(size=(n, 3))
+    r = rng.normal(size=n)
+    effects = tuple(jnp.asarray(rng.normal(size=(t.nlevels, t.d))) for t in terms)
+    args = (struct, xpy, jnp.asarray(M), jnp.asarray(r), effects)
     out = blocked_quantities(jnp.asarray(case["theta"]), *args)
     A = Lam.T @ Z.T @ Z @ Lam + np.eye(q)
-    return {**case, "struct": struct, "args": args, "c": c, "r": r, "u": u, "A": A, "out": out}
+    return {**case, "struct": struct, "xpy": xpy, "args": args, "M": M, "r": r,
+            "effects": effects, "A": A, "out": out}  # fmt: skip
 
 
 @pytest.fixture(params=list(CASES), scope="module")
@@ -226,7 +225,6 @@ def test_structure_is_a_pytree_with_static_layout(case):
     assert rebuilt.layout == struct.layout
     terms = case["terms"]
     assert struct.layout.q_rest == sum(t.q for t in terms[1:])
-    assert struct.layout.p == 3
     assert struct.layout.ntheta == sum(t.ntheta for t in terms) == case["theta"].size
 
 
@@ -241,41 +239,71 @@ def test_logdet_matches_dense(case):
     assert abs(float(case["out"]["logdet"]) - expected) <= RTOL * abs(expected)
 
 
-def test_solve_lower_is_the_cholesky_solve(case):
-    w = flat(*case["out"]["w"])
-    c, A = case["c"], case["A"]
-    # ||L^{-1} c||^2 = c' A^{-1} c, column by column
-    quad = np.einsum("ik,ik->k", c, np.linalg.solve(A, c))
-    np.testing.assert_allclose(np.sum(w**2, axis=0), quad, rtol=RTOL)
-    # the blocked L is lower triangular with a positive diagonal, so it is A's Cholesky factor
-    L = np.linalg.cholesky(A)
-    assert rel(w, scipy.linalg.solve_triangular(L, c, lower=True)) <= RTOL
+def test_cross_products_and_dense_gram(case):
+    Z, M = case["Z"], case["M"]
+    xm = case["out"]["xm"]
+    assert rel(flat(xm.first, xm.rest), Z.T @ M) <= RTOL
+    assert rel(xm.gram, M.T @ M) <= RTOL
+    np.testing.assert_allclose(dense_gram(case["struct"]), Z.T @ Z, rtol=0, atol=1e-12)
 
 
-def test_solve_upper_after_lower_is_inverse(case):
-    x = flat(*case["out"]["x"])
-    assert rel(x, np.linalg.solve(case["A"], case["c"])) <= RTOL
+def test_gls_gram_is_woodbury(case):
+    Z, Lam, M = case["Z"], case["Lam"], case["M"]
+    V = np.eye(Z.shape[0]) + Z @ Lam @ Lam.T @ Z.T
+    logdet_v, gram = case["out"]["gls"]
+    expected = np.linalg.slogdet(V)[1]
+    assert abs(float(logdet_v) - expected) <= RTOL * abs(expected)
+    assert rel(gram, M.T @ np.linalg.solve(V, M)) <= RTOL
 
 
-def test_lambda_zt(case):
-    expected = case["Lam"].T @ case["Z"].T @ case["r"]
-    assert rel(flat(*case["out"]["lzt"]), expected) <= RTOL
-    assert rel(flat(*case["out"]["lzt_vec"])[:, 0], expected[:, 0]) <= RTOL
-
-
-def test_z_lambda(case):
-    expected = case["Z"] @ case["Lam"] @ case["u"]
-    assert rel(case["out"]["zl"], expected) <= RTOL
-
-
-def test_blocked_to_terms(case):
-    terms, c = case["terms"], case["c"]
-    pieces = blocked_to_terms(case["struct"], *split(c, terms))
+def test_conditional_moments_match_dense(case):
+    Z, Lam, r, A = case["Z"], case["Lam"], case["r"], case["A"]
+    sigma = 1.7
+    mean = Lam @ np.linalg.solve(A, Lam.T @ Z.T @ r)
+    cov = sigma**2 * Lam @ np.linalg.solve(A, Lam.T)
+    got = case["out"]["moments"]
     offset = 0
-    for t, piece in zip(terms, pieces, strict=True):
-        assert piece.shape == (t.nlevels, t.d, c.shape[1])
-        np.testing.assert_array_equal(np.asarray(piece).reshape(t.q, -1), c[offset : offset + t.q])
+    for t, m, c in zip(case["terms"], got.mean, got.cov, strict=True):
+        assert m.shape == (t.nlevels, t.d) and c.shape == (t.nlevels, t.d, t.d)
+        sl = slice(offset, offset + t.q)
+        assert rel(np.asarray(m).reshape(-1), mean[sl]) <= RTOL
+        blocks = [cov[sl, sl][j * t.d : (j + 1) * t.d, j * t.d : (j + 1) * t.d]
+                  for j in range(t.nlevels)]  # fmt: skip
+        assert rel(c, np.stack(blocks)) <= RTOL
         offset += t.q
+    assert got.draw is None
+
+
+def test_z_times(case):
+    b = np.concatenate([np.asarray(e).reshape(-1) for e in case["effects"]])
+    assert rel(case["out"]["zb"], case["Z"] @ b) <= RTOL
+    # a left-out term and an unseen level (negative index) contribute nothing
+    struct, effects, terms = case["struct"], case["effects"], case["terms"]
+    refs = [np.where(np.arange(len(r)) == 0, -1, np.asarray(r)) for r in struct.refs]
+    got = z_times(refs, struct.z, (effects[0],) + (None,) * (len(terms) - 1))
+    want = terms[0].dense() @ np.asarray(effects[0]).reshape(-1)
+    want[0] = 0.0
+    assert rel(got, want) <= RTOL
+
+
+@pytest.mark.parametrize("name", ["one_term_d1", "two_crossed", "rest_has_slopes"])
+def test_eigen_fast_path_matches_blocked(name):
+    """With Lambda_l = rho T_l the eigen kernels equal the blocked ones."""
+    case = computed(name)
+    struct, rng = case["struct"], np.random.default_rng(3)
+    T = [np.diag(rng.uniform(0.5, 1.5, size=t.d)) for t in case["terms"]]
+    eig = eigen_precompute(struct, T)
+    rho, sigma = 0.8, 1.3
+    lambdas = tuple(jnp.asarray(rho * t) for t in T)
+    xm = cross_products(struct, case["M"])
+    for got, want in zip(eigen_gls_gram(struct, eig, rho, xm), gls_gram(struct, lambdas, xm),
+                         strict=True):  # fmt: skip
+        np.testing.assert_allclose(got, want, rtol=1e-9)
+    xr = cross_products(struct, case["r"])
+    fast = eigen_moments(struct, eig, rho, xr, sigma)
+    slow = conditional_moments(struct, lambdas, xr, sigma)
+    for a, b in zip(fast.mean, slow.mean, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("reml", [True, False], ids=["reml", "ml"])
@@ -298,16 +326,15 @@ GRAD_CASES = ("one_term_d2", "two_crossed", "three_terms")
 @pytest.mark.parametrize("reml", [True, False], ids=["reml", "ml"])
 def test_gradient_matches_central_differences(name, reml):
     case = computed(name)
-    theta, struct = case["theta"], case["struct"]
-    value, grad = objective(theta, struct, reml)
+    theta = case["theta"]
+    value, grad = objective(theta, case, reml)
     assert value == pytest.approx(float(case["out"]["objective_reml" if reml else "objective_ml"]))
-    _, grad = objective(theta, struct, reml)
     h = 1e-5
     fd = np.empty(theta.size)
     for k in range(theta.size):
         step = h * np.eye(theta.size)[k]
         fd[k] = (
-            objective(theta + step, struct, reml)[0] - objective(theta - step, struct, reml)[0]
+            objective(theta + step, case, reml)[0] - objective(theta - step, case, reml)[0]
         ) / (2 * h)
     np.testing.assert_allclose(grad, fd, rtol=1e-5, atol=1e-5 * np.linalg.norm(fd))
 
@@ -334,19 +361,7 @@ def test_objective_on_the_boundary():
         value = float(out["objective_reml" if reml else "objective_ml"])
         expected = dense_objective(case["Z"], Lam, case["X"], case["y"], reml)
         assert abs(value - expected) <= RTOL * abs(expected)
-        assert np.all(np.isfinite(objective(theta, case["struct"], reml)[1]))
-
-
-def test_structure_without_fixed_effects():
-    """build_structure without X, y serves the factorisation alone."""
-    case = computed("slopes_then_crossed")
-    struct = build_structure(case["terms"])
-    assert struct.layout.p == -1
-    got = jax.jit(lambda th, st: logdet(factorize(st, make_lambdas(th, st.layout))))(
-        jnp.asarray(case["theta"]), struct
-    )
-    expected = np.linalg.slogdet(case["A"])[1]
-    assert abs(float(got) - expected) <= RTOL * abs(expected)
+        assert np.all(np.isfinite(objective(theta, case, reml)[1]))
 
 
 def test_no_terms_is_an_error():
@@ -355,8 +370,6 @@ def test_no_terms_is_an_error():
 
 
 def test_logdet_quad_gradient_matches_autodiff_through_cholesky(rng):
-    from lmmjax.linalg.dense import logdet_quad
-
     q, k = 12, 3
     B = rng.normal(size=(q, q))
     A = jnp.asarray(B @ B.T / q + np.eye(q))

@@ -29,12 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from numpyro.infer.util import constrain_fn, potential_energy
+from numpyro.infer.util import potential_energy
 
-from lmmjax.bayes.marginal import KernelData, eigen_precompute, marginal_loglik
+from lmmjax.bayes.marginal import KernelData, marginal_loglik
 from lmmjax.bayes.priors import PriorSet, default_priors, resolve_priors, to_distribution
 from lmmjax.errors import LmmInputError
-from lmmjax.linalg import build_structure
+from lmmjax.linalg import build_structure, eigen_precompute
 from lmmjax.precision import float_dtype
 from lmmjax.terms import unique_group_names
 
@@ -42,7 +42,7 @@ __all__ = [
     "BayesModel",
     "BayesSpec",
     "build_bayes_model",
-    "chols_from_params",
+    "cov_factors_from_params",
     "lmm_model",
     "safe_name",
 ]
@@ -92,13 +92,9 @@ class BayesSpec:
     fast: bool
     priors: PriorSet
 
-    @property
-    def nterms(self) -> int:
-        return len(self.names)
 
-
-def chols_from_params(params: Mapping, spec: BayesSpec) -> tuple:
-    """Each term's covariance Cholesky factor ``C_l = diag(sd_l) L_l`` from constrained values."""
+def cov_factors_from_params(params: Mapping, spec: BayesSpec) -> tuple:
+    """Each term's covariance factor ``C_l = diag(sd_l) L_l`` from constrained values."""
     out = []
     for k, name in enumerate(spec.names):
         sd = _term_sd(params, spec, k)
@@ -119,14 +115,14 @@ def _term_sd(params: Mapping, spec: BayesSpec, k: int):
     return params[f"sd_{name}"]
 
 
-def effects_from_params(params: Mapping, chols: tuple, spec: BayesSpec) -> tuple:
+def effects_from_params(params: Mapping, cov_factors: tuple, spec: BayesSpec) -> tuple:
     """Sampled classes' effects ``b_l = z_l C_l'`` (None for marginalised terms)."""
     out = []
     for k, name in enumerate(spec.names):
         if spec.marginal[k]:
             out.append(None)
         else:
-            out.append(params[f"z_{name}"] @ chols[k].T)
+            out.append(params[f"z_{name}"] @ cov_factors[k].T)
     return tuple(out)
 
 
@@ -138,11 +134,11 @@ def loglik_from_params(params: Mapping, data: KernelData, spec: BayesSpec):
     vectorised initialisation) run one compiled kernel instead of dispatching
     hundreds of small operations one by one.
     """
-    chols = chols_from_params(params, spec)
-    effects = effects_from_params(params, chols, spec)
+    factors = cov_factors_from_params(params, spec)
+    effects = effects_from_params(params, factors, spec)
     scale = params["sd_shared"] if spec.shared_scale else 1.0
     return marginal_loglik(
-        params["beta"], params["sigma"], chols, effects, data, spec.marginal, spec.nlevels,
+        params["beta"], params["sigma"], factors, effects, data, spec.marginal,
         fast=spec.fast, scale=scale,
     )  # fmt: skip
 
@@ -212,15 +208,6 @@ class BayesModel:
         """HMC potential (negative log joint density) at unconstrained ``params``."""
         data = self.data if data is None else data
         return potential_energy(self.numpyro_model, (data,), {}, params)
-
-    def log_density(self, params: Mapping, data: KernelData | None = None) -> jax.Array:
-        """Log joint density at unconstrained ``params`` (minus the potential)."""
-        return -self.potential(params, data)
-
-    def constrain(self, params: Mapping, data: KernelData | None = None) -> dict:
-        """Map unconstrained values to the constrained sample sites."""
-        data = self.data if data is None else data
-        return constrain_fn(self.numpyro_model, (data,), {}, params)
 
     def site_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of the unconstrained parameters, by site name."""
@@ -369,7 +356,7 @@ def build_bayes_model(
         y = np.log(y)
     marginal = _resolve_marginal(marginalize, terms, names)
     fixed = _resolve_fixed(fixed_scales, terms, names)
-    correlated = tuple(t.d > 1 and t.structure != "diagonal" for t in terms)
+    correlated = tuple(t.d > 1 for t in terms)
     if shared_scale:
         if any(correlated):
             raise LmmInputError("shared_scale needs uncorrelated terms (d = 1 or '||')")
@@ -384,7 +371,7 @@ def build_bayes_model(
         )
     fast = eligible if fast_path is None else bool(fast_path)
 
-    defaults = default_priors(y, model.X, terms, names)
+    defaults = default_priors(y, model.X, terms)
     pri = resolve_priors(defaults, priors, model.fixef_names, names, [t.group for t in terms])
     spec = BayesSpec(
         likelihood=likelihood, p=model.X.shape[1], names=safe, d=tuple(t.d for t in terms),
@@ -392,11 +379,11 @@ def build_bayes_model(
         fixed_sd=fixed, shared_scale=bool(shared_scale), fast=fast, priors=pri,
     )  # fmt: skip
     struct = eig = None
-    if fast:
-        eig = eigen_precompute(terms, [np.diag(f) for f in fixed], dtype=dtype)
-    elif any(marginal):
+    if any(marginal):
         struct = build_structure([t for t, m in zip(terms, marginal, strict=True) if m],
                                  dtype=dtype)  # fmt: skip
+    if fast:
+        eig = eigen_precompute(struct, [np.diag(f) for f in fixed])
     data = KernelData(
         y=jnp.asarray(y, dtype),
         X=jnp.asarray(model.X, dtype),

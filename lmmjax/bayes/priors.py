@@ -110,7 +110,7 @@ def _tup(values) -> tuple[float, ...]:
     return tuple(float(v) for v in np.atleast_1d(np.asarray(values, dtype=float)))
 
 
-def default_priors(y, X, terms, term_names) -> PriorSet:
+def default_priors(y, X, terms) -> PriorSet:
     """Weakly informative priors scaled to the data (see the module docstring).
 
     Parameters
@@ -119,8 +119,6 @@ def default_priors(y, X, terms, term_names) -> PriorSet:
         Response on the modelling scale.
     X : array (N, p)
     terms : sequence of Term
-    term_names : sequence of str
-        Unique term names (``Subject``, ``Subject.1``, ...).
 
     Returns
     -------
@@ -147,7 +145,6 @@ def default_priors(y, X, terms, term_names) -> PriorSet:
         rms = np.where(rms > 0, rms, 1.0)
         sd_priors.append(Prior("halfnormal", scale=_tup(sy / rms)))
         corr_priors.append(Prior("lkj", scale=(2.0,)))
-    del term_names
     return PriorSet(
         beta=Prior("normal", loc=_tup(loc), scale=_tup(scale)),
         sigma=Prior("halfnormal", scale=(sy,)),

@@ -21,42 +21,10 @@ import numpy as np
 from numpyro.infer.util import constrain_fn, potential_energy
 
 from lmmjax.bayes.model import BayesModel, BayesSpec, lmm_model
+from lmmjax.cache import compiled, memo
+from lmmjax.options import NutsOptions
 
-__all__ = ["Draws", "SamplerSettings", "run_sampler"]
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    """NUTS settings shared by both backends.
-
-    Attributes
-    ----------
-    backend : {"numpyro", "blackjax"}
-    num_warmup, num_samples, num_chains : int
-    target_accept : float
-        Target acceptance probability of step-size adaptation.
-    max_tree_depth : int
-        Maximum number of trajectory doublings.
-    dense_mass : bool
-        Adapt a dense mass matrix (diagonal otherwise).
-    seed : int
-    progress_bar : bool
-    time_phases : bool
-        Time warm-up (with compilation) and sampling (without) separately; the
-        benchmarks use it for ESS per second of sampling. NumPyro then compiles
-        two loops instead of one and runs the sampling phase twice.
-    """
-
-    backend: str = "numpyro"
-    num_warmup: int = 1000
-    num_samples: int = 1000
-    num_chains: int = 4
-    target_accept: float = 0.8
-    max_tree_depth: int = 10
-    dense_mass: bool = False
-    seed: int = 0
-    progress_bar: bool = True
-    time_phases: bool = False
+__all__ = ["Draws", "run_sampler"]
 
 
 @dataclass
@@ -101,34 +69,32 @@ def _tree_depth(n_steps: np.ndarray) -> np.ndarray:
 # NumPyro
 # ---------------------------------------------------------------------------------
 
-_MCMC_CACHE: dict = {}
 
-
-def _numpyro_mcmc(spec: BayesSpec, s: SamplerSettings, shapes):
+def _numpyro_mcmc(spec: BayesSpec, s: NutsOptions, shapes):
     """A cached ``numpyro.infer.MCMC`` (its compiled kernels are reused across runs)."""
     from numpyro.infer import MCMC, NUTS
 
-    key = (spec, s.num_warmup, s.num_samples, s.num_chains, s.target_accept,
-           s.max_tree_depth, s.dense_mass, s.progress_bar, s.time_phases, shapes)  # fmt: skip
-    if key not in _MCMC_CACHE:
+    def build():
         kernel = NUTS(
             partial(lmm_model, spec=spec), target_accept_prob=s.target_accept,
             max_tree_depth=s.max_tree_depth, dense_mass=s.dense_mass,
         )  # fmt: skip
-        _MCMC_CACHE.clear() if len(_MCMC_CACHE) > 8 else None
-        _MCMC_CACHE[key] = MCMC(
+        return MCMC(
             kernel, num_warmup=s.num_warmup, num_samples=s.num_samples,
             num_chains=s.num_chains, chain_method="vectorized",
             progress_bar=s.progress_bar, jit_model_args=True,
         )  # fmt: skip
-    return _MCMC_CACHE[key]
+
+    key = ("numpyro.MCMC", spec, s.num_warmup, s.num_samples, s.num_chains, s.target_accept,
+           s.max_tree_depth, s.dense_mass, s.progress_bar, s.time_phases, shapes)  # fmt: skip
+    return memo(key, build)
 
 
 def _shapes(data) -> tuple:
     return tuple((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(data))
 
 
-def run_numpyro(bm: BayesModel, s: SamplerSettings) -> Draws:
+def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
     """NumPyro NUTS with vectorised chains."""
     keys = _keys(s.seed)
     init = bm.init_params(keys["init"], s.num_chains)
@@ -178,7 +144,6 @@ def _logdensity(spec: BayesSpec, data):
     return lambda params: -potential_energy(model, (data,), {}, params)
 
 
-@partial(jax.jit, static_argnames=("spec", "num_steps", "dense", "target", "depth"))
 def _bj_warmup(keys, init, data, *, spec, num_steps, dense, target, depth):
     import blackjax
     from blackjax.adaptation.base import get_filter_adapt_info_fn
@@ -197,7 +162,6 @@ def _bj_warmup(keys, init, data, *, spec, num_steps, dense, target, depth):
     return jax.vmap(one)(keys, init)
 
 
-@partial(jax.jit, static_argnames=("spec", "num_steps", "depth"))
 def _bj_sample(keys, states, step_size, inv_mass, data, *, spec, num_steps, depth):
     import blackjax
 
@@ -218,7 +182,6 @@ def _bj_sample(keys, states, step_size, inv_mass, data, *, spec, num_steps, dept
     return jax.vmap(one)(keys, states, step_size, inv_mass)
 
 
-@partial(jax.jit, static_argnames=("spec",))
 def _constrain_all(positions, data, spec):
     model = partial(lmm_model, spec=spec)
     return jax.vmap(lambda p: constrain_fn(model, (data,), {}, p))(positions)
@@ -232,7 +195,7 @@ def _chunks(n: int, progress: bool) -> list[int]:
     return [size] * (n // size)
 
 
-def run_blackjax(bm: BayesModel, s: SamplerSettings) -> Draws:
+def run_blackjax(bm: BayesModel, s: NutsOptions) -> Draws:
     """BlackJAX NUTS after Stan-style window adaptation, chains vectorised with vmap."""
     from tqdm.auto import tqdm
 
@@ -242,18 +205,19 @@ def run_blackjax(bm: BayesModel, s: SamplerSettings) -> Draws:
     bar = tqdm(total=s.num_warmup + s.num_samples, disable=not s.progress_bar, desc="warmup")
     start = time.perf_counter()
     wkeys = jax.random.split(keys["warmup"], s.num_chains)
-    states, eps, imm = _bj_warmup(
-        wkeys, init, data, spec=spec, num_steps=max(s.num_warmup, 1), dense=s.dense_mass,
-        target=s.target_accept, depth=s.max_tree_depth,
+    warmup, _ = compiled(
+        _bj_warmup, wkeys, init, data, spec=spec, num_steps=max(s.num_warmup, 1),
+        dense=s.dense_mass, target=s.target_accept, depth=s.max_tree_depth,
     )  # fmt: skip
+    states, eps, imm = warmup(wkeys, init, data)
     jax.block_until_ready(states)
     warm = time.perf_counter() - start
     bar.update(s.num_warmup)
     bar.set_description("sample")
     chunks = _chunks(s.num_samples, s.progress_bar)
-    step = partial(_bj_sample, spec=spec, num_steps=chunks[0], depth=s.max_tree_depth)
-    if s.time_phases:  # compile ahead so that the sampling time excludes it
-        step = jax.jit(step).lower(wkeys, states, eps, imm, data).compile()
+    # compiled ahead, so that with time_phases the sampling time excludes compilation
+    step, _ = compiled(_bj_sample, wkeys, states, eps, imm, data, spec=spec,
+                       num_steps=chunks[0], depth=s.max_tree_depth)  # fmt: skip
     start = time.perf_counter()
     outs = []
     for i, n in enumerate(chunks):
@@ -266,7 +230,8 @@ def run_blackjax(bm: BayesModel, s: SamplerSettings) -> Draws:
     out = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *outs)
     positions, div, depth, n_steps, acc, energy, lp = out
     flat = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), positions)
-    constrained = _constrain_all(flat, data, spec)
+    constrain, _ = compiled(_constrain_all, flat, data, spec=spec)
+    constrained = constrain(flat, data)
     samples = {
         k: np.asarray(v).reshape(s.num_chains, s.num_samples, *v.shape[1:])
         for k, v in constrained.items()
@@ -284,13 +249,13 @@ def run_blackjax(bm: BayesModel, s: SamplerSettings) -> Draws:
     return Draws(samples, stats, warm, sampling, keys)
 
 
-def run_sampler(bm: BayesModel, settings: SamplerSettings) -> Draws:
+def run_sampler(bm: BayesModel, settings: NutsOptions) -> Draws:
     """Run NUTS with the backend named in ``settings``.
 
     Parameters
     ----------
     bm : BayesModel
-    settings : SamplerSettings
+    settings : NutsOptions
 
     Returns
     -------

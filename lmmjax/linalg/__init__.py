@@ -1,31 +1,46 @@
-"""The single blocked factorisation behind every method; nothing else knows its layout."""
+"""The single blocked factorisation behind every method; nothing else knows its layout.
+
+The names below are the only way in: :func:`build_structure` precomputes the
+Z-only structure, :func:`cross_products` the products with dense columns,
+:func:`gls_gram` gives ``log|V|`` and ``M' V^{-1} M`` for the likelihoods, and
+:func:`conditional_moments` the conditional distribution of the random effects.
+The ``eigen_*`` functions are the fast path for covariances known up to a scale.
+"""
 
 from lmmjax.linalg.blocked import (
     Factor,
-    blocked_to_terms,
+    Moments,
+    conditional_moments,
+    factor_entries,
     factorize,
-    lambda_zt,
+    gls_gram,
     logdet,
-    logdet_and_quad,
     make_lambdas,
-    solve_lower,
-    solve_upper,
-    z_lambda,
 )
-from lmmjax.linalg.structure import Layout, Structure, build_structure
+from lmmjax.linalg.dense import logdet_quad, tri_solve
+from lmmjax.linalg.eigen import EigenSystem, eigen_gls_gram, eigen_moments, eigen_precompute
+from lmmjax.linalg.products import CrossProducts, cross_products, z_times
+from lmmjax.linalg.structure import Structure, build_structure, dense_gram
 
 __all__ = [
+    "CrossProducts",
+    "EigenSystem",
     "Factor",
-    "Layout",
+    "Moments",
     "Structure",
-    "blocked_to_terms",
     "build_structure",
+    "conditional_moments",
+    "cross_products",
+    "dense_gram",
+    "eigen_gls_gram",
+    "eigen_moments",
+    "eigen_precompute",
+    "factor_entries",
     "factorize",
-    "lambda_zt",
-    "logdet_and_quad",
+    "gls_gram",
     "logdet",
+    "logdet_quad",
     "make_lambdas",
-    "solve_lower",
-    "solve_upper",
-    "z_lambda",
+    "tri_solve",
+    "z_times",
 ]

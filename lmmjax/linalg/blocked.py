@@ -3,7 +3,9 @@
 Pure ``jax.numpy``; every function is jit-compatible and differentiable.
 Vectors and matrices in the random-effect space are carried in blocked form
 ``(x1, x2)``: ``x1`` of shape (M1, d1, k) for the first term (level-major) and
-``x2`` of shape (q_rest, k) for the stacked remaining terms.
+``x2`` of shape (q_rest, k) for the stacked remaining terms. That form never
+leaves this package: callers pass :class:`~lmmjax.linalg.products.CrossProducts`
+and get per-term arrays back.
 
 With ``L11`` the batched Cholesky factor of the block-diagonal first block,
 the off-diagonal factor ``L21 = Lambda_r' B Lambda_1 L11^{-T}`` (``B = Z_r' Z_1``)
@@ -11,6 +13,16 @@ is never formed: it is applied through the sparse pattern of ``B``. The
 Schur complement ``Lambda_r' (C - B W B') Lambda_r + I`` with
 ``W_j = Lambda_1 A11_j^{-1} Lambda_1'`` is assembled from precomputed pairs
 and factored densely as ``L22``.
+
+With ``V = I + Z Lambda Lambda' Z'`` (the marginal covariance of the response
+over ``sigma^2``), Woodbury's identity and the determinant lemma give
+
+    M' V^{-1} M = M' M - (L^{-1} Lambda' Z' M)' (L^{-1} Lambda' Z' M),
+    log|V| = log|A|,
+
+which is all the profiled likelihood and the NUTS potential need
+(:func:`gls_gram`), and the conditional distribution of the spherical effects
+``u | y ~ N(A^{-1} Lambda' Z' r, sigma^2 A^{-1})`` (:func:`conditional_moments`).
 """
 
 from __future__ import annotations
@@ -22,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lmmjax.linalg.dense import logdet_quad
+from lmmjax.linalg.dense import logdet_quad, tri_solve
+from lmmjax.linalg.products import CrossProducts
 from lmmjax.linalg.structure import Layout, Structure
 
 
@@ -34,20 +47,15 @@ class Factor(NamedTuple):
     L22: jax.Array  # (q_rest, q_rest)
 
 
-def make_lambdas(theta: jax.Array, layout: Layout) -> tuple[jax.Array, ...]:
+def make_lambdas(theta: jax.Array, struct: Structure) -> tuple[jax.Array, ...]:
     """Split theta into each term's lower-triangular factor Lambda_l (lme4 order)."""
     out, k = [], 0
-    for t in layout.terms:
+    for t in struct.layout.terms:
         lam = jnp.zeros((t.d, t.d), dtype=theta.dtype)
         lam = lam.at[t.theta_rows, t.theta_cols].set(theta[k : k + t.ntheta])
         out.append(lam)
         k += t.ntheta
     return tuple(out)
-
-
-def _tri_solve(a, b, *, transpose=False):
-    """Solve ``a x = b`` (or ``a' x = b``) for lower-triangular (batched) ``a``."""
-    return lax.linalg.triangular_solve(a, b, left_side=True, lower=True, transpose_a=transpose)
 
 
 def rest_left(mat: jax.Array, lambdas, layout: Layout, *, transpose: bool = True) -> jax.Array:
@@ -99,7 +107,7 @@ def schur_weights(struct: Structure, lam1: jax.Array) -> jax.Array:
         d1, dtype=lam1.dtype
     )
     Lw = jnp.linalg.cholesky(Aw)
-    Y = _tri_solve(Lw, jnp.broadcast_to(lam1.T, Aw.shape))
+    Y = tri_solve(Lw, jnp.broadcast_to(lam1.T, Aw.shape))
     return jnp.einsum("gka,gkb->gab", Y, Y)
 
 
@@ -150,32 +158,39 @@ def factorize(struct: Structure, lambdas: tuple) -> Factor:
 
 def l21_times(struct: Structure, L11: jax.Array, lambdas: tuple, w1: jax.Array) -> jax.Array:
     """``L21 w1 = Lambda_r' B Lambda_1 L11^{-T} w1`` without forming ``L21``."""
-    t1 = first_left(_tri_solve(L11, w1, transpose=True), lambdas[0], transpose=False)
+    t1 = first_left(tri_solve(L11, w1, transpose=True), lambdas[0], transpose=False)
     return rest_left(_b_times(struct, t1), lambdas, struct.layout)
 
 
-def logdet_and_quad(struct: Structure, lambdas: tuple, c1: jax.Array, c2: jax.Array):
-    """``log|A|`` and ``c' A^{-1} c`` (a k x k matrix) for blocked ``c``, differentiably.
+def lambda_t(struct: Structure, lambdas: tuple, xp: CrossProducts):
+    """``Lambda' Z' M`` in blocked form from the cross products."""
+    c2 = rest_left(xp.rest, lambdas, struct.layout) if struct.layout.has_rest else xp.rest
+    return first_left(xp.first, lambdas[0]), c2
 
-    The work shared by the profiled REML/ML objective and the NUTS marginal
-    likelihood. Equal to ``logdet(F)`` and ``w'w`` with ``w = L^{-1} c`` from
-    :func:`factorize` and :func:`solve_lower`, but the dense Schur block goes
-    through :func:`lmmjax.linalg.dense.logdet_quad`, whose gradient needs one
+
+def logdet_and_quad(struct: Structure, lambdas: tuple, xp: CrossProducts):
+    """``log|A|`` and ``c' A^{-1} c`` (k x k) for ``c = Lambda' Z' M``, differentiably.
+
+    Equal to ``logdet(F)`` and ``w'w`` with ``w = L^{-1} c`` from
+    :func:`factorize`, but the dense Schur block goes through
+    :func:`lmmjax.linalg.dense.logdet_quad`, whose gradient needs one
     inverse instead of reverse mode through its Cholesky factor.
 
     Parameters
     ----------
     struct : Structure
     lambdas : tuple of (d, d) arrays
-    c1, c2 : arrays (M1, d1, k) and (q_rest, k)
+    xp : CrossProducts
+        Of the k columns ``M``.
 
     Returns
     -------
     logdet_A : scalar
     quad : array (k, k)
     """
+    c1, c2 = lambda_t(struct, lambdas, xp)
     L11, A22 = schur_blocks(struct, lambdas)
-    w1 = _tri_solve(L11, c1)
+    w1 = tri_solve(L11, c1)
     logdet_A = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L11, axis1=1, axis2=2)))
     quad = jnp.einsum("mak,mal->kl", w1, w1)
     if struct.layout.has_rest:
@@ -185,69 +200,143 @@ def logdet_and_quad(struct: Structure, lambdas: tuple, c1: jax.Array, c2: jax.Ar
     return logdet_A, quad
 
 
+def gls_gram(struct: Structure, lambdas: tuple, xp: CrossProducts):
+    """``log|V|`` and ``M' V^{-1} M`` for ``V = I + Z Lambda Lambda' Z'``.
+
+    The work shared by the profiled REML/ML objective (``M = [X y]``) and the
+    NUTS marginal likelihood (``M`` the residual). O(q) for the first term
+    plus a dense (q_rest x q_rest) Cholesky; never touches the N rows.
+
+    Returns
+    -------
+    logdet_V : scalar
+    gram : array (k, k)
+    """
+    logdet_A, quad = logdet_and_quad(struct, lambdas, xp)
+    return logdet_A, xp.gram - quad
+
+
 def logdet(factor: Factor) -> jax.Array:
     """``log|A| = 2 sum log diag L``."""
     d11 = jnp.diagonal(factor.L11, axis1=1, axis2=2)
     return 2.0 * (jnp.sum(jnp.log(d11)) + jnp.sum(jnp.log(jnp.diagonal(factor.L22))))
 
 
-def solve_lower(struct: Structure, factor: Factor, c1: jax.Array, c2: jax.Array):
+def _solve_lower(struct: Structure, factor: Factor, c1: jax.Array, c2: jax.Array):
     """Solve ``L w = c`` for ``c`` in blocked form (M1, d1, k), (q_rest, k)."""
-    w1 = _tri_solve(factor.L11, c1)
+    w1 = tri_solve(factor.L11, c1)
     if not struct.layout.has_rest:
         return w1, c2
-    return w1, _tri_solve(factor.L22, c2 - l21_times(struct, factor.L11, factor.lambdas, w1))
+    return w1, tri_solve(factor.L22, c2 - l21_times(struct, factor.L11, factor.lambdas, w1))
 
 
-def solve_upper(struct: Structure, factor: Factor, w1: jax.Array, w2: jax.Array):
+def _solve_upper(struct: Structure, factor: Factor, w1: jax.Array, w2: jax.Array):
     """Solve ``L' u = w`` for ``w`` in blocked form."""
     if not struct.layout.has_rest:
-        return _tri_solve(factor.L11, w1, transpose=True), w2
-    u2 = _tri_solve(factor.L22, w2, transpose=True)
+        return tri_solve(factor.L11, w1, transpose=True), w2
+    u2 = tri_solve(factor.L22, w2, transpose=True)
     y = _bt_times(struct, rest_left(u2, factor.lambdas, struct.layout, transpose=False))
-    l21tu = _tri_solve(factor.L11, first_left(y, factor.lambdas[0]))
-    return _tri_solve(factor.L11, w1 - l21tu, transpose=True), u2
+    l21tu = tri_solve(factor.L11, first_left(y, factor.lambdas[0]))
+    return tri_solve(factor.L11, w1 - l21tu, transpose=True), u2
 
 
-def lambda_zt(struct: Structure, lambdas: tuple, r: jax.Array):
-    """``Lambda' Z' r`` in blocked form for ``r`` of shape (N,) or (N, k).
-
-    O(N sum d_l) through segment sums over each term's rows.
-    """
-    r2 = r[:, None] if r.ndim == 1 else r
-    layout = struct.layout
-    parts = []
-    for t, refs, z in zip(layout.terms, struct.refs, struct.z, strict=True):
-        parts.append(jax.ops.segment_sum(z[:, :, None] * r2[:, None, :], refs, t.nlevels))
-    c1 = first_left(parts[0], lambdas[0])
-    if not layout.has_rest:
-        return c1, jnp.zeros((0, r2.shape[1]), dtype=r2.dtype)
-    flat = jnp.concatenate([p.reshape(-1, r2.shape[1]) for p in parts[1:]], axis=0)
-    return c1, rest_left(flat, lambdas, layout)
-
-
-def z_lambda(struct: Structure, lambdas: tuple, u1: jax.Array, u2: jax.Array) -> jax.Array:
-    """``Z Lambda u`` for spherical effects ``u`` in blocked form, shape (N, k)."""
-    layout = struct.layout
-    b = [first_left(u1, lambdas[0], transpose=False)]
-    if layout.has_rest:
-        br = rest_left(u2, lambdas, layout, transpose=False)
-        b += [br[t.offset : t.offset + t.q].reshape(t.nlevels, t.d, -1) for t in layout.rest]
-    out = 0.0
-    for bl, refs, z in zip(b, struct.refs, struct.z, strict=True):
-        out = out + jnp.einsum("nd,ndk->nk", z, bl[refs])
-    return out
-
-
-def blocked_to_terms(struct: Structure, x1: jax.Array, x2: jax.Array) -> list[jax.Array]:
-    """Split a blocked vector into per-term arrays of shape (M_l, d_l, k)."""
+def to_terms(struct: Structure, x1: jax.Array, x2: jax.Array) -> list[jax.Array]:
+    """Split a blocked array into per-term arrays of shape (M_l, d_l, k)."""
     out = [x1]
     for t in struct.layout.rest:
         out.append(x2[t.offset : t.offset + t.q].reshape(t.nlevels, t.d, -1))
     return out
 
 
-def inverse_diag_blocks(struct: Structure, factor: Factor, chunk: int = 128) -> list[jax.Array]:
+def to_blocked(struct: Structure, flat: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A (q, k) array in the blocked order -> blocked form."""
+    lay = struct.layout
+    return flat[: lay.first.q].reshape(lay.first.nlevels, lay.first.d, -1), flat[lay.first.q :]
+
+
+def effects(struct: Structure, lambdas: tuple, u1: jax.Array, u2: jax.Array) -> tuple:
+    """Per-term effects ``b_l = Lambda_l u_l`` (M_l, d_l) of one blocked spherical vector."""
+    us = to_terms(struct, u1, u2)
+    return tuple(jnp.einsum("ac,mck->ma", lam, u) for lam, u in zip(lambdas, us, strict=True))
+
+
+class Moments(NamedTuple):
+    """The conditional distribution of the random effects ``b_l = Lambda_l u_l`` given y.
+
+    Attributes
+    ----------
+    mean : tuple of arrays (M_l, d_l)
+        ``E[b_l | y]``: lme4's conditional modes.
+    cov : tuple of arrays (M_l, d_l, d_l) or None
+        The diagonal blocks of ``Cov[b_l | y]``, one per level (lme4's ``condVar``),
+        when asked for.
+    draw : tuple of arrays (M_l, d_l) or None
+        One exact draw from the conditional, when a key was given.
+    """
+
+    mean: tuple
+    cov: tuple | None
+    draw: tuple | None
+
+
+def conditional_moments(
+    struct: Structure,
+    lambdas: tuple,
+    xp: CrossProducts,
+    sigma: jax.Array,
+    *,
+    cov: bool = False,
+    key: jax.Array | None = None,
+    chunk: int = 128,
+) -> Moments:
+    """Conditional mean, covariance blocks and a draw of the random effects given y.
+
+    With ``r`` the residual after the fixed effects (and any terms not in
+    ``struct``), ``u | y ~ N(A^{-1} Lambda' Z' r, sigma^2 A^{-1})`` and
+    ``b_l = Lambda_l u_l``. The one routine behind REML's conditional modes and
+    variances and the exact recovery of marginalised effects in NUTS.
+
+    Parameters
+    ----------
+    struct : Structure
+    lambdas : tuple of (d, d) arrays
+        Relative covariance factors ``Lambda_l`` (covariance ``sigma^2 Lambda Lambda'``).
+    xp : CrossProducts
+        Of the single column ``r`` (see :meth:`CrossProducts.combine`).
+    sigma : scalar
+        Residual standard deviation.
+    cov : bool (static)
+        Also compute the diagonal blocks of the conditional covariance
+        (``chunk`` levels at a time with :func:`jax.lax.map`).
+    key : jax.random key, optional
+        Draw once from the conditional: ``u = L^{-T} (L^{-1} c + sigma e)``.
+    chunk : int (static)
+
+    Returns
+    -------
+    Moments
+    """
+    factor = factorize(struct, lambdas)
+    w1, w2 = _solve_lower(struct, factor, *lambda_t(struct, lambdas, xp))
+
+    mean = effects(struct, lambdas, *_solve_upper(struct, factor, w1, w2))
+    draw = None
+    if key is not None:
+        k1, k2 = jax.random.split(key)
+        e1 = jax.random.normal(k1, w1.shape, w1.dtype)
+        e2 = jax.random.normal(k2, w2.shape, w2.dtype)
+        u1, u2 = _solve_upper(struct, factor, w1 + sigma * e1, w2 + sigma * e2)
+        draw = effects(struct, lambdas, u1, u2)
+    blocks = None
+    if cov:
+        blocks = tuple(
+            sigma**2 * jnp.einsum("ac,mcd,bd->mab", lam, blk, lam)
+            for lam, blk in zip(lambdas, _inverse_diag_blocks(struct, factor, chunk), strict=True)
+        )
+    return Moments(mean, blocks, draw)
+
+
+def _inverse_diag_blocks(struct: Structure, factor: Factor, chunk: int) -> list[jax.Array]:
     """Diagonal blocks of ``A^{-1}``, one (M_l, d_l, d_l) array per term.
 
     ``A^{-1} = L^{-T} L^{-1}``, so a level's block is the Gram matrix of the
@@ -255,7 +344,7 @@ def inverse_diag_blocks(struct: Structure, factor: Factor, chunk: int = 128) -> 
     with :func:`lax.map`, never holding more than q x (chunk d) numbers.
     """
     layout = struct.layout
-    q1, q_total = layout.first.q, layout.first.q + layout.q_rest
+    q_total = layout.q
     dtype = factor.L11.dtype
     offsets = [0, *np.cumsum([t.q for t in layout.terms])]
     out = []
@@ -266,12 +355,17 @@ def inverse_diag_blocks(struct: Structure, factor: Factor, chunk: int = 128) -> 
             cols = (offset + levels[:, None] * t.d + jnp.arange(t.d)[None, :]).reshape(-1)
             valid = jnp.repeat(levels < t.nlevels, t.d)
             e = ((jnp.arange(q_total)[:, None] == cols[None, :]) & valid[None, :]).astype(dtype)
-            e1 = e[:q1].reshape(layout.first.nlevels, layout.first.d, -1)
-            w1, w2 = solve_lower(struct, factor, e1, e[q1:])
-            w = jnp.concatenate([w1.reshape(q1, -1), w2], axis=0).reshape(q_total, chunk, t.d)
+            w1, w2 = _solve_lower(struct, factor, *to_blocked(struct, e))
+            w = jnp.concatenate([w1.reshape(layout.first.q, -1), w2], axis=0)
+            w = w.reshape(q_total, chunk, t.d)
             return jnp.einsum("kma,kmb->mab", w, w)
 
         starts = jnp.arange(0, t.nlevels, chunk)
         blocks = lax.map(solve_chunk, starts).reshape(-1, t.d, t.d)
         out.append(blocks[: t.nlevels])
     return out
+
+
+def factor_entries(struct: Structure) -> int:
+    """Numbers held by one factorisation's dense block (for sizing batches)."""
+    return struct.layout.q_rest**2

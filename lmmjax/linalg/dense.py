@@ -16,13 +16,14 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def _lower_solve(L, B, transpose=False):
+def tri_solve(L: jax.Array, B: jax.Array, *, transpose: bool = False) -> jax.Array:
+    """Solve ``L X = B`` (or ``L' X = B``) for lower-triangular, possibly batched, ``L``."""
     return lax.linalg.triangular_solve(L, B, left_side=True, lower=True, transpose_a=transpose)
 
 
 def _forward(A, R):
     L = jnp.linalg.cholesky(A)
-    W = _lower_solve(L, R)
+    W = tri_solve(L, R)
     return (2.0 * jnp.sum(jnp.log(jnp.diagonal(L))), W.T @ W), (L, W)
 
 
@@ -47,8 +48,8 @@ def _backward(res, cotangents):
     L, W = res
     ld_bar, Q_bar = cotangents
     eye = jnp.eye(L.shape[0], dtype=L.dtype)
-    A_inv = _lower_solve(L, _lower_solve(L, eye), transpose=True)
-    A_inv_R = _lower_solve(L, W, transpose=True)
+    A_inv = tri_solve(L, tri_solve(L, eye), transpose=True)
+    A_inv_R = tri_solve(L, W, transpose=True)
     Q_sym = 0.5 * (Q_bar + Q_bar.T)
     A_bar = ld_bar * A_inv - A_inv_R @ Q_sym @ A_inv_R.T
     return A_bar, 2.0 * A_inv_R @ Q_sym

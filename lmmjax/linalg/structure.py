@@ -1,9 +1,10 @@
 """Theta-free precomputation for the blocked factorisation.
 
-Everything here is computed once per model with NumPy, in O(N) time and
-memory plus the dense Schur block. The per-evaluation kernels in
-:mod:`lmmjax.linalg.blocked` then never touch the N rows again for the
-profiled likelihood, and touch them only through segment sums elsewhere.
+Everything here depends on Z alone and is computed once per model with NumPy,
+in O(N) time and memory plus the dense Schur block. Cross products of Z with
+dense columns (``[X y]``, a residual) are a separate pytree
+(:func:`lmmjax.linalg.products.cross_products`), so one structure serves the
+profiled likelihood, the NUTS potential and any number of candidate columns.
 
 Block layout (terms sorted by decreasing number of levels):
 
@@ -48,7 +49,6 @@ class Layout:
     terms: tuple[TermLayout, ...]
     q_rest: int
     n_wgroups: int
-    p: int  # number of fixed-effect columns, -1 when no X/y was appended
 
     @property
     def first(self) -> TermLayout:
@@ -65,6 +65,11 @@ class Layout:
     @property
     def ntheta(self) -> int:
         return sum(t.ntheta for t in self.terms)
+
+    @property
+    def q(self) -> int:
+        """Total number of random effects."""
+        return self.first.q + self.q_rest
 
 
 @jax.tree_util.register_pytree_node_class
@@ -92,9 +97,6 @@ class Structure:
         Summed outer products ``v_a v_b'`` over the levels of that group.
     C : array (q_rest, q_rest)
         Dense ``Z_rest' Z_rest``.
-    ZtXy1 : array (M1, d1, p + 1), ZtXy_rest : array (q_rest, p + 1), XytXy : (p+1, p+1)
-        Cross-products with ``[X y]`` for the penalised least squares (empty when
-        no X/y was given).
     refs, z : tuples of arrays
         The terms' level indices and lhs columns, for O(N) products with Z.
     """
@@ -109,17 +111,24 @@ class Structure:
     pair_group: jax.Array
     pair_val: jax.Array
     C: jax.Array
-    ZtXy1: jax.Array
-    ZtXy_rest: jax.Array
-    XytXy: jax.Array
     refs: tuple
     z: tuple
     layout: Layout
 
     _FIELDS = (
         "G1", "Gw", "wgroup", "b_row", "b_lev", "b_val", "pair_entry", "pair_group",
-        "pair_val", "C", "ZtXy1", "ZtXy_rest", "XytXy", "refs", "z",
+        "pair_val", "C", "refs", "z",
     )  # fmt: skip
+
+    @property
+    def nobs(self) -> int:
+        """Number of observations N (static)."""
+        return self.refs[0].shape[0]
+
+    @property
+    def dtype(self):
+        """Floating-point type of the arrays."""
+        return self.C.dtype
 
     def tree_flatten(self):
         return tuple(getattr(self, f) for f in self._FIELDS), self.layout
@@ -202,20 +211,13 @@ def _pairs(b_row, b_lev, b_val, wgroup, n_wgroups, q_rest):
     return uniq // n_wgroups, uniq % n_wgroups, val
 
 
-def build_structure(
-    terms: list[Term] | tuple[Term, ...],
-    X: np.ndarray | None = None,
-    y: np.ndarray | None = None,
-    dtype=np.float64,
-) -> Structure:
+def build_structure(terms: list[Term] | tuple[Term, ...], dtype=np.float64) -> Structure:
     """Precompute the theta-free parts of the blocked factorisation.
 
     Parameters
     ----------
     terms : sequence of Term
         Random-effect terms, first term the one with most levels.
-    X, y : numpy.ndarray, optional
-        Fixed-effect matrix and response to append for penalised least squares.
     dtype : numpy dtype
         Floating-point type of the arrays.
 
@@ -248,29 +250,10 @@ def build_structure(
         C = np.bincount(ia * q_rest + ib, weights=w, minlength=q_rest * q_rest)
         C = C.reshape(q_rest, q_rest)
     else:
-        ridx = rval = None
         b_row = b_lev = pair_entry = pair_group = np.zeros(0, np.int64)
         b_val = np.zeros((0, d1))
         pair_val = np.zeros((0, d1, d1))
         C = np.zeros((0, 0))
-
-    if X is not None:
-        Xy = np.column_stack([X, y])
-        p = X.shape[1]
-        ZtXy1 = _segment_outer(refs1, first.z, Xy, m1)
-        ZtXy_rest = np.zeros((q_rest, p + 1))
-        if q_rest:
-            for c in range(ridx.shape[1]):
-                for j in range(p + 1):
-                    ZtXy_rest[:, j] += np.bincount(
-                        ridx[:, c], weights=rval[:, c] * Xy[:, j], minlength=q_rest
-                    )
-        XytXy = Xy.T @ Xy
-    else:
-        p = -1
-        ZtXy1 = np.zeros((m1, d1, 0))
-        ZtXy_rest = np.zeros((q_rest, 0))
-        XytXy = np.zeros((0, 0))
 
     f = lambda a: jax.numpy.asarray(a, dtype=dtype)  # noqa: E731
     i = lambda a: jax.numpy.asarray(a, dtype=jax.numpy.int32)  # noqa: E731
@@ -285,10 +268,30 @@ def build_structure(
         pair_group=i(pair_group),
         pair_val=f(pair_val),
         C=f(C),
-        ZtXy1=f(ZtXy1),
-        ZtXy_rest=f(ZtXy_rest),
-        XytXy=f(XytXy),
         refs=tuple(i(t.refs) for t in terms),
         z=tuple(f(t.z) for t in terms),
-        layout=Layout(layouts, q_rest, int(Gw.shape[0]), p),
+        layout=Layout(layouts, q_rest, int(Gw.shape[0])),
     )
+
+
+def dense_gram(struct: Structure) -> np.ndarray:
+    """Dense ``Z' Z`` (q x q) in the blocked order, from the precomputed parts.
+
+    Rows ``0 .. q1`` are term 1 level-major, then the rest block. O(q^2)
+    memory; used only where a dense q x q matrix is needed anyway (the
+    eigendecomposition fast path) and in tests.
+    """
+    lay = struct.layout
+    d1, q1 = lay.first.d, lay.first.q
+    out = np.zeros((lay.q, lay.q))
+    G1 = np.asarray(struct.G1, dtype=float)
+    idx = np.arange(q1).reshape(-1, d1)
+    out[idx[:, :, None], idx[:, None, :]] = G1
+    if lay.q_rest:
+        rows = q1 + np.asarray(struct.b_row)
+        cols = np.asarray(struct.b_lev)[:, None] * d1 + np.arange(d1)[None, :]
+        vals = np.asarray(struct.b_val, dtype=float)
+        out[rows[:, None], cols] = vals
+        out[cols, rows[:, None]] = vals
+        out[q1:, q1:] = np.asarray(struct.C, dtype=float)
+    return out

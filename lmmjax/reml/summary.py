@@ -1,55 +1,15 @@
-"""Text summaries in lme4's layout."""
+"""The printed summary of a REML/ML fit, in lme4's layout."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-
-def _coef_table(fit) -> str:
-    """Estimates and standard errors to 4 significant digits of the SE, as R's printCoefmat."""
-    se = fit.fixef_se.to_numpy()
-    smallest = np.min(se[se > 0]) if np.any(se > 0) else 1.0
-    decimals = int(max(0, 3 - np.floor(np.log10(smallest))))
-    table = pd.DataFrame(
-        {
-            "Estimate": [f"{v:.{decimals}f}" for v in fit.fixef],
-            "Std. Error": [f"{v:.{decimals}f}" for v in se],
-            "t value": [f"{v:.3f}" for v in fit.tvalues],
-        },
-        index=fit.fixef.index,
-    )
-    return table.to_string()
-
-
-def _random_effects_table(fit) -> str:
-    rows = []
-    vc = fit.varcorr
-    for group, part in vc.groupby("group", sort=False):
-        variances = part[part["var2"].isna()]
-        corr = part[part["var2"].notna()]
-        names = list(variances["var1"]) if group != "Residual" else [""]
-        for k, (_, row) in enumerate(variances.iterrows()):
-            cells = [group if k == 0 else "", names[k] or "", f"{row['variance']:.4g}",
-                     f"{row['sd']:.4g}"]  # fmt: skip
-            for j in range(k):
-                c = corr[(corr["var1"] == names[j]) & (corr["var2"] == names[k])]
-                cells.append(f"{c['corr'].iloc[0]:.2f}" if len(c) else "")
-            rows.append(cells)
-    width = max(len(r) for r in rows)
-    header = ["Groups", "Name", "Variance", "Std.Dev."] + (["Corr"] if width > 4 else [])
-    rows = [r + [""] * (width - len(r)) for r in rows]
-    header = header + [""] * (width - len(header))
-    cols = list(zip(header, *rows, strict=True))
-    widths = [max(len(x) for x in col) for col in cols]
-    lines = [" " + " ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    for r in rows:
-        lines.append(" " + " ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-    return "\n".join(line.rstrip() for line in lines)
+from lmmjax.output.tables import coef_table, random_effects_table
 
 
 def format_summary(fit) -> str:
-    """lme4-style summary of an :class:`~lmmjax.results.LmmFit`."""
+    """lme4-style summary of an :class:`~lmmjax.reml.LmmFit`."""
     m = fit.model
     kind = "REML" if fit.reml else "maximum likelihood"
     out = [f"Linear mixed model fit by {kind} ['lmmjax']", f"Formula: {m.formula}"]
@@ -69,10 +29,10 @@ def format_summary(fit) -> str:
     out += ["", "Scaled residuals:",
             pd.DataFrame([q], columns=["Min", "1Q", "Median", "3Q", "Max"]).to_string(
                 index=False, float_format=lambda v: f"{v:.4f}"),
-            "", "Random effects:", _random_effects_table(fit)]  # fmt: skip
+            "", "Random effects:", random_effects_table(fit.varcorr)]  # fmt: skip
     groups = "; ".join(f"{g}, {n}" for g, n in fit.ngroups.items())
     out.append(f"Number of obs: {fit.nobs}, groups:  {groups}")
-    out += ["", "Fixed effects:", _coef_table(fit)]
+    out += ["", "Fixed effects:", coef_table(fit.fixef, fit.fixef_se, {"t value": fit.tvalues})]
     if m.p > 1:
         se = np.sqrt(np.diag(fit.vcov))
         corr = fit.vcov / np.outer(se, se)

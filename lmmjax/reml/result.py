@@ -1,4 +1,4 @@
-"""Fitted REML/ML models: estimates, random effects, predictions and summaries."""
+"""A model fitted by REML or ML: estimates, random effects, predictions and summaries."""
 
 from __future__ import annotations
 
@@ -8,52 +8,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-import scipy.linalg
 import scipy.stats
 
+from lmmjax.cache import compiled
 from lmmjax.design import Model, conform_newdata, row_labels
 from lmmjax.errors import LmmInputError
-from lmmjax.likelihood import Estimates
-from lmmjax.likelihood import estimates as compute_estimates
-from lmmjax.linalg import Structure, factorize, make_lambdas
-from lmmjax.linalg.blocked import inverse_diag_blocks
-from lmmjax.terms import unique_group_names
+from lmmjax.linalg import CrossProducts, Structure, conditional_moments, make_lambdas, z_times
+from lmmjax.output import result_dict, varcorr_rows
+from lmmjax.reml.objective import Estimates
+from lmmjax.reml.objective import estimates as compute_estimates
+
+__all__ = ["LmmFit"]
 
 
-@jax.jit
-def _inverse_blocks(theta, struct):
-    return inverse_diag_blocks(struct, factorize(struct, make_lambdas(theta, struct.layout)))
-
-
-def varcorr_rows(terms, covariances, sigma: float) -> list[dict]:
-    """Rows of lme4's ``as.data.frame(VarCorr(m))``: variances, then correlations."""
-    rows = []
-    for name, t, cov in zip(unique_group_names(terms), terms, covariances, strict=True):
-        sd = np.sqrt(np.clip(np.diag(cov), 0.0, None))
-        for a in range(t.d):
-            rows.append(
-                dict(group=name, var1=t.names[a], var2=None, variance=float(cov[a, a]),
-                     sd=float(sd[a]), corr=None)
-            )  # fmt: skip
-        for a in range(t.d):
-            for b in range(a + 1, t.d):
-                denom = sd[a] * sd[b]
-                corr = float(cov[b, a] / denom) if denom > 0 else float("nan")
-                rows.append(
-                    dict(group=name, var1=t.names[a], var2=t.names[b],
-                         variance=float(cov[b, a]), sd=None, corr=corr)
-                )  # fmt: skip
-    rows.append(
-        dict(group="Residual", var1=None, var2=None, variance=sigma**2, sd=sigma, corr=None)
-    )
-    return rows
+def _condvar(theta, sigma, coef, struct, xp):
+    """Conditional covariance blocks of every term at theta (compiled once per shape)."""
+    lambdas = make_lambdas(theta, struct)
+    return conditional_moments(struct, lambdas, xp.combine(coef), sigma, cov=True).cov
 
 
 @dataclass
 class LmmFit:
     """A linear mixed model fitted by REML or ML.
 
-    Build with :func:`lmmjax.fit_lmm` (or :meth:`from_theta`). Attribute names
+    Build with :func:`lmmjax.lmm` or :func:`lmmjax.reml.fit_reml`. Attribute names
     follow lme4: ``fixef``, ``vcov``, ``sigma``, ``theta``, ``varcorr``,
     ``objective`` (REML criterion or deviance), ``loglik``, ``aic``, ``bic``.
     """
@@ -71,6 +49,12 @@ class LmmFit:
     log: object = None
     seconds: float = float("nan")
     _struct: Structure = field(default=None, repr=False)
+    _xp: CrossProducts = field(default=None, repr=False)
+
+    @property
+    def method(self) -> str:
+        """``"reml"`` or ``"ml"``."""
+        return "reml" if self.reml else "ml"
 
     def __repr__(self) -> str:
         kind = "REML" if self.reml else "ML"
@@ -81,22 +65,20 @@ class LmmFit:
 
     # ----------------------------------------------------------------- build
     @classmethod
-    def from_theta(cls, model: Model, struct: Structure, theta, *, reml, log=None,
-                   singular=False, estimates: Estimates | None = None):  # fmt: skip
+    def from_theta(cls, model: Model, struct: Structure, xp: CrossProducts, theta, *, reml,
+                   log=None, singular=False, estimates: Estimates | None = None):  # fmt: skip
         """Collect every estimate at theta (computing them unless ``estimates`` is given)."""
-        from lmmjax.inference.reml import _compiled
-
         theta = np.asarray(theta, dtype=float)
         if estimates is None:
-            th = jnp.asarray(theta, dtype=struct.C.dtype)
-            run, _ = _compiled(compute_estimates, th, struct, reml=reml)
-            estimates = run(th, struct)
+            th = jnp.asarray(theta, dtype=struct.dtype)
+            run, _ = compiled(compute_estimates, th, struct, xp, reml=reml)
+            estimates = run(th, struct, xp)
         est = jax.tree.map(np.asarray, estimates)
         return cls(
             model=model, reml=reml, theta=theta, beta=est.beta.astype(float),
             sigma=float(est.sigma), vcov=est.vcov.astype(float), objective=float(est.objective),
             b=[np.asarray(b, dtype=float) for b in est.b], singular=singular,
-            converged=True if log is None else log.converged, log=log, _struct=struct,
+            converged=True if log is None else log.converged, log=log, _struct=struct, _xp=xp,
         )  # fmt: skip
 
     # ------------------------------------------------------------ estimates
@@ -143,7 +125,7 @@ class LmmFit:
 
     def covariances(self) -> list[np.ndarray]:
         """Each term's covariance ``sigma^2 Lambda Lambda'``."""
-        lambdas = make_lambdas(jnp.asarray(self.theta), self._struct.layout)
+        lambdas = make_lambdas(jnp.asarray(self.theta), self._struct)
         return [self.sigma**2 * np.asarray(lam @ lam.T) for lam in lambdas]
 
     @property
@@ -162,9 +144,13 @@ class LmmFit:
 
     # ------------------------------------------------------- random effects
     def _cond_var_blocks(self) -> list[np.ndarray]:
-        """Diagonal blocks of ``A^{-1}`` per term and level (compiled chunked solves)."""
-        th = jnp.asarray(self.theta, dtype=self._struct.C.dtype)
-        return [np.asarray(b, dtype=float) for b in _inverse_blocks(th, self._struct)]
+        """Each term's conditional covariance blocks (M_l, d_l, d_l), lme4's ``condVar``."""
+        dtype = self._struct.dtype
+        coef = jnp.asarray(np.append(-self.beta, 1.0), dtype)
+        args = (jnp.asarray(self.theta, dtype), jnp.asarray(self.sigma, dtype), coef,
+                self._struct, self._xp)  # fmt: skip
+        run, _ = compiled(_condvar, *args)
+        return [np.asarray(b, dtype=float) for b in run(*args)]
 
     def ranef(self, condvar: bool = True) -> dict[str, pd.DataFrame]:
         """Conditional modes of the random effects, one DataFrame per grouping factor.
@@ -175,13 +161,8 @@ class LmmFit:
         """
         frames: dict[str, list] = {}
         blocks = self._cond_var_blocks() if condvar else [None] * len(self.b)
-        lambdas = make_lambdas(jnp.asarray(self.theta), self._struct.layout)
-        for t, b, blk, lam in zip(self.model.terms, self.b, blocks, lambdas, strict=True):
+        for t, b, cv in zip(self.model.terms, self.b, blocks, strict=True):
             frame = pd.DataFrame(b, index=pd.Index(t.levels, name=t.group), columns=list(t.names))
-            cv = None
-            if blk is not None:
-                lam = np.asarray(lam)
-                cv = self.sigma**2 * np.einsum("ac,mcd,bd->mab", lam, blk, lam)
             frames.setdefault(t.group, []).append((frame, cv))
         out = {}
         for group, parts in frames.items():
@@ -212,12 +193,7 @@ class LmmFit:
         return out
 
     def _random_part(self, terms_z, terms_refs) -> np.ndarray:
-        total = 0.0
-        for z, refs, b in zip(terms_z, terms_refs, self.b, strict=True):
-            valid = refs >= 0
-            contrib = np.sum(z * b[np.where(valid, refs, 0)], axis=1)
-            total = total + np.where(valid, contrib, 0.0)
-        return total
+        return np.asarray(z_times(terms_refs, terms_z, self.b))
 
     def fitted(self) -> np.ndarray:
         """Fitted values ``X beta + Z b`` at the conditional modes."""
@@ -293,59 +269,17 @@ class LmmFit:
 
     # --------------------------------------------------------------- output
     def to_dict(self) -> dict:
-        """The JSON result schema shared by every method."""
-        return {
-            "method": "reml" if self.reml else "ml",
-            "formula": self.model.formula,
-            "nobs": self.nobs,
-            "ngroups": self.ngroups,
-            "fixef": self.fixef.to_dict(),
-            "fixef_se": self.fixef_se.to_dict(),
-            "sigma": self.sigma,
-            "theta": self.theta.tolist(),
-            "varcorr": varcorr_rows(self.model.terms, self.covariances(), self.sigma),
-            "objective": self.objective,
-            "loglik": self.loglik,
-            "aic": self.aic,
-            "bic": self.bic,
-            "converged": self.converged,
-            "singular": self.singular,
-            "seconds": self.seconds,
-            "optimizer": None if self.log is None else self.log.to_dict(),
-            "n_dropped": self.model.n_dropped,
-            "dropped_fixef": list(self.model.dropped_fixef),
-        }
+        """The JSON result schema shared by every method (:func:`lmmjax.output.result_dict`)."""
+        return result_dict(
+            self, objective=self.objective, loglik=self.loglik, aic=self.aic, bic=self.bic,
+            singular=self.singular, optimizer=None if self.log is None else self.log.to_dict(),
+        )  # fmt: skip
 
     def summary(self) -> str:
         """A printed summary in lme4's order."""
-        from lmmjax.summary import format_summary
+        from lmmjax.reml.summary import format_summary
 
         return format_summary(self)
 
     def __str__(self) -> str:
         return self.summary()
-
-
-def compare(m0: LmmFit, m1: LmmFit) -> pd.DataFrame:
-    """Likelihood-ratio test of two nested models, as lme4's ``anova(m0, m1)``.
-
-    REML fits are refitted by ML first, since REML criteria of models with
-    different fixed effects are not comparable.
-    """
-    from lmmjax.inference.reml import fit
-
-    fits = [fit(m.model, reml=False) if m.reml else m for m in (m0, m1)]
-    if fits[0].nobs != fits[1].nobs:
-        raise LmmInputError("models were fitted to different numbers of observations")
-    fits.sort(key=lambda f: f.npar)
-    rows = []
-    for k, f in enumerate(fits):
-        row = {"npar": f.npar, "AIC": f.aic, "BIC": f.bic, "logLik": f.loglik,
-               "deviance": f.objective}  # fmt: skip
-        row.update({"Chisq": np.nan, "Df": np.nan, "Pr(>Chisq)": np.nan})
-        if k == 1:
-            chisq = max(fits[0].objective - f.objective, 0.0)
-            df = f.npar - fits[0].npar
-            row.update({"Chisq": chisq, "Df": df, "Pr(>Chisq)": scipy.stats.chi2.sf(chisq, df)})
-        rows.append(row)
-    return pd.DataFrame(rows, index=["m0", "m1"])

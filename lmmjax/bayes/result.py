@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from lmmjax.output import result_dict, varcorr_rows
+
 with warnings.catch_warnings():  # ArviZ announces its refactor on import
     warnings.simplefilter("ignore", FutureWarning)
     import arviz as az
@@ -120,7 +122,7 @@ class BayesFit:
     idata : arviz.InferenceData
         Posterior (fixed effects, scales, correlations, random effects),
         ``sample_stats`` and ``observed_data``.
-    settings : SamplerSettings
+    settings : lmmjax.options.NutsOptions
     seconds : float
         Wall time of the whole fit (warm-up, sampling, recovery, output).
     warmup_seconds, sampling_seconds, recovery_seconds : float
@@ -134,6 +136,15 @@ class BayesFit:
     sampling_seconds: float = float("nan")
     recovery_seconds: float = float("nan")
     _table: pd.DataFrame | None = field(default=None, repr=False)
+
+    method = "nuts"
+
+    def __repr__(self) -> str:
+        s = self.settings
+        return (
+            f"BayesFit({self.model.formula!r}, NUTS {s.backend}, {s.num_chains} chains x "
+            f"{s.num_samples} draws, nobs={self.nobs}, divergences={self.divergences})"
+        )
 
     # ------------------------------------------------------------- helpers
     @property
@@ -153,7 +164,16 @@ class BayesFit:
         """Posterior variables other than the random effects."""
         return [v for v in self.posterior.data_vars if not str(v).startswith("r_")]
 
-    def summary(self, var_names=None, ranef: bool = False) -> NutsSummary:
+    @property
+    def nobs(self) -> int:
+        """Number of observations."""
+        return self.model.nobs
+
+    def summary(self) -> str:
+        """A printed summary: model, sampler, diagnostics and the posterior table."""
+        return str(self.posterior_summary())
+
+    def posterior_summary(self, var_names=None, ranef: bool = False) -> NutsSummary:
         """ArviZ summary: mean, sd, 95% HDI, MCSE, ess_bulk, ess_tail and r_hat.
 
         Parameters
@@ -237,38 +257,18 @@ class BayesFit:
                                       columns=list(t.names))  # fmt: skip
         return out
 
-    def varcorr_rows(self) -> list[dict]:
-        """lme4-style VarCorr rows with posterior means (variance, sd, corr)."""
-        rows = []
-        for k, (gname, t) in enumerate(zip(self.bm.term_names, self.model.terms, strict=True)):
-            sd = self.sd_draws(k)
-            R = self.corr_draws(k)
-            for a in range(t.d):
-                rows.append(
-                    dict(group=gname, var1=t.names[a], var2=None,
-                         variance=float(np.mean(sd[..., a] ** 2)),
-                         sd=float(np.mean(sd[..., a])), corr=None)
-                )  # fmt: skip
-            for a in range(t.d):
-                for b in range(a + 1, t.d):
-                    cov = sd[..., a] * sd[..., b] * R[..., a, b]
-                    rows.append(
-                        dict(group=gname, var1=t.names[a], var2=t.names[b],
-                             variance=float(np.mean(cov)), sd=None,
-                             corr=float(np.mean(R[..., a, b])))
-                    )  # fmt: skip
-        sig = self._values("sigma")
-        rows.append(
-            dict(group="Residual", var1=None, var2=None, variance=float(np.mean(sig**2)),
-                 sd=float(np.mean(sig)), corr=None)
-        )  # fmt: skip
-        return rows
+    def covariance_draws(self, k: int) -> np.ndarray:
+        """Draws (chain, draw, d, d) of term k's covariance matrix."""
+        sd = self.sd_draws(k)
+        return sd[..., :, None] * self.corr_draws(k) * sd[..., None, :]
 
     @property
     def varcorr(self) -> pd.DataFrame:
-        """VarCorr table of posterior means."""
-        return pd.DataFrame(self.varcorr_rows())
+        """lme4's VarCorr table with posterior means (variance, sd, cov, corr)."""
+        covs = [self.covariance_draws(k) for k in range(len(self.model.terms))]
+        return pd.DataFrame(varcorr_rows(self.model.terms, covs, self._values("sigma")))
 
+    @property
     def theta(self) -> np.ndarray:
         """Posterior mean of lme4's theta (lower triangles of ``chol(Sigma_l) / sigma``)."""
         sig = self._values("sigma")
@@ -287,7 +287,7 @@ class BayesFit:
 
     def max_rhat(self) -> float:
         """Largest split-R-hat over the parameters (random effects excluded)."""
-        r = self.summary()["r_hat"].to_numpy(dtype=float)
+        r = self.posterior_summary()["r_hat"].to_numpy(dtype=float)
         r = r[np.isfinite(r)]  # NaN with a single chain
         return float(r.max()) if r.size else float("nan")
 
@@ -344,44 +344,18 @@ class BayesFit:
     # --------------------------------------------------------------- output
     def to_dict(self) -> dict:
         """The JSON result: the shared keys with posterior means, plus ``posterior``."""
-        s = self.settings
         spec = self.bm.spec
-        return {
-            "method": "nuts",
-            "formula": self.model.formula,
-            "nobs": self.model.nobs,
-            "ngroups": self.model.ngroups,
-            "fixef": self.fixef.to_dict(),
-            "fixef_se": self.fixef_se.to_dict(),
-            "sigma": self.sigma,
-            "theta": self.theta().tolist(),
-            "varcorr": self.varcorr_rows(),
-            "objective": None,
-            "loglik": None,
-            "aic": None,
-            "bic": None,
-            "converged": self.converged,
-            "singular": None,
-            "seconds": self.seconds,
-            "n_dropped": self.model.n_dropped,
-            "dropped_fixef": list(self.model.dropped_fixef),
-            "posterior": self.posterior_table(),
-            "divergences": self.divergences,
-            "max_r_hat": self.max_rhat(),
-            "nuts": {
-                "backend": s.backend, "num_warmup": s.num_warmup, "num_samples": s.num_samples,
-                "num_chains": s.num_chains, "target_accept": s.target_accept,
-                "max_tree_depth": s.max_tree_depth, "dense_mass": s.dense_mass, "seed": s.seed,
-                "likelihood": spec.likelihood,
-                "marginalize": [g for g, m in zip(self.bm.term_names, spec.marginal,
-                                                  strict=True) if m],
-                "eigen_fast_path": spec.fast,
-                "warmup_seconds": self.warmup_seconds,
-                "sampling_seconds": self.sampling_seconds,
-                "recovery_seconds": self.recovery_seconds,
-                "priors": spec.priors.to_dict(self.model.fixef_names, self.bm.term_names),
-            },
-        }  # fmt: skip
+        nuts = self.settings.model_dump()
+        nuts.update(
+            marginalize=[g for g, m in zip(self.bm.term_names, spec.marginal, strict=True) if m],
+            eigen_fast_path=spec.fast, warmup_seconds=self.warmup_seconds,
+            sampling_seconds=self.sampling_seconds, recovery_seconds=self.recovery_seconds,
+            priors=spec.priors.to_dict(self.model.fixef_names, self.bm.term_names),
+        )  # fmt: skip
+        return result_dict(
+            self, posterior=self.posterior_table(), divergences=self.divergences,
+            max_r_hat=self.max_rhat(), nuts=nuts,
+        )  # fmt: skip
 
     def to_netcdf(self, path) -> str:
         """Write the InferenceData to a netCDF file; returns the path."""
@@ -391,10 +365,6 @@ class BayesFit:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.idata.to_netcdf(str(path))
         return str(path)
-
-    def report(self) -> str:
-        """A printed summary: model, sampler, diagnostics and the parameter table."""
-        return str(self.summary())
 
     def _header(self, table) -> str:
         """Model, sampler settings, timings and diagnostics, above the summary table."""
@@ -421,4 +391,4 @@ class BayesFit:
         return "\n".join(lines)
 
     def __str__(self) -> str:
-        return self.report()
+        return self.summary()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +20,10 @@ import numpy as np
 import optax
 import scipy.optimize
 
-from lmmjax.errors import LmmInputError
-from lmmjax.likelihood import Estimates, estimates, profiled_objective
-from lmmjax.linalg import Structure, build_structure
-from lmmjax.precision import float_dtype
+from lmmjax.cache import compiled
+from lmmjax.linalg import CrossProducts, Structure
+from lmmjax.options import RemlOptions
+from lmmjax.reml.objective import Estimates, estimates, profiled_objective
 
 
 @dataclass
@@ -58,11 +57,7 @@ class OptimizerLog:
         return dict(self.__dict__)
 
 
-def _objective(theta, struct, reml):
-    return profiled_objective(theta, struct, reml)
-
-
-def theta_scale(struct: Structure) -> np.ndarray:
+def theta_scale(terms) -> np.ndarray:
     """Per-parameter scale ``sqrt(M_l)`` that evens out the curvature of the objective.
 
     The deviance's curvature in a term's theta grows with its number of levels
@@ -70,16 +65,16 @@ def theta_scale(struct: Structure) -> np.ndarray:
     leaves plain L-BFGS crawling along the flat directions; optimising
     ``phi = theta * sqrt(M_l)`` halves the evaluations there.
     """
-    return np.concatenate([np.full(t.ntheta, np.sqrt(t.nlevels)) for t in struct.layout.terms])
+    return np.concatenate([np.full(t.ntheta, np.sqrt(t.nlevels)) for t in terms])
 
 
-def _lbfgs(theta0, struct: Structure, scale, maxiter, gtol, reml: bool):
+def _lbfgs(theta0, struct: Structure, xp: CrossProducts, scale, maxiter, gtol, reml: bool):
     """optax L-BFGS with zoom line search in one compiled loop, then the estimates.
 
     Runs in the scaled coordinates ``phi = theta * scale``; convergence is
     judged on the gradient with respect to theta.
     """
-    fun = lambda phi: _objective(phi / scale, struct, reml)  # noqa: E731
+    fun = lambda phi: profiled_objective(phi / scale, struct, xp, reml)  # noqa: E731
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(fun)
 
@@ -105,30 +100,26 @@ def _lbfgs(theta0, struct: Structure, scale, maxiter, gtol, reml: bool):
     phi, state, _, it, nfev = jax.lax.while_loop(cond, step, init)
     theta = phi / scale
     value, grad = optax.tree.get(state, "value"), optax.tree.get(state, "grad") * scale
-    return theta, value, grad, it, nfev, estimates(theta, struct, reml)
+    return theta, value, grad, it, nfev, estimates(theta, struct, xp, reml)
 
 
-_COMPILED: dict = {}
+def _value_and_grad(theta, struct, xp, reml):
+    return jax.value_and_grad(profiled_objective)(theta, struct, xp, reml)
 
 
-def _compiled(fn, *args, **static):
-    """AOT-compile ``fn`` once per argument shapes; returns (callable, seconds spent)."""
-    leaves, treedef = jax.tree.flatten(args)
-    shapes = tuple((leaf.shape, str(leaf.dtype)) for leaf in map(jnp.asarray, leaves))
-    key = (fn.__name__, treedef, shapes, tuple(sorted(static.items())))
-    if key in _COMPILED:
-        return _COMPILED[key], 0.0
-    start = time.perf_counter()
-    compiled = jax.jit(partial(fn, **static)).lower(*args).compile()
-    _COMPILED[key] = compiled
-    return compiled, time.perf_counter() - start
+class _Objective:
+    """The compiled objective at fixed (struct, xp), as a function of a NumPy theta."""
+
+    def __init__(self, struct: Structure, xp: CrossProducts, reml: bool):
+        self.args, self.reml, self.dtype = (struct, xp), reml, struct.dtype
+
+    def __call__(self, theta) -> float:
+        th = jnp.asarray(theta, self.dtype)
+        f, _ = compiled(profiled_objective, th, *self.args, reml=self.reml)
+        return float(f(th, *self.args))
 
 
-def _value_and_grad_fn(theta, struct, reml):
-    return jax.value_and_grad(_objective)(theta, struct, reml)
-
-
-def canonical_theta(theta: np.ndarray, struct: Structure) -> tuple[np.ndarray, np.ndarray]:
+def canonical_theta(theta: np.ndarray, terms) -> tuple[np.ndarray, np.ndarray]:
     """Flip Lambda's columns so that its diagonal is non-negative (same objective).
 
     Returns the flipped theta and the signs applied (to flip a gradient too).
@@ -136,8 +127,8 @@ def canonical_theta(theta: np.ndarray, struct: Structure) -> tuple[np.ndarray, n
     theta = np.array(theta, dtype=float)
     signs = np.ones_like(theta)
     k = 0
-    for t in struct.layout.terms:
-        rows, cols = np.asarray(t.theta_rows), np.asarray(t.theta_cols)
+    for t in terms:
+        rows, cols = t.theta_index()
         block = theta[k : k + t.ntheta]
         for j in range(t.d):
             diag = np.flatnonzero((rows == j) & (cols == j))
@@ -148,11 +139,11 @@ def canonical_theta(theta: np.ndarray, struct: Structure) -> tuple[np.ndarray, n
     return theta, signs
 
 
-def on_bound(struct: Structure) -> np.ndarray:
+def on_bound(terms) -> np.ndarray:
     """Mask of theta entries with a lower bound of zero (Lambda's diagonal)."""
     out = []
-    for t in struct.layout.terms:
-        out.extend(r == c for r, c in zip(t.theta_rows, t.theta_cols, strict=True))
+    for t in terms:
+        out.extend(r == c for r, c in zip(*t.theta_index(), strict=True))
     return np.asarray(out, dtype=bool)
 
 
@@ -164,39 +155,33 @@ def projected_grad_norm(grad: np.ndarray, theta: np.ndarray, bounded: np.ndarray
     return float(np.max(np.abs(g))) if g.size else 0.0
 
 
-def _snap(theta, value, struct, reml, bounded, snap_tol, log):
+def _snap(theta, value, f: _Objective, bounded, snap_tol, log):
     """Set bounded parameters within 1e-3 of zero to zero when the objective allows."""
     near = bounded & (np.abs(theta) < 1e-3) & (theta != 0.0)
     for i in np.flatnonzero(near):
         trial = theta.copy()
         trial[i] = 0.0
-        f, _ = _compiled(_objective, jnp.asarray(trial, struct.C.dtype), struct, reml=reml)
-        trial_value = float(f(jnp.asarray(trial, struct.C.dtype), struct))
+        trial_value = f(trial)
         if trial_value - value <= snap_tol:
             log.messages.append(f"theta[{i}] = {theta[i]:.3g} snapped to 0")
             theta, value = trial, min(value, trial_value)
     return theta, value
 
 
-def _escape_boundary(theta, value, struct, reml, bounded, step=0.05):
+def _escape_boundary(theta, value, f: _Objective, bounded, step=0.05):
     """A point off the boundary with a lower objective, or None if there is none."""
-    f, _ = _compiled(_objective, jnp.asarray(theta, struct.C.dtype), struct, reml=reml)
     for i in np.flatnonzero(bounded & (np.abs(theta) < 1e-4)):
         probe = theta.copy()
         probe[i] = step
-        if float(f(jnp.asarray(probe, struct.C.dtype), struct)) < value - 1e-10 * max(
-            1, abs(value)
-        ):
+        if f(probe) < value - 1e-10 * max(1, abs(value)):
             return probe
     return None
 
 
-def _nelder_mead(theta, struct, reml, bounded):
-    dtype = struct.C.dtype
-    f, _ = _compiled(_objective, jnp.asarray(theta, dtype), struct, reml=reml)
+def _nelder_mead(theta, f: _Objective, bounded):
     bounds = [(0.0, None) if b else (None, None) for b in bounded]
     res = scipy.optimize.minimize(
-        lambda th: float(f(jnp.asarray(th, dtype), struct)),
+        f,
         np.clip(theta, [b[0] if b[0] is not None else -np.inf for b in bounds], None),
         method="Nelder-Mead",
         bounds=bounds,
@@ -207,33 +192,32 @@ def _nelder_mead(theta, struct, reml, bounded):
 
 def optimize_theta(
     struct: Structure,
+    xp: CrossProducts,
+    terms,
     theta0: np.ndarray,
+    options: RemlOptions,
     *,
     reml: bool = True,
-    maxiter: int = 500,
-    gtol: float = 1e-6,
-    fallback: bool = True,
-    snap_tol: float = 1e-5,
 ) -> tuple[np.ndarray, float, OptimizerLog, bool, Estimates | None]:
     """Minimise the profiled objective over theta.
 
     Parameters
     ----------
     struct : Structure
-        Blocked system with ``[X y]`` appended.
+        The Z-only blocked system.
+    xp : CrossProducts
+        Cross products of ``[X y]``.
+    terms : sequence of Term
+        The random-effect terms (theta's layout).
     theta0 : array
         Starting value.
+    options : RemlOptions
+        ``maxiter`` L-BFGS iterations; convergence when the projected gradient's
+        infinity norm is at most ``gtol * max(1, |objective|)``; ``fallback`` to
+        Nelder-Mead when L-BFGS does not converge; ``snap_tol`` the largest
+        objective increase accepted when snapping to the boundary.
     reml : bool
         REML criterion (True) or ML deviance (False).
-    maxiter : int
-        Maximum L-BFGS iterations.
-    gtol : float
-        Convergence when the projected gradient's infinity norm is at most
-        ``gtol * max(1, |objective|)``.
-    fallback : bool
-        Try Nelder-Mead when L-BFGS does not converge.
-    snap_tol : float
-        Largest objective increase accepted when snapping to the boundary.
 
     Returns
     -------
@@ -242,52 +226,54 @@ def optimize_theta(
     """
     log = OptimizerLog()
     start = time.perf_counter()
-    dtype = struct.C.dtype
+    dtype = struct.dtype
+    gtol = options.gtol
     theta0 = jnp.asarray(theta0, dtype=dtype)
-    maxiter, gtol = jnp.asarray(maxiter), jnp.asarray(gtol, dtype=dtype)
-    scale = jnp.asarray(theta_scale(struct), dtype=dtype)
-    args = (struct, scale, maxiter, gtol)
-    run, log.compile_seconds = _compiled(_lbfgs, theta0, *args, reml=reml)
+    scale = jnp.asarray(theta_scale(terms), dtype=dtype)
+    args = (struct, xp, scale, jnp.asarray(options.maxiter), jnp.asarray(gtol, dtype=dtype))
+    run, log.compile_seconds = compiled(_lbfgs, theta0, *args, reml=reml)
+    f = _Objective(struct, xp, reml)
     theta, value, grad, it, nfev, est = run(theta0, *args)
     log.iterations, log.fevals = int(it), int(nfev)
-    bounded = on_bound(struct)
+    bounded = on_bound(terms)
     # A zero diagonal entry is a stationary point of the sign-symmetric objective even
     # when it is not a minimum: probe off the boundary and restart if that is lower.
     for _ in range(int(bounded.sum())):
-        probe = _escape_boundary(np.asarray(theta), float(value), struct, reml, bounded)
+        probe = _escape_boundary(np.asarray(theta), float(value), f, bounded)
         if probe is None:
             break
         log.messages.append("restarted L-BFGS off a stationary point at the boundary")
         theta, value, grad, it, nfev, est = run(jnp.asarray(probe, dtype), *args)
         log.iterations, log.fevals = log.iterations + int(it), log.fevals + int(nfev)
-    theta, flips = canonical_theta(np.asarray(theta), struct)
+    theta, flips = canonical_theta(np.asarray(theta), terms)
     value, grad = float(value), np.asarray(grad) * flips
 
     def check(th):
-        vg, seconds = _compiled(_value_and_grad_fn, jnp.asarray(th, dtype), struct, reml=reml)
+        th_ = jnp.asarray(th, dtype)
+        vg, seconds = compiled(_value_and_grad, th_, struct, xp, reml=reml)
         log.compile_seconds += seconds
-        v, g = vg(jnp.asarray(th, dtype), struct)
+        v, g = vg(th_, struct, xp)
         return float(v), projected_grad_norm(np.asarray(g), th, bounded)
 
     gnorm = projected_grad_norm(grad, theta, bounded)
     converged = bool(np.isfinite(value) and gnorm <= gtol * max(1.0, abs(value)))
     changed = False
-    if not converged and fallback:
+    if not converged and options.fallback:
         log.messages.append(
             f"L-BFGS stopped after {log.iterations} iterations with projected gradient "
             f"{gnorm:.3g}; trying Nelder-Mead"
         )
-        nm_theta, nm_value, nm_fev = _nelder_mead(theta, struct, reml, bounded)
+        nm_theta, nm_value, nm_fev = _nelder_mead(theta, f, bounded)
         log.fevals += nm_fev
         if np.isfinite(nm_value) and (not np.isfinite(value) or nm_value < value - 1e-10):
-            theta, log.optimizer = canonical_theta(nm_theta, struct)[0], "lbfgs+nelder-mead"
+            theta, log.optimizer = canonical_theta(nm_theta, terms)[0], "lbfgs+nelder-mead"
             log.messages.append(f"Nelder-Mead improved the objective to {nm_value:.10g}")
             changed = True
         else:
             log.messages.append("Nelder-Mead did not improve on L-BFGS")
         value, gnorm = check(theta)
         converged = bool(np.isfinite(value) and gnorm <= 10 * gtol * max(1.0, abs(value)))
-    snapped, value = _snap(theta, value, struct, reml, bounded, snap_tol, log)
+    snapped, value = _snap(theta, value, f, bounded, options.snap_tol, log)
     if changed or not np.array_equal(snapped, theta):
         theta = snapped
         value, gnorm = check(theta)
@@ -296,66 +282,3 @@ def optimize_theta(
     log.seconds = time.perf_counter() - start
     singular = bool(bounded.any() and np.min(np.abs(theta[bounded])) < 1e-4)
     return theta, value, log, singular, est
-
-
-_OPTIONS = {"maxiter", "gtol", "fallback", "snap_tol"}
-
-
-def check_identifiable(model) -> None:
-    """lme4's checks that each term can be told apart from the residual.
-
-    Raises
-    ------
-    LmmInputError
-        When a grouping factor has as many levels as there are observations, or
-        a term has at least as many random effects as observations.
-    """
-    for t in model.terms:
-        if t.nlevels >= model.nobs:
-            raise LmmInputError(
-                f"grouping factor {t.group!r} has {t.nlevels} levels for {model.nobs} "
-                "observations; the number of levels must be smaller than the number of "
-                "observations (the variance is not identifiable from the residual)"
-            )
-        if t.q >= model.nobs and t.d > 1:
-            raise LmmInputError(
-                f"term ({' + '.join(t.names)} | {t.group}) has {t.q} random effects for "
-                f"{model.nobs} observations; its parameters and the residual variance "
-                "are probably unidentifiable"
-            )
-
-
-def fit(model, *, reml: bool = True, **options):
-    """Fit a linear mixed model by REML or ML.
-
-    Parameters
-    ----------
-    model : lmmjax.design.Model
-        The structured model.
-    reml : bool
-        REML (default) or maximum likelihood.
-    **options
-        Passed to :func:`optimize_theta` (``maxiter``, ``gtol``, ``fallback``,
-        ``snap_tol``).
-
-    Returns
-    -------
-    lmmjax.results.LmmFit
-    """
-    from lmmjax.results import LmmFit
-
-    start = time.perf_counter()
-    unknown = sorted(set(options) - _OPTIONS)
-    if unknown:
-        raise LmmInputError(
-            f"unknown REML/ML option {unknown[0]!r}; the options are {', '.join(sorted(_OPTIONS))}"
-        )
-    check_identifiable(model)
-    struct = build_structure(model.terms, model.X, model.y, dtype=float_dtype())
-    theta0 = np.concatenate([t.theta_init() for t in model.terms])
-    theta, value, log, singular, est = optimize_theta(struct, theta0, reml=reml, **options)
-    result = LmmFit.from_theta(
-        model, struct, theta, reml=reml, log=log, singular=singular, estimates=est
-    )
-    result.seconds = time.perf_counter() - start
-    return result

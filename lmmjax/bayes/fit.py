@@ -1,0 +1,112 @@
+"""``fit_nuts``: build, sample, recover and summarise a Bayesian LMM in one call."""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+
+import numpy as np
+
+from lmmjax.bayes.model import BayesModel, build_bayes_model
+from lmmjax.bayes.recovery import recover_effects
+from lmmjax.bayes.result import BayesFit, build_inference_data
+from lmmjax.bayes.samplers import run_sampler
+from lmmjax.options import NutsOptions, takes_options
+
+__all__ = ["NutsWarning", "fit_nuts", "sample_model"]
+
+
+class NutsWarning(RuntimeWarning):
+    """Sampler diagnostics that call the posterior into question."""
+
+
+def _loud(message: str) -> None:
+    """Warn, and print the same line to stderr so that it is seen in CLI runs."""
+    print(f"lmmjax: WARNING: {message}", file=sys.stderr)
+    warnings.warn(message, NutsWarning, stacklevel=3)
+
+
+def check_diagnostics(fit: BayesFit) -> None:
+    """Report divergences and r_hat > 1.01 loudly."""
+    n_div = fit.divergences
+    if n_div:
+        total = fit.settings.num_chains * fit.settings.num_samples
+        _loud(
+            f"{n_div} of {total} post-warm-up transitions diverged: the posterior may be "
+            "biased; raise target_accept, or change marginalize / the priors"
+        )
+    table = fit.posterior_summary()
+    rhat = table["r_hat"].astype(float)
+    bad = rhat[rhat > 1.01]
+    if len(bad):
+        worst = ", ".join(f"{k} ({v:.3f})" for k, v in bad.sort_values()[::-1][:5].items())
+        _loud(
+            f"r_hat > 1.01 for {len(bad)} parameter(s): {worst}; the chains have not "
+            "mixed, run longer chains"
+        )
+
+
+def sample_model(bm: BayesModel, settings: NutsOptions) -> BayesFit:
+    """Sample a built Bayesian model and recover its marginalised effects.
+
+    Parameters
+    ----------
+    bm : BayesModel
+    settings : NutsOptions
+        Only the sampler's options are read; the model options are ``bm``'s.
+
+    Returns
+    -------
+    BayesFit
+    """
+    start = time.perf_counter()
+    draws = run_sampler(bm, settings)
+    t0 = time.perf_counter()
+    chains, ndraw = draws.samples["beta"].shape[:2]
+    flat = {k: v.reshape(chains * ndraw, *v.shape[2:]) for k, v in draws.samples.items()}
+    effects = recover_effects(flat, bm.data, bm.spec, draws.keys["recovery"])
+    effects = tuple(np.asarray(e).reshape(chains, ndraw, *e.shape[1:]) for e in effects)
+    rec = time.perf_counter() - t0
+    idata = build_inference_data(bm, draws, effects)
+    fit = BayesFit(
+        bm=bm, idata=idata, settings=settings, warmup_seconds=draws.warmup_seconds,
+        sampling_seconds=draws.sampling_seconds, recovery_seconds=rec,
+    )  # fmt: skip
+    fit.posterior_summary()
+    fit.seconds = time.perf_counter() - start
+    check_diagnostics(fit)
+    return fit
+
+
+@takes_options(NutsOptions)
+def fit_nuts(model, options: NutsOptions | None = None, **kwargs) -> BayesFit:
+    """Fit a Bayesian linear mixed model by NUTS.
+
+    Parameters
+    ----------
+    model : lmmjax.design.Model
+        From :func:`lmmjax.design.build_model`.
+    options : NutsOptions or mapping, optional
+        Sampler and model options; keywords override them. The main ones:
+        ``marginalize`` ("none", "all" or grouping factors integrated out of the
+        potential, their effects recovered exactly afterwards), ``backend``
+        ("numpyro" or "blackjax"), ``num_warmup``, ``num_samples``,
+        ``num_chains``, ``target_accept``, ``seed``, ``likelihood``, ``priors``
+        and ``fixed_scales``; see :class:`~lmmjax.options.NutsOptions`.
+
+    Returns
+    -------
+    BayesFit
+        With the posterior; also written to ``netcdf`` when that option is set.
+    """
+    opts = NutsOptions.from_call(options, kwargs)
+    bm = build_bayes_model(
+        model, marginalize=opts.marginalize, likelihood=opts.likelihood, priors=opts.priors,
+        fixed_scales=opts.fixed_scales, shared_scale=opts.shared_scale, fast_path=opts.fast_path,
+    )  # fmt: skip
+    fit = sample_model(bm, opts)
+    if opts.netcdf:
+        written = fit.to_netcdf(opts.netcdf)
+        print(f"posterior written to {written}")
+    return fit

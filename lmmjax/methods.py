@@ -1,0 +1,80 @@
+"""The registry of fitting methods: one entry per method, the one way to dispatch.
+
+Each entry names its config section, its options model and its fitter as
+``"module:function"``, imported only when the method is used (so that
+validating a config or fitting by REML does not import NumPyro). A method
+without a fitter is announced but not built yet.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmmjax.errors import LmmInputError, NotBuiltError
+from lmmjax.options import NutsOptions, Options, RemlOptions
+
+__all__ = ["METHODS", "Method", "get_method"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One fitting method.
+
+    Attributes
+    ----------
+    name : str
+        As written in ``method:`` and ``lmmjax.lmm(method=...)``.
+    section : str
+        Config section with its options.
+    options : type of Options or None
+        Options model (None while the method is not built).
+    fitter : str or None
+        ``"module:function"`` called as ``function(model, options, **fixed)``.
+    fixed : dict
+        Keyword arguments this method fixes (``ml`` is ``fit_reml`` with ``reml=False``).
+    """
+
+    name: str
+    section: str
+    options: type[Options] | None = None
+    fitter: str | None = None
+    fixed: dict = field(default_factory=dict)
+
+    @property
+    def built(self) -> bool:
+        return self.fitter is not None
+
+    def fit(self, model: Any, options: Options | None) -> Any:
+        """Fit ``model`` with validated ``options`` (defaults when None)."""
+        if not self.built:
+            raise NotBuiltError(f"method '{self.name}' is not built yet in this version of lmmjax")
+        module, func = self.fitter.split(":")
+        fitter = getattr(importlib.import_module(module), func)
+        return fitter(model, options or self.options(), **self.fixed)
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("reml", "reml", RemlOptions, "lmmjax.reml.fit:fit_reml", {"reml": True}),
+        Method("ml", "reml", RemlOptions, "lmmjax.reml.fit:fit_reml", {"reml": False}),
+        Method("nuts", "nuts", NutsOptions, "lmmjax.bayes.fit:fit_nuts"),
+        Method("map", "map"),
+        Method("sparse", "sparse"),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    """The registry entry of ``name``.
+
+    Raises
+    ------
+    LmmInputError
+        If no method has that name.
+    """
+    if name not in METHODS:
+        raise LmmInputError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]

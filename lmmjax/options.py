@@ -1,0 +1,236 @@
+"""Each method's options, listed once, as the pydantic models behind the API and the config.
+
+The YAML config's method sections (``reml:``, ``nuts:``) and the keyword
+arguments of :func:`lmmjax.lmm`, :func:`lmmjax.reml.fit_reml` and
+:func:`lmmjax.bayes.fit_nuts` are validated by the same model, so the API
+rejects exactly what the config rejects, with one line naming the option.
+Function signatures are derived from the models (:func:`takes_options`).
+
+This module is light on purpose (pydantic only): checking a config does not
+import the numerical packages.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+
+from lmmjax.errors import LmmInputError
+
+__all__ = [
+    "NutsOptions",
+    "Options",
+    "RemlOptions",
+    "format_validation_error",
+    "takes_options",
+]
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    """Write a pydantic error location as a dotted key path (``nuts.priors.beta``)."""
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int) and parts:
+            parts[-1] += f"[{item}]"
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "(top level)"
+
+
+def _format_error(error: dict[str, Any], what: str, prefix: str) -> str:
+    """Turn one pydantic error into ``<what> '<path>': <message>``."""
+    where = prefix + _format_loc(tuple(error.get("loc", ())))
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        message = "unknown key (extra inputs are not permitted)"
+    elif kind == "missing":
+        message = "required key is missing"
+    else:
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        value = error.get("input")
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            shown = repr(value)
+            message += f", got {shown if len(shown) <= 60 else shown[:57] + '...'}"
+    return f"{what} '{where}': {message}"
+
+
+def format_validation_error(
+    exc: ValidationError, source: Any = None, *, what: str = "config key", prefix: str = ""
+) -> str:
+    """Summarise a pydantic ValidationError on one line.
+
+    Parameters
+    ----------
+    exc : pydantic.ValidationError
+    source : str or path-like, optional
+        Config file the mapping came from, appended to the message.
+    what : str
+        What the keys are called (``"config key"``, ``"option"``).
+    prefix : str
+        Prepended to every key path.
+
+    Returns
+    -------
+    str
+        ``<what> '<path>': <message>``, several joined by ``"; "``.
+    """
+    message = "; ".join(dict.fromkeys(_format_error(e, what, prefix) for e in exc.errors()))
+    if source is not None:
+        message += f" (in {source})"
+    return " ".join(message.split())
+
+
+class Options(BaseModel):
+    """Base of the method option models: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def from_call(cls, options: Options | Mapping | None, overrides: Mapping) -> Options:
+        """Validate ``options`` (a model or mapping) updated with keyword ``overrides``.
+
+        Raises
+        ------
+        LmmInputError
+            Naming the first offending option.
+        """
+        if options is None:
+            base: dict = {}
+        elif isinstance(options, cls):
+            base = options.model_dump(exclude_unset=True)
+        elif isinstance(options, Mapping):
+            base = dict(options)
+        else:
+            raise LmmInputError(
+                f"options must be a {cls.__name__} or a mapping, got {type(options).__name__}"
+            )
+        try:
+            return cls.model_validate({**base, **overrides})
+        except ValidationError as exc:
+            message = format_validation_error(exc, what="option")
+            if any(e.get("type") == "extra_forbidden" for e in exc.errors()):
+                message += f"; the options are {', '.join(cls.model_fields)}"
+            raise LmmInputError(message) from None
+
+
+def takes_options(options_cls: type[Options], extra: Mapping[str, Any] = {}) -> Callable:  # noqa: B006
+    """Give ``fn(model, options=None, **kwargs)`` a signature derived from ``options_cls``.
+
+    ``help()`` and IDEs then show every option with its default; the keywords
+    are validated by ``options_cls`` inside ``fn``. ``extra`` adds keyword
+    parameters that are not options (name -> default).
+    """
+
+    def wrap(fn: Callable) -> Callable:
+        P = inspect.Parameter
+        params = [
+            P("model", P.POSITIONAL_ONLY),
+            P("options", P.POSITIONAL_OR_KEYWORD, default=None, annotation=options_cls),
+        ]
+        params += [P(k, P.KEYWORD_ONLY, default=v) for k, v in extra.items()]
+        params += [
+            P(name, P.KEYWORD_ONLY, default=f.get_default(call_default_factory=True),
+              annotation=f.annotation)
+            for name, f in options_cls.model_fields.items()
+        ]  # fmt: skip
+        fn.__signature__ = inspect.Signature(params)
+        return fn
+
+    return wrap
+
+
+class RemlOptions(Options):
+    """Options of the profiled REML / ML optimiser (``reml:`` section).
+
+    The same section serves ``method: reml`` and ``method: ml``.
+
+    Attributes
+    ----------
+    maxiter : int
+        Maximum number of L-BFGS iterations (> 0).
+    gtol : float
+        Convergence tolerance on the projected gradient norm (> 0).
+    fallback : bool
+        Retry with a derivative-free optimiser if L-BFGS fails.
+    snap_tol : float
+        Variance parameters closer than this to the boundary are snapped
+        to it (a singular fit).
+    """
+
+    maxiter: int = Field(500, gt=0, strict=True)
+    gtol: float = Field(1e-6, gt=0)
+    fallback: StrictBool = True
+    snap_tol: float = Field(1e-5, ge=0)
+
+
+class NutsOptions(Options):
+    """Options of the Bayesian NUTS sampler (``nuts:`` section).
+
+    Attributes
+    ----------
+    backend : {"numpyro", "blackjax"}
+        Sampler implementation.
+    marginalize : "none", "all" or list of str
+        Random-effect classes integrated out of the potential: none, all, or
+        the grouping factors named in the list.
+    num_warmup, num_samples, num_chains : int
+        Warm-up draws, kept draws per chain, and number of chains.
+    target_accept : float
+        Target acceptance probability of step-size adaptation (0 < x < 1).
+    max_tree_depth : int
+        Maximum NUTS tree depth.
+    dense_mass : bool
+        Adapt a dense (rather than diagonal) mass matrix.
+    seed : int
+        Random seed.
+    likelihood : {"normal", "lognormal"}
+        Observation model.
+    priors : dict of str to dict
+        Prior overrides by parameter name (see :mod:`lmmjax.bayes.priors`).
+    fixed_scales : dict of str to float or list of float
+        Random-effect SDs held fixed at the given values, by factor name.
+    shared_scale : bool
+        Every random-effect SD is one sampled scale ``sd_shared`` times its
+        entry of ``fixed_scales`` (1 where not given); uncorrelated terms only.
+    fast_path : bool, optional
+        Force (true) or forbid (false) the eigendecomposition fast path; by
+        default it is used whenever it applies.
+    netcdf : str, optional
+        Path of an ArviZ netCDF file with the posterior draws.
+    progress_bar : bool
+        Show a progress bar while sampling.
+    time_phases : bool
+        Time warm-up (with compilation) and sampling (without) separately, for
+        benchmarks; NumPyro then runs the sampling phase twice.
+    """
+
+    backend: Literal["numpyro", "blackjax"] = "numpyro"
+    marginalize: Literal["none", "all"] | list[str] = "all"
+    num_warmup: int = Field(1000, ge=0, strict=True)
+    num_samples: int = Field(1000, gt=0, strict=True)
+    num_chains: int = Field(4, gt=0, strict=True)
+    target_accept: float = Field(0.8, gt=0, lt=1)
+    max_tree_depth: int = Field(10, gt=0, strict=True)
+    dense_mass: StrictBool = False
+    seed: int = Field(0, strict=True)
+    likelihood: Literal["normal", "lognormal"] = "normal"
+    priors: dict[str, dict] = Field(default_factory=dict)
+    fixed_scales: dict[str, float | list[float]] = Field(default_factory=dict)
+    shared_scale: StrictBool = False
+    fast_path: StrictBool | None = None
+    netcdf: str | None = None
+    progress_bar: StrictBool = True
+    time_phases: StrictBool = False
+
+    @field_validator("marginalize", mode="before")
+    @classmethod
+    def _check_marginalize(cls, value: Any) -> Any:
+        """Give one clear message instead of one per branch of the union."""
+        if isinstance(value, str) and value in ("none", "all"):
+            return value
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ValueError("must be 'none', 'all' or a list of grouping-factor names")

@@ -1,0 +1,15 @@
+"""What every method's result shares: the Fit protocol, VarCorr, lme4 tables, JSON."""
+
+from lmmjax.output.fit import Fit, result_dict, to_jsonable, write_json
+from lmmjax.output.tables import coef_table, random_effects_table
+from lmmjax.output.varcorr import varcorr_rows
+
+__all__ = [
+    "Fit",
+    "coef_table",
+    "random_effects_table",
+    "result_dict",
+    "to_jsonable",
+    "write_json",
+    "varcorr_rows",
+]

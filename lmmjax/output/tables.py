@@ -1,0 +1,53 @@
+"""Text tables in lme4's layout, shared by every method's printed summary."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["coef_table", "random_effects_table"]
+
+
+def coef_table(estimate: pd.Series, se: pd.Series, extra: dict | None = None) -> str:
+    """Estimates and standard errors to 4 significant digits of the SE, as R's printCoefmat.
+
+    ``extra`` adds columns (name -> Series), printed to 3 decimals.
+    """
+    se = se.to_numpy()
+    smallest = np.min(se[se > 0]) if np.any(se > 0) else 1.0
+    decimals = int(max(0, 3 - np.floor(np.log10(smallest))))
+    table = pd.DataFrame(
+        {
+            "Estimate": [f"{v:.{decimals}f}" for v in estimate],
+            "Std. Error": [f"{v:.{decimals}f}" for v in se],
+            **{k: [f"{v:.3f}" for v in col] for k, col in (extra or {}).items()},
+        },
+        index=estimate.index,
+    )
+    return table.to_string()
+
+
+def random_effects_table(vc: pd.DataFrame) -> str:
+    """lme4's printed VarCorr (Groups, Name, Variance, Std.Dev., Corr) from the VarCorr frame."""
+    rows = []
+    for group, part in vc.groupby("group", sort=False):
+        variances = part[part["var2"].isna()]
+        corr = part[part["var2"].notna()]
+        names = list(variances["var1"]) if group != "Residual" else [""]
+        for k, (_, row) in enumerate(variances.iterrows()):
+            cells = [group if k == 0 else "", names[k] or "", f"{row['variance']:.4g}",
+                     f"{row['sd']:.4g}"]  # fmt: skip
+            for j in range(k):
+                c = corr[(corr["var1"] == names[j]) & (corr["var2"] == names[k])]
+                cells.append(f"{c['corr'].iloc[0]:.2f}" if len(c) else "")
+            rows.append(cells)
+    width = max(len(r) for r in rows)
+    header = ["Groups", "Name", "Variance", "Std.Dev."] + (["Corr"] if width > 4 else [])
+    rows = [r + [""] * (width - len(r)) for r in rows]
+    header = header + [""] * (width - len(header))
+    cols = list(zip(header, *rows, strict=True))
+    widths = [max(len(x) for x in col) for col in cols]
+    lines = [" " + " ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    for r in rows:
+        lines.append(" " + " ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    return "\n".join(line.rstrip() for line in lines)

@@ -1,0 +1,99 @@
+"""``fit_reml``: profiled REML / ML fits of a structured model, and likelihood-ratio tests."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+
+from lmmjax.errors import LmmInputError
+from lmmjax.linalg import build_structure, cross_products
+from lmmjax.options import RemlOptions, takes_options
+from lmmjax.precision import float_dtype
+from lmmjax.reml.optimize import optimize_theta
+from lmmjax.reml.result import LmmFit
+
+__all__ = ["check_identifiable", "compare", "fit_reml"]
+
+
+def check_identifiable(model) -> None:
+    """lme4's checks that each term can be told apart from the residual.
+
+    Raises
+    ------
+    LmmInputError
+        When a grouping factor has as many levels as there are observations, or
+        a term has at least as many random effects as observations.
+    """
+    for t in model.terms:
+        if t.nlevels >= model.nobs:
+            raise LmmInputError(
+                f"grouping factor {t.group!r} has {t.nlevels} levels for {model.nobs} "
+                "observations; the number of levels must be smaller than the number of "
+                "observations (the variance is not identifiable from the residual)"
+            )
+        if t.q >= model.nobs and t.d > 1:
+            raise LmmInputError(
+                f"term ({' + '.join(t.names)} | {t.group}) has {t.q} random effects for "
+                f"{model.nobs} observations; its parameters and the residual variance "
+                "are probably unidentifiable"
+            )
+
+
+@takes_options(RemlOptions, extra={"reml": True})
+def fit_reml(model, options: RemlOptions | None = None, *, reml: bool = True, **kwargs) -> LmmFit:
+    """Fit a linear mixed model by REML (default) or maximum likelihood.
+
+    Parameters
+    ----------
+    model : lmmjax.design.Model
+        The structured model.
+    options : RemlOptions or mapping, optional
+        Optimiser options; keywords (``maxiter``, ``gtol``, ``fallback``,
+        ``snap_tol``) override them.
+    reml : bool
+        REML (default) or maximum likelihood.
+
+    Returns
+    -------
+    LmmFit
+    """
+    start = time.perf_counter()
+    opts = RemlOptions.from_call(options, kwargs)
+    if not isinstance(reml, bool):
+        raise LmmInputError(f"option 'reml' must be True or False, got {reml!r}")
+    check_identifiable(model)
+    struct = build_structure(model.terms, dtype=float_dtype())
+    xp = cross_products(struct, np.column_stack([model.X, model.y]))
+    theta0 = np.concatenate([t.theta_init() for t in model.terms])
+    theta, _, log, singular, est = optimize_theta(struct, xp, model.terms, theta0, opts, reml=reml)
+    result = LmmFit.from_theta(
+        model, struct, xp, theta, reml=reml, log=log, singular=singular, estimates=est
+    )
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def compare(m0: LmmFit, m1: LmmFit) -> pd.DataFrame:
+    """Likelihood-ratio test of two nested models, as lme4's ``anova(m0, m1)``.
+
+    REML fits are refitted by ML first, since REML criteria of models with
+    different fixed effects are not comparable.
+    """
+    fits = [fit_reml(m.model, reml=False) if m.reml else m for m in (m0, m1)]
+    if fits[0].nobs != fits[1].nobs:
+        raise LmmInputError("models were fitted to different numbers of observations")
+    fits.sort(key=lambda f: f.npar)
+    rows = []
+    for k, f in enumerate(fits):
+        row = {"npar": f.npar, "AIC": f.aic, "BIC": f.bic, "logLik": f.loglik,
+               "deviance": f.objective}  # fmt: skip
+        row.update({"Chisq": np.nan, "Df": np.nan, "Pr(>Chisq)": np.nan})
+        if k == 1:
+            chisq = max(fits[0].objective - f.objective, 0.0)
+            df = f.npar - fits[0].npar
+            row.update({"Chisq": chisq, "Df": df, "Pr(>Chisq)": scipy.stats.chi2.sf(chisq, df)})
+        rows.append(row)
+    return pd.DataFrame(rows, index=["m0", "m1"])
