@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from lmmjax.likelihood import profiled_objective
 
 import lmmjax  # noqa: F401  (float64, compilation cache)
 from lmmjax.design import build_model
-from lmmjax.linalg import build_structure
+from lmmjax.linalg import build_structure, cross_products
+from lmmjax.reml import profiled_objective
 
 
 def synthetic(n, m1, m2, rng):
@@ -59,15 +59,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rng = np.random.default_rng(1)
     m1, m2 = args.levels
-    vg = jax.jit(jax.value_and_grad(lambda th, s: profiled_objective(th, s, True)))
+    vg = jax.jit(jax.value_and_grad(lambda th, s, xp: profiled_objective(th, s, xp, True)))
     theta = jnp.array([0.7, 0.4])
     rows = []
     for n in args.sizes:
         model = build_model(synthetic(n, m1, m2, rng), "y ~ x + (1 | a) + (1 | b)")
-        pre = best_of(lambda m=model: build_structure(m.terms, m.X, m.y).C, 2)
-        struct = build_structure(model.terms, model.X, model.y)
-        jax.block_until_ready(vg(theta, struct))  # compile for this shape
-        ev = best_of(lambda s=struct: vg(theta, s), args.repeats)
+        Xy = np.column_stack([model.X, model.y])
+        pre = best_of(lambda m=model, a=Xy: cross_products(build_structure(m.terms), a).gram, 2)
+        struct = build_structure(model.terms)
+        xp = cross_products(struct, Xy)
+        jax.block_until_ready(vg(theta, struct, xp))  # compile for this shape
+        ev = best_of(lambda s=struct, x=xp: vg(theta, s, x), args.repeats)
         rows.append((n, pre, ev, int(struct.pair_entry.shape[0])))
     n0, pre0, ev0, _ = rows[0]
     print(f"\nTwo crossed factors with {m1} and {m2} levels; JAX on {jax.default_backend()}")

@@ -24,11 +24,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from lmmjax.inference.reml import fit
 
 import lmmjax
 from lmmjax.datasets import load_data
 from lmmjax.design import build_model
+from lmmjax.reml import fit_reml
 
 CASES = {
     "InstEval": dict(
@@ -69,7 +69,7 @@ def time_lmmjax(data, case, repeats):
     for _ in range(repeats):
         start = time.perf_counter()
         model = build_model(data, case["formula"], categorical=case["categorical"])
-        result = fit(model, reml=True)
+        result = fit_reml(model, reml=True)
         runs.append(
             dict(
                 seconds=time.perf_counter() - start,

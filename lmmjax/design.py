@@ -28,7 +28,7 @@ class Model:
     y : numpy.ndarray
         float64[N].
     X : numpy.ndarray
-        float64[N, p], full column rank (aliased columns are dropped).
+        float64[N, p]; full column rank unless built with ``drop_aliased=False``.
     fixef_names : tuple of str
         lme4-style names of X's columns.
     terms : tuple of Term
@@ -272,7 +272,13 @@ def _bar_terms(data: pd.DataFrame, bar: BarTerm) -> list[Term]:
     ]
 
 
-def build_model(data: pd.DataFrame, formula: str, categorical: Sequence[str] = ()) -> Model:
+def build_model(
+    data: pd.DataFrame,
+    formula: str,
+    categorical: Sequence[str] = (),
+    *,
+    drop_aliased: bool = True,
+) -> Model:
     """Build the structured model of an lme4 formula on a DataFrame.
 
     Parameters
@@ -284,6 +290,11 @@ def build_model(data: pd.DataFrame, formula: str, categorical: Sequence[str] = (
     categorical : sequence of str
         Columns to treat as factors (R's ``factor()``). Grouping columns are
         always factors.
+    drop_aliased : bool
+        Drop fixed-effect columns that are linear combinations of earlier ones,
+        with a warning, as lme4 does (REML/ML and NUTS need a full-rank X).
+        False keeps every column, for methods that select among more columns
+        than observations (lme4's ``check.rankX = "ignore"``).
 
     Returns
     -------
@@ -328,7 +339,7 @@ def build_model(data: pd.DataFrame, formula: str, categorical: Sequence[str] = (
 
     y = _response(data, parsed.response)
     X, names, spec = model_matrix(parsed.fixed, data, context="fixed-effect formula")
-    keep = full_rank_columns(X)
+    keep = full_rank_columns(X) if drop_aliased else np.arange(X.shape[1])
     dropped = tuple(n for k, n in enumerate(names) if k not in set(keep))
     if dropped:
         warnings.warn(

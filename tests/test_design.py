@@ -429,3 +429,17 @@ def test_data_not_a_dataframe():
 def test_formula_without_random_effects_is_refused():
     with pytest.raises(LmmInputError, match="no random-effect terms"):
         build_model(load_bundled("sleepstudy"), "Reaction ~ Days")
+
+
+def test_drop_aliased_false_keeps_more_columns_than_rows():
+    """A candidate set wider than N (the sparse selector's input) is kept whole."""
+    rng = np.random.default_rng(5)
+    n, p = 30, 40
+    df = pd.DataFrame(rng.normal(size=(n, p)), columns=[f"x{k}" for k in range(p)])
+    df["y"] = rng.normal(size=n)
+    df["g"] = np.repeat(np.arange(6), 5)
+    formula = "y ~ " + " + ".join(df.columns[:p]) + " + (1 | g)"
+    model = build_model(df, formula, drop_aliased=False)
+    assert model.X.shape == (n, p + 1) and not model.dropped_fixef
+    with pytest.warns(UserWarning, match="rank deficient"):
+        assert build_model(df, formula).p == n

@@ -16,7 +16,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lmmjax.linalg import CrossProducts, Structure, conditional_moments, gls_gram, make_lambdas
+from lmmjax.linalg import (
+    CrossProducts,
+    Structure,
+    conditional_moments,
+    gls_gram,
+    make_lambdas,
+    tri_solve,
+)
 
 __all__ = ["Estimates", "estimates", "profiled_criterion", "profiled_objective"]
 
@@ -77,9 +84,9 @@ def estimates(
     lambdas, Lxy, objective = _profiled(theta, struct, xp, reml)
     n, p = struct.nobs, Lxy.shape[0] - 1
     Lxx, lyx, r = Lxy[:p, :p], Lxy[p, :p], Lxy[p, p]
-    beta = jax.scipy.linalg.solve_triangular(Lxx.T, lyx, lower=False)
+    beta = tri_solve(Lxx, lyx[:, None], transpose=True)[:, 0]
     sigma = jnp.abs(r) / jnp.sqrt(n - p if reml else n)
-    Linv = jax.scipy.linalg.solve_triangular(Lxx, jnp.eye(p, dtype=Lxx.dtype), lower=True)
+    Linv = tri_solve(Lxx, jnp.eye(p, dtype=Lxx.dtype))  # p x p: the covariance is reported
     vcov = sigma**2 * Linv.T @ Linv
     coef = jnp.concatenate([-beta, jnp.ones(1, dtype=beta.dtype)])
     b = conditional_moments(struct, lambdas, xp.combine(coef), sigma).mean
