@@ -292,18 +292,39 @@ def test_eigen_fast_path_matches_blocked(name):
     case = computed(name)
     struct, rng = case["struct"], np.random.default_rng(3)
     T = [np.diag(rng.uniform(0.5, 1.5, size=t.d)) for t in case["terms"]]
-    eig = eigen_precompute(struct, T)
+    xm = cross_products(struct, case["M"])
+    eig = eigen_precompute(struct, T, xm)
     rho, sigma = 0.8, 1.3
     lambdas = tuple(jnp.asarray(rho * t) for t in T)
-    xm = cross_products(struct, case["M"])
-    for got, want in zip(eigen_gls_gram(struct, eig, rho, xm), gls_gram(struct, lambdas, xm),
+    for got, want in zip(eigen_gls_gram(eig, rho, eig.products), gls_gram(struct, lambdas, xm),
                          strict=True):  # fmt: skip
         np.testing.assert_allclose(got, want, rtol=1e-9)
-    xr = cross_products(struct, case["r"])
-    fast = eigen_moments(struct, eig, rho, xr, sigma)
-    slow = conditional_moments(struct, lambdas, xr, sigma)
+    coef = jnp.asarray([0.3, -1.2, 2.0])
+    fast = eigen_moments(struct, eig, rho, eig.products.combine(coef), sigma)
+    slow = conditional_moments(struct, lambdas, xm.combine(coef), sigma)
     for a, b in zip(fast.mean, slow.mean, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("schur", ["sparse", "dense"])
+@pytest.mark.parametrize("name", [n for n in CASES if len(CASES[n][1]) > 1])
+def test_both_schur_forms_match_dense(name, schur):
+    """B held as aggregated pairs or dense gives the same factorisation."""
+    case = computed(name)
+    Z, Lam, A, M, r = case["Z"], case["Lam"], case["A"], case["M"], case["r"]
+    struct = build_structure(case["terms"], schur=schur)
+    assert struct.layout.dense_b == (schur == "dense")
+    out = blocked_quantities(jnp.asarray(case["theta"]), struct, *case["args"][1:])
+    V = np.eye(Z.shape[0]) + Z @ Lam @ Lam.T @ Z.T
+    assert rel(out["gls"][1], M.T @ np.linalg.solve(V, M)) <= RTOL
+    assert abs(float(out["logdet"]) - np.linalg.slogdet(A)[1]) <= RTOL * abs(
+        np.linalg.slogdet(A)[1]
+    )
+    mean = Lam @ np.linalg.solve(A, Lam.T @ Z.T @ r)
+    got = np.concatenate([np.asarray(m).reshape(-1) for m in out["moments"].mean])
+    assert rel(got, mean) <= RTOL
+    for key in ("objective_reml", "objective_ml"):
+        assert float(out[key]) == pytest.approx(float(case["out"][key]), rel=1e-11)
 
 
 @pytest.mark.parametrize("reml", [True, False], ids=["reml", "ml"])
@@ -390,3 +411,12 @@ def test_logdet_quad_gradient_matches_autodiff_through_cholesky(rng):
         jax.grad(custom, (0, 1))(A, R), jax.grad(plain, (0, 1))(A, R), strict=True
     ):
         np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_cost_model_picks_the_cheaper_schur_form():
+    from lmmjax.linalg.structure import dense_b_pays
+
+    # every level of term 1 meets every rest row (eeg: subjects x items): dense pays
+    assert dense_b_pays(np.full(334, 160), q_rest=160, d1=2)
+    # a few rest rows per level and a large rest block (InstEval): the pairs are cheaper
+    assert not dense_b_pays(np.full(2972, 25), q_rest=1142, d1=1)

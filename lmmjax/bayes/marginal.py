@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmmjax.linalg import (
+    CrossProducts,
     EigenSystem,
     Structure,
     cross_products,
@@ -39,7 +40,7 @@ from lmmjax.linalg import (
     z_times,
 )
 
-__all__ = ["KernelData", "marginal_loglik", "relative_factors", "residual"]
+__all__ = ["KernelData", "marginal_loglik", "relative_factors", "residual", "residual_products"]
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
 
@@ -57,6 +58,10 @@ class KernelData(NamedTuple):
         Log-Jacobian of the response transform (``-sum(log y)`` or 0).
     struct : Structure or None
         Blocked system of the marginalised terms (None when none is marginalised).
+    xp : CrossProducts or None
+        ``Z' [X y]`` and ``[X y]' [X y]`` when every term is marginalised: the
+        residual's cross products are then ``xp.combine([-beta, 1])``, and an
+        evaluation never touches the N rows.
     refs, z : tuples of arrays
         Level index and lhs columns of every term, in model order.
     eig : EigenSystem or None
@@ -67,6 +72,7 @@ class KernelData(NamedTuple):
     X: jax.Array
     log_jac: jax.Array
     struct: Structure | None
+    xp: CrossProducts | None
     refs: tuple
     z: tuple
     eig: EigenSystem | None
@@ -75,6 +81,17 @@ class KernelData(NamedTuple):
 def residual(beta, effects, data: KernelData) -> jax.Array:
     """``y - X beta - sum_l Z_l b_l`` over the terms whose effects are given (None: skipped)."""
     return data.y - data.X @ beta - z_times(data.refs, data.z, effects)
+
+
+def residual_products(beta, effects, data: KernelData) -> CrossProducts:
+    """Cross products of the residual with the marginalised terms.
+
+    O(p q) from the precomputed ``data.xp`` when every term is marginalised,
+    O(N d) segment sums otherwise.
+    """
+    if data.xp is not None:
+        return data.xp.combine(jnp.concatenate([-beta, jnp.ones(1, beta.dtype)]))
+    return cross_products(data.struct, residual(beta, effects, data))
 
 
 def relative_factors(cov_factors, sigma) -> tuple:
@@ -117,16 +134,17 @@ def marginal_loglik(
     scalar
         ``log p(y | beta, sigma, Sigma, b_sampled)`` including the response Jacobian.
     """
-    r = residual(beta, effects, data)
-    n = r.shape[0]
+    n = data.y.shape[0]
     if fast:
-        logdet_V, gram = eigen_gls_gram(data.struct, data.eig, scale / sigma,
-                                        cross_products(data.struct, r))  # fmt: skip
+        coef = jnp.concatenate([-beta, jnp.ones(1, beta.dtype)])
+        logdet_V, gram = eigen_gls_gram(data.eig, scale / sigma, data.eig.products.combine(coef))
     elif any(marginal):
         sub = tuple(c for c, m in zip(cov_factors, marginal, strict=True) if m)
         lambdas = relative_factors(sub, sigma)
-        logdet_V, gram = gls_gram(data.struct, lambdas, cross_products(data.struct, r))
+        xp = residual_products(beta, effects, data)
+        logdet_V, gram = gls_gram(data.struct, lambdas, xp)
     else:
+        r = residual(beta, effects, data)
         logdet_V, gram = 0.0, jnp.dot(r, r)[None, None]
     quad = gram[0, 0]
     loglik = -0.5 * (n * (_LOG_2PI + 2.0 * jnp.log(sigma)) + logdet_V + quad / sigma**2)

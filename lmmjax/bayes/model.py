@@ -34,7 +34,7 @@ from numpyro.infer.util import potential_energy
 from lmmjax.bayes.marginal import KernelData, marginal_loglik
 from lmmjax.bayes.priors import PriorSet, default_priors, resolve_priors, to_distribution
 from lmmjax.errors import LmmInputError
-from lmmjax.linalg import build_structure, eigen_precompute
+from lmmjax.linalg import build_structure, cross_products, eigen_precompute
 from lmmjax.precision import float_dtype
 from lmmjax.terms import unique_group_names
 
@@ -378,17 +378,20 @@ def build_bayes_model(
         nlevels=tuple(t.nlevels for t in terms), correlated=correlated, marginal=marginal,
         fixed_sd=fixed, shared_scale=bool(shared_scale), fast=fast, priors=pri,
     )  # fmt: skip
-    struct = eig = None
+    struct = xp = eig = None
     if any(marginal):
         struct = build_structure([t for t, m in zip(terms, marginal, strict=True) if m],
                                  dtype=dtype)  # fmt: skip
+    if all(marginal):  # the residual is y - X beta: its cross products are combinations
+        xp = cross_products(struct, np.column_stack([model.X, y]))
     if fast:
-        eig = eigen_precompute(struct, [np.diag(f) for f in fixed])
+        eig = eigen_precompute(struct, [np.diag(f) for f in fixed], xp)
     data = KernelData(
         y=jnp.asarray(y, dtype),
         X=jnp.asarray(model.X, dtype),
         log_jac=jnp.asarray(log_jac, dtype),
         struct=struct,
+        xp=xp,
         refs=tuple(jnp.asarray(t.refs, jnp.int32) for t in terms),
         z=tuple(jnp.asarray(t.z, dtype) for t in terms),
         eig=eig,

@@ -10,11 +10,12 @@ draws are mapped with ``jax.lax.map`` (batched ``vmap``) over the posterior.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
-from lmmjax.bayes.marginal import KernelData, relative_factors, residual
+from lmmjax.bayes.marginal import KernelData, relative_factors, residual_products
 from lmmjax.bayes.model import BayesSpec, cov_factors_from_params, effects_from_params
 from lmmjax.cache import compiled
-from lmmjax.linalg import conditional_moments, cross_products, eigen_moments, factor_entries
+from lmmjax.linalg import conditional_moments, eigen_moments, factor_entries
 
 __all__ = ["draw_effects", "recover_effects"]
 
@@ -41,11 +42,12 @@ def draw_effects(params, data: KernelData, spec: BayesSpec, key) -> tuple:
     effects = effects_from_params(params, factors, spec)
     if not any(spec.marginal):
         return effects
-    sigma = params["sigma"]
-    xp = cross_products(data.struct, residual(params["beta"], effects, data))
+    sigma, beta = params["sigma"], params["beta"]
     if spec.fast:
         scale = params["sd_shared"] if spec.shared_scale else 1.0
-        return eigen_moments(data.struct, data.eig, scale / sigma, xp, sigma, key=key).draw
+        rot = data.eig.products.combine(jnp.concatenate([-beta, jnp.ones(1, beta.dtype)]))
+        return eigen_moments(data.struct, data.eig, scale / sigma, rot, sigma, key=key).draw
+    xp = residual_products(beta, effects, data)
     sub = tuple(c for c, m in zip(factors, spec.marginal, strict=True) if m)
     moments = conditional_moments(data.struct, relative_factors(sub, sigma), xp, sigma, key=key)
     drawn = iter(moments.draw)

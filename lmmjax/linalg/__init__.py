@@ -18,7 +18,13 @@ from lmmjax.linalg.blocked import (
     make_lambdas,
 )
 from lmmjax.linalg.dense import logdet_quad, tri_solve
-from lmmjax.linalg.eigen import EigenSystem, eigen_gls_gram, eigen_moments, eigen_precompute
+from lmmjax.linalg.eigen import (
+    EigenSystem,
+    Rotated,
+    eigen_gls_gram,
+    eigen_moments,
+    eigen_precompute,
+)
 from lmmjax.linalg.products import CrossProducts, cross_products, z_times
 from lmmjax.linalg.structure import Structure, build_structure, dense_gram
 
@@ -27,6 +33,7 @@ __all__ = [
     "EigenSystem",
     "Factor",
     "Moments",
+    "Rotated",
     "Structure",
     "build_structure",
     "conditional_moments",

@@ -88,12 +88,16 @@ def first_left(x1: jax.Array, lam1: jax.Array, *, transpose: bool = True) -> jax
 
 def _b_times(struct: Structure, x1: jax.Array) -> jax.Array:
     """``B x1`` with ``B = Z_r' Z_1``: (M1, d1, k) -> (q_rest, k)."""
+    if struct.layout.dense_b:
+        return jnp.einsum("rmd,mdk->rk", struct.B, x1)
     contrib = jnp.einsum("nd,ndk->nk", struct.b_val, x1[struct.b_lev])
     return jax.ops.segment_sum(contrib, struct.b_row, struct.layout.q_rest)
 
 
 def _bt_times(struct: Structure, x2: jax.Array) -> jax.Array:
     """``B' x2``: (q_rest, k) -> (M1, d1, k)."""
+    if struct.layout.dense_b:
+        return jnp.einsum("rmd,rk->mdk", struct.B, x2)
     contrib = struct.b_val[:, :, None] * x2[struct.b_row][:, None, :]
     return jax.ops.segment_sum(
         contrib, struct.b_lev, struct.layout.first.nlevels, indices_are_sorted=True
@@ -128,10 +132,14 @@ def schur_blocks(struct: Structure, lambdas: tuple) -> tuple[jax.Array, jax.Arra
         return L11, jnp.zeros((0, 0), dtype=L11.dtype)
     q = layout.q_rest
     W = schur_weights(struct, lam1)
-    vals = jnp.einsum("pab,pab->p", struct.pair_val, W[struct.pair_group])
-    S = jax.ops.segment_sum(vals, struct.pair_entry, q * q, indices_are_sorted=True)
-    S = S.reshape(q, q)
-    S = S + S.T - jnp.diag(jnp.diag(S))
+    if layout.dense_b:  # S = B W B' by two dense products
+        BW = jnp.einsum("rma,mab->rmb", struct.B, W[struct.wgroup])
+        S = BW.reshape(q, -1) @ struct.B.reshape(q, -1).T
+    else:  # S from the aggregated pairs of B rows that share a level
+        vals = jnp.einsum("pab,pab->p", struct.pair_val, W[struct.pair_group])
+        S = jax.ops.segment_sum(vals, struct.pair_entry, q * q, indices_are_sorted=True)
+        S = S.reshape(q, q)
+        S = S + S.T - jnp.diag(jnp.diag(S))
     M = struct.C - S
     A22 = rest_left(rest_left(M, lambdas, layout).T, lambdas, layout) + jnp.eye(q, dtype=M.dtype)
     return L11, A22

@@ -3,13 +3,16 @@
 When every random-effect class is integrated out and every covariance is
 ``s^2 T_l T_l'`` with constant ``T_l`` (the seed paper's setting, with ``s``
 fixed at 1 or sampled), ``T' Z' Z T = Q diag(lam) Q'`` is decomposed once
-(O(q^3), NumPy) and with ``rho = s / sigma``
+(O(q^3), LAPACK) and with ``rho = s / sigma``
 
-    A = I + rho^2 T' Z' Z T = Q diag(1 + rho^2 lam) Q',
+    A = I + rho^2 T' Z' Z T = Q diag(1 + rho^2 lam) Q'.
 
-so ``log|V|``, ``M' V^{-1} M`` and the conditional of the effects cost
-O(N + q^2) per evaluation. ``T`` is ``blockdiag_l (I_{M_l} kron T_l)`` in the
-blocked order of the :class:`~lmmjax.linalg.structure.Structure`.
+The residual is ``y - X beta``, so its rotated cross products
+``Q' T' Z' r = R [-beta; 1]`` follow from ``R = Q' T' Z' [X y]``, computed
+once as well: ``log|V|`` and ``r' V^{-1} r`` then cost O(q p) per evaluation,
+independent of N, and an exact draw of the effects one pass over ``Q``.
+``T`` is ``blockdiag_l (I_{M_l} kron T_l)`` in the blocked order of the
+:class:`~lmmjax.linalg.structure.Structure`.
 """
 
 from __future__ import annotations
@@ -19,33 +22,64 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg
 
 from lmmjax.linalg.blocked import Moments, effects, lambda_t, to_blocked
 from lmmjax.linalg.products import CrossProducts
 from lmmjax.linalg.structure import Structure, dense_gram
 
 
+class Rotated(NamedTuple):
+    """``c = Q' T' Z' M`` (q, k) and ``M' M`` (k, k) for dense columns ``M``."""
+
+    c: jax.Array
+    gram: jax.Array
+
+    def combine(self, coef: jax.Array) -> Rotated:
+        """The rotated products of the single column ``M coef``."""
+        k = coef[:, None]
+        return Rotated(self.c @ coef[:, None], k.T @ self.gram @ k)
+
+
 class EigenSystem(NamedTuple):
-    """Precomputed ``T' Z' Z T = Q diag(lam) Q'`` (a JAX pytree).
+    """Precomputed ``T' Z' Z T = Q diag(lam) Q'`` and the rotated ``[X y]`` (a JAX pytree).
 
     Attributes
     ----------
-    Q : array (q, q)
-        Eigenvectors.
+    Qt : array (q, q)
+        Eigenvectors as rows (``Q'``, stored so that both ``Q' v`` and ``Q u``
+        read it in memory order).
     lam : array (q,)
         Eigenvalues (clipped at zero).
     T : tuple of arrays (d_l, d_l)
         Each term's constant covariance factor.
+    products : Rotated
+        Of the columns given to :func:`eigen_precompute`.
     """
 
-    Q: jax.Array
+    Qt: jax.Array
     lam: jax.Array
     T: tuple
+    products: Rotated
 
 
-def eigen_precompute(struct: Structure, factors) -> EigenSystem:
-    """Eigendecompose ``T' Z' Z T`` once.
+def _t_sandwich(G: np.ndarray, struct: Structure, factors) -> np.ndarray:
+    """``T' G T`` for the block-diagonal ``T`` in O(q^2 d) (never forms T)."""
+    out = np.array(G, dtype=float)
+    offsets = np.cumsum([0] + [t.q for t in struct.layout.terms])
+    for axis in (0, 1):
+        pieces = []
+        for t, f, lo, hi in zip(struct.layout.terms, factors, offsets[:-1], offsets[1:],
+                                strict=True):  # fmt: skip
+            blk = np.take(out, np.arange(lo, hi), axis=axis)
+            blk = np.moveaxis(blk, axis, 0).reshape(t.nlevels, t.d, -1)
+            blk = np.einsum("ca,mcx->max", np.asarray(f, dtype=float), blk).reshape(t.q, -1)
+            pieces.append(np.moveaxis(blk, 0, axis))
+        out = np.concatenate(pieces, axis=axis)
+    return out
+
+
+def eigen_precompute(struct: Structure, factors, xp: CrossProducts) -> EigenSystem:
+    """Eigendecompose ``T' Z' Z T`` once and rotate the cross products ``xp``.
 
     Parameters
     ----------
@@ -53,52 +87,45 @@ def eigen_precompute(struct: Structure, factors) -> EigenSystem:
         Built on every term of the model.
     factors : sequence of arrays (d_l, d_l)
         Each term's constant covariance factor ``T_l``, in the structure's order.
+    xp : CrossProducts
+        Of ``M = [X y]`` (or any columns whose combinations will be needed).
     """
-    G = dense_gram(struct)
-    T = scipy.linalg.block_diag(
-        *[
-            np.kron(np.eye(t.nlevels), np.asarray(f))
-            for t, f in zip(struct.layout.terms, factors, strict=True)
-        ]
-    )
-    lam, Q = np.linalg.eigh(T.T @ G @ T)
+    lam, Q = np.linalg.eigh(_t_sandwich(dense_gram(struct), struct, factors))
     dtype = struct.dtype
+    T = tuple(jnp.asarray(np.asarray(f), dtype=dtype) for f in factors)
+    c1, c2 = lambda_t(struct, T, xp)
+    tz = np.concatenate([np.asarray(c1).reshape(-1, c1.shape[-1]), np.asarray(c2)], axis=0)
+    Qt = np.ascontiguousarray(Q.T)
     return EigenSystem(
-        jnp.asarray(Q, dtype=dtype),
+        jnp.asarray(Qt, dtype=dtype),
         jnp.asarray(np.clip(lam, 0.0, None), dtype=dtype),
-        tuple(jnp.asarray(np.asarray(f), dtype=dtype) for f in factors),
+        T,
+        Rotated(jnp.asarray(Qt @ tz, dtype=dtype), jnp.asarray(xp.gram, dtype=dtype)),
     )
 
 
-def _rotated(struct: Structure, eig: EigenSystem, xp: CrossProducts) -> jax.Array:
-    """``Q' T' Z' M``, shape (q, k)."""
-    c1, c2 = lambda_t(struct, eig.T, xp)
-    return eig.Q.T @ jnp.concatenate([c1.reshape(-1, c1.shape[-1]), c2], axis=0)
-
-
-def eigen_gls_gram(struct: Structure, eig: EigenSystem, rho, xp: CrossProducts):
-    """``log|V|`` and ``M' V^{-1} M`` for ``V = I + rho^2 Z T T' Z'``.
+def eigen_gls_gram(eig: EigenSystem, rho, rot: Rotated):
+    """``log|V|`` and ``M' V^{-1} M`` for ``V = I + rho^2 Z T T' Z'``, in O(q k^2).
 
     Same values as :func:`lmmjax.linalg.gls_gram` with ``Lambda_l = rho T_l``.
     """
-    c = _rotated(struct, eig, xp)
     s = rho**2 * eig.lam
-    quad = rho**2 * (c.T / (1.0 + s)) @ c
-    return jnp.sum(jnp.log1p(s)), xp.gram - quad
+    quad = rho**2 * (rot.c.T / (1.0 + s)) @ rot.c
+    return jnp.sum(jnp.log1p(s)), rot.gram - quad
 
 
-def eigen_moments(struct: Structure, eig: EigenSystem, rho, xp: CrossProducts, sigma, *,
+def eigen_moments(struct: Structure, eig: EigenSystem, rho, rot: Rotated, sigma, *,
                   key: jax.Array | None = None) -> Moments:  # fmt: skip
     """Conditional mean (and a draw) of the effects, as :func:`lmmjax.linalg.conditional_moments`.
 
-    ``u | y ~ N(rho A^{-1} T' Z' r, sigma^2 A^{-1})`` in O(q^2) through ``Q``.
+    ``u | y ~ N(rho A^{-1} T' Z' r, sigma^2 A^{-1})``: one pass over ``Q`` each.
     """
-    c = _rotated(struct, eig, xp)[:, 0]
+    c = rot.c[:, 0]
     s = 1.0 + rho**2 * eig.lam
     lambdas = tuple(rho * t for t in eig.T)
 
     def to_b(v):
-        return effects(struct, lambdas, *to_blocked(struct, (eig.Q @ v)[:, None]))
+        return effects(struct, lambdas, *to_blocked(struct, (v @ eig.Qt)[:, None]))
 
     mean_v = rho * c / s
     draw = None

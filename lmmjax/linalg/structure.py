@@ -49,6 +49,7 @@ class Layout:
     terms: tuple[TermLayout, ...]
     q_rest: int
     n_wgroups: int
+    dense_b: bool = False  # B = Z_rest' Z_1 held dense (q_rest, M1, d1) instead of as pairs
 
     @property
     def first(self) -> TermLayout:
@@ -95,6 +96,9 @@ class Structure:
         Which ``Gw`` group the pair's level belongs to.
     pair_val : array (P, d1, d1)
         Summed outer products ``v_a v_b'`` over the levels of that group.
+    B : array (q_rest, M1, d1)
+        ``B`` held dense, when ``layout.dense_b`` (then the pair arrays are
+        empty); empty otherwise. See :func:`build_structure` for the choice.
     C : array (q_rest, q_rest)
         Dense ``Z_rest' Z_rest``.
     refs, z : tuples of arrays
@@ -110,6 +114,7 @@ class Structure:
     pair_entry: jax.Array
     pair_group: jax.Array
     pair_val: jax.Array
+    B: jax.Array
     C: jax.Array
     refs: tuple
     z: tuple
@@ -117,7 +122,7 @@ class Structure:
 
     _FIELDS = (
         "G1", "Gw", "wgroup", "b_row", "b_lev", "b_val", "pair_entry", "pair_group",
-        "pair_val", "C", "refs", "z",
+        "pair_val", "B", "C", "refs", "z",
     )  # fmt: skip
 
     @property
@@ -211,7 +216,28 @@ def _pairs(b_row, b_lev, b_val, wgroup, n_wgroups, q_rest):
     return uniq // n_wgroups, uniq % n_wgroups, val
 
 
-def build_structure(terms: list[Term] | tuple[Term, ...], dtype=np.float64) -> Structure:
+def dense_b_pays(counts: np.ndarray, q_rest: int, d1: int, max_entries: float = 2.5e7) -> bool:
+    """Cost model: hold ``B`` dense when its products are cheaper than the pair scatter.
+
+    The sparse form assembles ``B W B'`` by a scatter over every pair of B rows
+    that share a level of term 1, ``sum_j k_j (k_j + 1) / 2`` pairs of ``d1 x d1``
+    products (``k_j`` rows at level j): cheap when levels are sparse (InstEval:
+    each student rated a few lecturers) and ruinous when they are dense (eeg:
+    every subject saw every item, 4.3 million pairs). The dense form is one
+    (q_rest x q1) by (q1 x q_rest) matrix product. A scattered pair costs about
+    as much as 8 BLAS multiply-adds per entry on a CPU (measured with
+    ``benchmarks/gradient_cost.py``), and B must fit in ``max_entries`` numbers.
+    """
+    q1 = counts.size * d1
+    if q_rest * q1 > max_entries:
+        return False
+    pairs = float(np.sum(counts * (counts + 1) / 2.0))
+    return q_rest * q1 * (q_rest + d1) <= 8.0 * pairs * d1 * d1
+
+
+def build_structure(
+    terms: list[Term] | tuple[Term, ...], dtype=np.float64, schur: str = "auto"
+) -> Structure:
     """Precompute the theta-free parts of the blocked factorisation.
 
     Parameters
@@ -220,6 +246,9 @@ def build_structure(terms: list[Term] | tuple[Term, ...], dtype=np.float64) -> S
         Random-effect terms, first term the one with most levels.
     dtype : numpy dtype
         Floating-point type of the arrays.
+    schur : {"auto", "sparse", "dense"}
+        How ``B = Z_rest' Z_1`` enters the Schur complement: as aggregated
+        pairs, dense, or chosen by :func:`dense_b_pays`.
 
     Returns
     -------
@@ -239,10 +268,24 @@ def build_structure(terms: list[Term] | tuple[Term, ...], dtype=np.float64) -> S
     Gw = Gw.reshape(-1, d1, d1)
     wgroup = wgroup.reshape(-1)
 
+    if schur not in ("auto", "sparse", "dense"):
+        raise ValueError(f"schur must be 'auto', 'sparse' or 'dense', got {schur!r}")
+    dense_b = False
+    B = np.zeros((0, m1, d1))
     if q_rest:
         ridx, rval = _rest_rows(terms, layouts)
         b_row, b_lev, b_val = _b_coo(first, ridx, rval, q_rest)
-        pair_entry, pair_group, pair_val = _pairs(b_row, b_lev, b_val, wgroup, Gw.shape[0], q_rest)
+        counts = np.bincount(b_lev, minlength=m1)
+        dense_b = schur == "dense" or (schur == "auto" and dense_b_pays(counts, q_rest, d1))
+        if dense_b:
+            B = np.zeros((q_rest, m1, d1))
+            B[b_row, b_lev, :] = b_val
+            pair_entry = pair_group = np.zeros(0, np.int64)
+            pair_val = np.zeros((0, d1, d1))
+        else:
+            pair_entry, pair_group, pair_val = _pairs(
+                b_row, b_lev, b_val, wgroup, Gw.shape[0], q_rest
+            )
         k = ridx.shape[1]
         ia = np.repeat(ridx, k, axis=1).reshape(-1)
         ib = np.tile(ridx, (1, k)).reshape(-1)
@@ -267,10 +310,11 @@ def build_structure(terms: list[Term] | tuple[Term, ...], dtype=np.float64) -> S
         pair_entry=i(pair_entry),
         pair_group=i(pair_group),
         pair_val=f(pair_val),
+        B=f(B),
         C=f(C),
         refs=tuple(i(t.refs) for t in terms),
         z=tuple(f(t.z) for t in terms),
-        layout=Layout(layouts, q_rest, int(Gw.shape[0])),
+        layout=Layout(layouts, q_rest, int(Gw.shape[0]), bool(dense_b)),
     )
 
 
