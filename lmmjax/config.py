@@ -41,7 +41,7 @@ __all__ = ["FitConfig", "load_config", "validate_config"]
 Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 
 # Top-level keys that may be written empty (``reml:``) to mean "all defaults".
-_OPTIONAL_SECTIONS = ("categorical", "reml", "nuts", "map", "sparse")
+_OPTIONAL_SECTIONS = ("categorical", *dict.fromkeys(m.section for m in METHODS.values()))
 
 
 class FitConfig(BaseModel):

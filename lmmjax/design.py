@@ -51,6 +51,8 @@ class Model:
     fixed_spec: object = field(repr=False, default=None)
     """formulaic spec that rebuilds X's columns (before aliased ones are dropped)."""
     n_dropped: int = 0
+    full_rank: bool = True
+    """Whether X has full column rank (always, unless built with ``drop_aliased=False``)."""
     dropped_fixef: tuple[str, ...] = ()
     fixed_columns: tuple[int, ...] = ()
     factor_columns: tuple[str, ...] = ()
@@ -84,6 +86,14 @@ class Model:
     def ngroups(self) -> dict[str, int]:
         """Levels of each grouping factor, ``{factor: M}``."""
         return {t.group: t.nlevels for t in self.terms}
+
+    def require_full_rank(self, method: str) -> None:
+        """Raise :class:`LmmInputError` unless X has full column rank, which ``method`` needs."""
+        if not self.full_rank:
+            raise LmmInputError(
+                f"method {method!r} needs a full-rank fixed-effect matrix, and this model's "
+                f"{self.p} columns are linearly dependent; build it with drop_aliased=True"
+            )
 
     def dims(self) -> dict:
         """Dimensions of the model as a plain dictionary."""
@@ -340,6 +350,9 @@ def build_model(
     y = _response(data, parsed.response)
     X, names, spec = model_matrix(parsed.fixed, data, context="fixed-effect formula")
     keep = full_rank_columns(X) if drop_aliased else np.arange(X.shape[1])
+    full_rank = drop_aliased or (
+        X.shape[1] <= X.shape[0] and len(full_rank_columns(X)) == X.shape[1]
+    )
     dropped = tuple(n for k, n in enumerate(names) if k not in set(keep))
     if dropped:
         warnings.warn(
@@ -368,6 +381,7 @@ def build_model(
         data=data,
         fixed_spec=spec,
         n_dropped=n_dropped,
+        full_rank=bool(full_rank),
         dropped_fixef=dropped,
         fixed_columns=tuple(int(k) for k in keep),
         factor_columns=factor_columns,

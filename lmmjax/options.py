@@ -202,9 +202,6 @@ class NutsOptions(Options):
         Path of an ArviZ netCDF file with the posterior draws.
     progress_bar : bool
         Show a progress bar while sampling.
-    time_phases : bool
-        Time warm-up (with compilation) and sampling (without) separately, for
-        benchmarks; NumPyro then runs the sampling phase twice.
     """
 
     backend: Literal["numpyro", "blackjax"] = "numpyro"
@@ -223,7 +220,6 @@ class NutsOptions(Options):
     fast_path: StrictBool | None = None
     netcdf: str | None = None
     progress_bar: StrictBool = True
-    time_phases: StrictBool = False
 
     @field_validator("marginalize", mode="before")
     @classmethod

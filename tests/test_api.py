@@ -51,8 +51,10 @@ def test_api_rejects_what_the_config_rejects(method, option, key):
 def test_reml_flag_is_checked_and_maps_to_ml():
     with pytest.raises(LmmInputError, match="option 'reml' must be True or False"):
         lmmjax.lmm(*DYE, reml="no")
-    with pytest.raises(LmmInputError, match="applies to methods reml and ml"):
+    with pytest.raises(LmmInputError, match="contradicts method='nuts'"):
         lmmjax.lmm(*DYE, method="nuts", reml=False)
+    with pytest.raises(LmmInputError, match="contradicts method='ml'"):
+        lmmjax.lmm(*DYE, method="ml", reml=True)
     assert lmmjax.lmm(*DYE, reml=False).method == "ml"
     assert lmmjax.lmm(*DYE, method="ml").method == "ml"
 

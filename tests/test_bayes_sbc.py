@@ -28,7 +28,7 @@ PRIORS = {"beta": {"loc": 0.0, "scale": 1.0}, "sigma": {"scale": 1.0}, "sd": {"s
 def test_sbc_ranks_are_uniform():
     rng = np.random.default_rng(7)
     n_groups, per_group, reps, thin = 8, 3, 120, 5
-    settings = NutsOptions(num_warmup=300, num_samples=99 * thin, num_chains=1,
+    options = NutsOptions(num_warmup=300, num_samples=99 * thin, num_chains=1,
                                progress_bar=False)  # fmt: skip
     g = np.repeat(np.arange(n_groups), per_group)
     ranks = {"beta": [], "sigma": [], "sd": [], "b0": []}
@@ -40,7 +40,7 @@ def test_sbc_ranks_are_uniform():
         bm = build_bayes_model(model, marginalize="all", priors=PRIORS)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            draws = run_sampler(bm, settings.model_copy(update={"seed": rep}))
+            draws = run_sampler(bm, options.model_copy(update={"seed": rep}))
         s = {k: v[0, ::thin] for k, v in draws.samples.items()}
         eff = recover_effects(s, bm.data, bm.spec, draws.keys["recovery"])[0]
         ranks["beta"].append(np.sum(s["beta"][:, 0] < beta))

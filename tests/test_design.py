@@ -17,6 +17,7 @@ from lmmjax.datasets import load_bundled
 from lmmjax.design import build_model
 from lmmjax.errors import LmmInputError
 from lmmjax.linalg import z_times
+from lmmjax.reml import fit_reml
 
 # --------------------------------------------------------------------------------------
 # Z u: refs and z reproduce the dense design exactly
@@ -440,6 +441,8 @@ def test_drop_aliased_false_keeps_more_columns_than_rows():
     df["g"] = np.repeat(np.arange(6), 5)
     formula = "y ~ " + " + ".join(df.columns[:p]) + " + (1 | g)"
     model = build_model(df, formula, drop_aliased=False)
-    assert model.X.shape == (n, p + 1) and not model.dropped_fixef
+    assert model.X.shape == (n, p + 1) and not model.dropped_fixef and not model.full_rank
+    with pytest.raises(LmmInputError, match="needs a full-rank fixed-effect matrix"):
+        fit_reml(model)
     with pytest.warns(UserWarning, match="rank deficient"):
         assert build_model(df, formula).p == n

@@ -12,6 +12,7 @@ from lmmjax.bayes.model import BayesModel, build_bayes_model
 from lmmjax.bayes.recovery import recover_effects
 from lmmjax.bayes.result import BayesFit, build_inference_data
 from lmmjax.bayes.samplers import run_sampler
+from lmmjax.cache import compile_seconds
 from lmmjax.options import NutsOptions, takes_options
 
 __all__ = ["NutsWarning", "fit_nuts", "sample_model"]
@@ -31,7 +32,7 @@ def check_diagnostics(fit: BayesFit) -> None:
     """Report divergences and r_hat > 1.01 loudly."""
     n_div = fit.divergences
     if n_div:
-        total = fit.settings.num_chains * fit.settings.num_samples
+        total = fit.options.num_chains * fit.options.num_samples
         _loud(
             f"{n_div} of {total} post-warm-up transitions diverged: the posterior may be "
             "biased; raise target_accept, or change marginalize / the priors"
@@ -47,13 +48,13 @@ def check_diagnostics(fit: BayesFit) -> None:
         )
 
 
-def sample_model(bm: BayesModel, settings: NutsOptions) -> BayesFit:
+def sample_model(bm: BayesModel, options: NutsOptions) -> BayesFit:
     """Sample a built Bayesian model and recover its marginalised effects.
 
     Parameters
     ----------
     bm : BayesModel
-    settings : NutsOptions
+    options : NutsOptions
         Only the sampler's options are read; the model options are ``bm``'s.
 
     Returns
@@ -61,17 +62,20 @@ def sample_model(bm: BayesModel, settings: NutsOptions) -> BayesFit:
     BayesFit
     """
     start = time.perf_counter()
-    draws = run_sampler(bm, settings)
+    draws = run_sampler(bm, options)
+    compile0 = compile_seconds()
     t0 = time.perf_counter()
     chains, ndraw = draws.samples["beta"].shape[:2]
     flat = {k: v.reshape(chains * ndraw, *v.shape[2:]) for k, v in draws.samples.items()}
     effects = recover_effects(flat, bm.data, bm.spec, draws.keys["recovery"])
     effects = tuple(np.asarray(e).reshape(chains, ndraw, *e.shape[1:]) for e in effects)
-    rec = time.perf_counter() - t0
+    rec_compile = compile_seconds() - compile0
+    rec = time.perf_counter() - t0 - rec_compile
     idata = build_inference_data(bm, draws, effects)
     fit = BayesFit(
-        bm=bm, idata=idata, settings=settings, warmup_seconds=draws.warmup_seconds,
+        bm=bm, idata=idata, options=options, warmup_seconds=draws.warmup_seconds,
         sampling_seconds=draws.sampling_seconds, recovery_seconds=rec,
+        compile_seconds=draws.compile_seconds + rec_compile, grad_evals=dict(draws.grad_evals),
     )  # fmt: skip
     fit.posterior_summary()
     fit.seconds = time.perf_counter() - start

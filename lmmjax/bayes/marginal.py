@@ -60,7 +60,7 @@ class KernelData(NamedTuple):
         Blocked system of the marginalised terms (None when none is marginalised).
     xp : CrossProducts or None
         ``Z' [X y]`` and ``[X y]' [X y]`` when every term is marginalised: the
-        residual's cross products are then ``xp.combine([-beta, 1])``, and an
+        residual's cross products are then ``xp.residual(beta)``, and an
         evaluation never touches the N rows.
     refs, z : tuples of arrays
         Level index and lhs columns of every term, in model order.
@@ -90,7 +90,7 @@ def residual_products(beta, effects, data: KernelData) -> CrossProducts:
     O(N d) segment sums otherwise.
     """
     if data.xp is not None:
-        return data.xp.combine(jnp.concatenate([-beta, jnp.ones(1, beta.dtype)]))
+        return data.xp.residual(beta)
     return cross_products(data.struct, residual(beta, effects, data))
 
 
@@ -136,8 +136,7 @@ def marginal_loglik(
     """
     n = data.y.shape[0]
     if fast:
-        coef = jnp.concatenate([-beta, jnp.ones(1, beta.dtype)])
-        logdet_V, gram = eigen_gls_gram(data.eig, scale / sigma, data.eig.products.combine(coef))
+        logdet_V, gram = eigen_gls_gram(data.eig, scale / sigma, data.eig.products.residual(beta))
     elif any(marginal):
         sub = tuple(c for c, m in zip(cov_factors, marginal, strict=True) if m)
         lambdas = relative_factors(sub, sigma)

@@ -43,7 +43,9 @@ __all__ = [
     "BayesSpec",
     "build_bayes_model",
     "cov_factors_from_params",
+    "effects_from_params",
     "lmm_model",
+    "loglik_from_params",
     "safe_name",
 ]
 
@@ -297,7 +299,8 @@ def _resolve_fixed(fixed_scales, terms, names) -> tuple:
             if arr.size == 1:
                 arr = np.repeat(arr, t.d)
             if arr.size != t.d:
-                raise LmmInputError(f"fixed_scales: {n!r} needs 1 or {t.d} values, got {arr.size}")
+                wanted = "1 value" if t.d == 1 else f"1 or {t.d} values"
+                raise LmmInputError(f"fixed_scales: {n!r} needs {wanted}, got {arr.size}")
             out.append(tuple(float(a) for a in arr))
     return tuple(out)
 
@@ -337,6 +340,7 @@ def build_bayes_model(
     -------
     BayesModel
     """
+    model.require_full_rank("nuts")
     terms = list(model.terms)
     if not terms:
         raise LmmInputError("the Bayesian LMM needs at least one random-effect term")

@@ -10,7 +10,6 @@ draws are mapped with ``jax.lax.map`` (batched ``vmap``) over the posterior.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from lmmjax.bayes.marginal import KernelData, relative_factors, residual_products
 from lmmjax.bayes.model import BayesSpec, cov_factors_from_params, effects_from_params
@@ -45,7 +44,7 @@ def draw_effects(params, data: KernelData, spec: BayesSpec, key) -> tuple:
     sigma, beta = params["sigma"], params["beta"]
     if spec.fast:
         scale = params["sd_shared"] if spec.shared_scale else 1.0
-        rot = data.eig.products.combine(jnp.concatenate([-beta, jnp.ones(1, beta.dtype)]))
+        rot = data.eig.products.residual(beta)
         return eigen_moments(data.struct, data.eig, scale / sigma, rot, sigma, key=key).draw
     xp = residual_products(beta, effects, data)
     sub = tuple(c for c, m in zip(factors, spec.marginal, strict=True) if m)

@@ -122,25 +122,34 @@ class BayesFit:
     idata : arviz.InferenceData
         Posterior (fixed effects, scales, correlations, random effects),
         ``sample_stats`` and ``observed_data``.
-    settings : lmmjax.options.NutsOptions
+    options : lmmjax.options.NutsOptions
     seconds : float
-        Wall time of the whole fit (warm-up, sampling, recovery, output).
+        Wall time of the whole fit (compilation, warm-up, sampling, recovery, output).
     warmup_seconds, sampling_seconds, recovery_seconds : float
+        Wall time of each phase without compilation.
+    compile_seconds : float
+        Tracing and compiling of the sampler and the recovery.
+    grad_evals : dict
+        ``{"warmup": n, "sampling": n}``: gradient evaluations (leapfrog steps)
+        summed over chains; ``sampling_seconds / grad_evals["sampling"]`` is
+        the cost of one gradient.
     """
 
     bm: object
     idata: az.InferenceData
-    settings: object
+    options: object
     seconds: float = float("nan")
     warmup_seconds: float = float("nan")
     sampling_seconds: float = float("nan")
     recovery_seconds: float = float("nan")
+    compile_seconds: float = float("nan")
+    grad_evals: dict = field(default_factory=dict)
     _table: pd.DataFrame | None = field(default=None, repr=False)
 
     method = "nuts"
 
     def __repr__(self) -> str:
-        s = self.settings
+        s = self.options
         return (
             f"BayesFit({self.model.formula!r}, NUTS {s.backend}, {s.num_chains} chains x "
             f"{s.num_samples} draws, nobs={self.nobs}, divergences={self.divergences})"
@@ -345,11 +354,16 @@ class BayesFit:
     def to_dict(self) -> dict:
         """The JSON result: the shared keys with posterior means, plus ``posterior``."""
         spec = self.bm.spec
-        nuts = self.settings.model_dump()
-        nuts.update(
+        nuts = self.options.model_dump()
+        fixed = {g: list(f) for g, f in zip(self.bm.term_names, spec.fixed_sd, strict=True) if f}
+        nuts.update(  # the model's options as the model was built (bm may come from elsewhere)
+            likelihood=spec.likelihood, fixed_scales=fixed, shared_scale=spec.shared_scale,
+            fast_path=spec.fast,
             marginalize=[g for g, m in zip(self.bm.term_names, spec.marginal, strict=True) if m],
             eigen_fast_path=spec.fast, warmup_seconds=self.warmup_seconds,
             sampling_seconds=self.sampling_seconds, recovery_seconds=self.recovery_seconds,
+            compile_seconds=self.compile_seconds, grad_evals=self.grad_evals,
+            seconds_per_gradient=self.seconds_per_gradient(),
             priors=spec.priors.to_dict(self.model.fixef_names, self.bm.term_names),
         )  # fmt: skip
         return result_dict(
@@ -367,17 +381,15 @@ class BayesFit:
         return str(path)
 
     def _header(self, table) -> str:
-        """Model, sampler settings, timings and diagnostics, above the summary table."""
-        s, spec = self.settings, self.bm.spec
+        """Model, sampler options, timings and diagnostics, above the summary table."""
+        s, spec = self.options, self.bm.spec
         r = table["r_hat"].to_numpy(dtype=float)
         r = r[np.isfinite(r)]
         max_rhat = f"{r.max():.3f}" if r.size else "n/a (one chain)"
-        if np.isfinite(self.warmup_seconds):
-            phases = (
-                f"warm-up {self.warmup_seconds:.1f} s, sampling {self.sampling_seconds:.1f} s, "
-            )
-        else:
-            phases = f"warm-up and sampling {self.sampling_seconds:.1f} s, "
+        phases = (
+            f"compile {self.compile_seconds:.1f} s, warm-up {self.warmup_seconds:.1f} s, "
+            f"sampling {self.sampling_seconds:.1f} s, "
+        )
         marg = [g for g, m in zip(self.bm.term_names, spec.marginal, strict=True) if m]
         lines = [
             f"Bayesian linear mixed model (NUTS, {s.backend}): {self.model.formula}",
@@ -386,9 +398,21 @@ class BayesFit:
             + ("; eigendecomposition fast path" if spec.fast else ""),
             f"  {s.num_chains} chains x {s.num_samples} draws after {s.num_warmup} warm-up; "
             f"{self.seconds:.1f} s ({phases}recovery {self.recovery_seconds:.1f} s)",
-            f"  divergences: {self.divergences}; max r_hat: {max_rhat}",
+            f"  divergences: {self.divergences}; max r_hat: {max_rhat}; {self._per_gradient()}",
         ]
         return "\n".join(lines)
+
+    def seconds_per_gradient(self) -> float:
+        """Sampling seconds per gradient evaluation (per chain, chains run together)."""
+        n = self.grad_evals.get("sampling", 0)
+        return self.sampling_seconds * self.options.num_chains / n if n else float("nan")
+
+    def _per_gradient(self) -> str:
+        n = self.grad_evals.get("sampling", 0)
+        if not n:
+            return "no gradient count"
+        return (f"{n + self.grad_evals.get('warmup', 0)} gradient evaluations, "
+                f"{1e3 * self.seconds_per_gradient():.3g} ms each while sampling")  # fmt: skip
 
     def __str__(self) -> str:
         return self.summary()

@@ -21,7 +21,7 @@ import numpy as np
 from numpyro.infer.util import constrain_fn, potential_energy
 
 from lmmjax.bayes.model import BayesModel, BayesSpec, lmm_model
-from lmmjax.cache import compiled, memo
+from lmmjax.cache import compile_seconds, compiled
 from lmmjax.options import NutsOptions
 
 __all__ = ["Draws", "run_sampler"]
@@ -40,9 +40,12 @@ class Draws:
         ``acceptance_rate``, ``energy`` and ``lp`` (log joint density), shape
         (chains, draws).
     warmup_seconds, sampling_seconds : float
-        Wall time of the two phases (warm-up includes compilation). When the
-        phases are not timed separately, ``warmup_seconds`` is NaN and
-        ``sampling_seconds`` covers both.
+        Wall time of the two phases, each without compilation.
+    compile_seconds : float
+        Time spent tracing and compiling the sampler's programs (both phases).
+    grad_evals : dict
+        ``{"warmup": n, "sampling": n}``: leapfrog steps (gradient evaluations)
+        summed over chains and iterations.
     keys : dict
         The recovery key (``"recovery"``) derived from the seed.
     """
@@ -51,7 +54,21 @@ class Draws:
     stats: dict
     warmup_seconds: float
     sampling_seconds: float
+    compile_seconds: float = 0.0
+    grad_evals: dict = field(default_factory=dict)
     keys: dict = field(default_factory=dict)
+
+
+class _Phase:
+    """Times a block: wall seconds and the compile seconds spent inside it."""
+
+    def __enter__(self) -> _Phase:
+        self.start, self.compile0 = time.perf_counter(), compile_seconds()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.compile = compile_seconds() - self.compile0
+        self.seconds = time.perf_counter() - self.start - self.compile
 
 
 def _keys(seed: int) -> dict:
@@ -70,28 +87,23 @@ def _tree_depth(n_steps: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------
 
 
-def _numpyro_mcmc(spec: BayesSpec, s: NutsOptions, shapes):
-    """A cached ``numpyro.infer.MCMC`` (its compiled kernels are reused across runs)."""
+def _numpyro_mcmc(spec: BayesSpec, s: NutsOptions):
+    """A fresh ``numpyro.infer.MCMC``: a reused one carries state between runs.
+
+    Its programs still compile from the persistent XLA cache after the first
+    run of a model shape.
+    """
     from numpyro.infer import MCMC, NUTS
 
-    def build():
-        kernel = NUTS(
-            partial(lmm_model, spec=spec), target_accept_prob=s.target_accept,
-            max_tree_depth=s.max_tree_depth, dense_mass=s.dense_mass,
-        )  # fmt: skip
-        return MCMC(
-            kernel, num_warmup=s.num_warmup, num_samples=s.num_samples,
-            num_chains=s.num_chains, chain_method="vectorized",
-            progress_bar=s.progress_bar, jit_model_args=True,
-        )  # fmt: skip
-
-    key = ("numpyro.MCMC", spec, s.num_warmup, s.num_samples, s.num_chains, s.target_accept,
-           s.max_tree_depth, s.dense_mass, s.progress_bar, s.time_phases, shapes)  # fmt: skip
-    return memo(key, build)
-
-
-def _shapes(data) -> tuple:
-    return tuple((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(data))
+    kernel = NUTS(
+        partial(lmm_model, spec=spec), target_accept_prob=s.target_accept,
+        max_tree_depth=s.max_tree_depth, dense_mass=s.dense_mass,
+    )  # fmt: skip
+    return MCMC(
+        kernel, num_warmup=s.num_warmup, num_samples=s.num_samples,
+        num_chains=s.num_chains, chain_method="vectorized",
+        progress_bar=s.progress_bar, jit_model_args=True,
+    )  # fmt: skip
 
 
 def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
@@ -100,25 +112,17 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
     init = bm.init_params(keys["init"], s.num_chains)
     if s.num_chains == 1:
         init = jax.tree.map(lambda a: a[0], init)
-    mcmc = _numpyro_mcmc(bm.spec, s, _shapes(bm.data))
+    mcmc = _numpyro_mcmc(bm.spec, s)
     fields = ("diverging", "num_steps", "adapt_state.step_size", "accept_prob", "energy",
               "potential_energy")  # fmt: skip
-    start = time.perf_counter()
-    warm = float("nan")
-    if s.time_phases:
-        mcmc.warmup(keys["warmup"], bm.data, init_params=init, collect_warmup=False)
-        adapted = jax.block_until_ready(mcmc.post_warmup_state)
-        warm = time.perf_counter() - start
-        # the first sampling run compiles the sampling loop; time a second, identical one
+    with _Phase() as warm:
+        mcmc.warmup(keys["warmup"], bm.data, init_params=init, extra_fields=("num_steps",),
+                    collect_warmup=True)  # fmt: skip
+        warm_steps = int(np.sum(mcmc.get_extra_fields()["num_steps"]))
+        jax.block_until_ready(mcmc.post_warmup_state)
+    with _Phase() as sample:
         mcmc.run(keys["sample"], bm.data, extra_fields=fields)
-        jax.block_until_ready(mcmc.get_samples())
-        mcmc.post_warmup_state = adapted
-        start = time.perf_counter()
-        mcmc.run(keys["sample"], bm.data, extra_fields=fields)
-    else:  # one compiled loop for warm-up and sampling
-        mcmc.run(keys["warmup"], bm.data, init_params=init, extra_fields=fields)
-    samples = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))
-    sampling = time.perf_counter() - start
+        samples = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))
     extra = mcmc.get_extra_fields(group_by_chain=True)
     n_steps = np.asarray(extra["num_steps"])
     stats = {
@@ -131,7 +135,9 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
         "lp": -np.asarray(extra["potential_energy"]),
     }
     samples = {k: np.asarray(v) for k, v in samples.items()}
-    return Draws(samples, stats, warm, sampling, keys)
+    grads = {"warmup": warm_steps, "sampling": int(n_steps.sum())}
+    return Draws(samples, stats, warm.seconds, sample.seconds, warm.compile + sample.compile,
+                 grads, keys)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------
@@ -153,11 +159,12 @@ def _bj_warmup(keys, init, data, *, spec, num_steps, dense, target, depth):
     def one(key, position):
         adapt = blackjax.window_adaptation(
             blackjax.nuts, logdensity, is_mass_matrix_diagonal=not dense,
-            target_acceptance_rate=target, adaptation_info_fn=get_filter_adapt_info_fn(),
-            max_num_doublings=depth,
+            target_acceptance_rate=target, max_num_doublings=depth,
+            adaptation_info_fn=get_filter_adapt_info_fn(info_keys={"num_integration_steps"}),
         )  # fmt: skip
-        (state, params), _ = adapt.run(key, position, num_steps=num_steps)
-        return state, params["step_size"], params["inverse_mass_matrix"]
+        (state, params), info = adapt.run(key, position, num_steps=num_steps)
+        steps = jnp.sum(info.info.num_integration_steps)
+        return state, params["step_size"], params["inverse_mass_matrix"], steps
 
     return jax.vmap(one)(keys, init)
 
@@ -203,30 +210,26 @@ def run_blackjax(bm: BayesModel, s: NutsOptions) -> Draws:
     init = bm.init_params(keys["init"], s.num_chains)
     spec, data = bm.spec, bm.data
     bar = tqdm(total=s.num_warmup + s.num_samples, disable=not s.progress_bar, desc="warmup")
-    start = time.perf_counter()
     wkeys = jax.random.split(keys["warmup"], s.num_chains)
-    warmup, _ = compiled(
-        _bj_warmup, wkeys, init, data, spec=spec, num_steps=max(s.num_warmup, 1),
-        dense=s.dense_mass, target=s.target_accept, depth=s.max_tree_depth,
-    )  # fmt: skip
-    states, eps, imm = warmup(wkeys, init, data)
-    jax.block_until_ready(states)
-    warm = time.perf_counter() - start
+    with _Phase() as warm:
+        warmup, _ = compiled(
+            _bj_warmup, wkeys, init, data, spec=spec, num_steps=max(s.num_warmup, 1),
+            dense=s.dense_mass, target=s.target_accept, depth=s.max_tree_depth,
+        )  # fmt: skip
+        states, eps, imm, warm_steps = jax.block_until_ready(warmup(wkeys, init, data))
     bar.update(s.num_warmup)
     bar.set_description("sample")
     chunks = _chunks(s.num_samples, s.progress_bar)
-    # compiled ahead, so that with time_phases the sampling time excludes compilation
-    step, _ = compiled(_bj_sample, wkeys, states, eps, imm, data, spec=spec,
-                       num_steps=chunks[0], depth=s.max_tree_depth)  # fmt: skip
-    start = time.perf_counter()
-    outs = []
-    for i, n in enumerate(chunks):
-        ckeys = jax.random.split(jax.random.fold_in(keys["sample"], i), s.num_chains)
-        states, out = step(ckeys, states, eps, imm, data)
-        outs.append(jax.block_until_ready(out))
-        bar.update(n)
+    with _Phase() as sample:
+        step, _ = compiled(_bj_sample, wkeys, states, eps, imm, data, spec=spec,
+                           num_steps=chunks[0], depth=s.max_tree_depth)  # fmt: skip
+        outs = []
+        for i, n in enumerate(chunks):
+            ckeys = jax.random.split(jax.random.fold_in(keys["sample"], i), s.num_chains)
+            states, out = step(ckeys, states, eps, imm, data)
+            outs.append(jax.block_until_ready(out))
+            bar.update(n)
     bar.close()
-    sampling = time.perf_counter() - start
     out = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *outs)
     positions, div, depth, n_steps, acc, energy, lp = out
     flat = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), positions)
@@ -246,23 +249,25 @@ def run_blackjax(bm: BayesModel, s: NutsOptions) -> Draws:
         "energy": np.asarray(energy),
         "lp": np.asarray(lp),
     }
-    return Draws(samples, stats, warm, sampling, keys)
+    grads = {"warmup": int(np.sum(warm_steps)), "sampling": int(np.sum(n_steps))}
+    return Draws(samples, stats, warm.seconds, sample.seconds, warm.compile + sample.compile,
+                 grads, keys)  # fmt: skip
 
 
-def run_sampler(bm: BayesModel, settings: NutsOptions) -> Draws:
-    """Run NUTS with the backend named in ``settings``.
+def run_sampler(bm: BayesModel, options: NutsOptions) -> Draws:
+    """Run NUTS with the backend named in ``options``.
 
     Parameters
     ----------
     bm : BayesModel
-    settings : NutsOptions
+    options : NutsOptions
 
     Returns
     -------
     Draws
     """
-    if settings.backend == "numpyro":
-        return run_numpyro(bm, settings)
-    if settings.backend == "blackjax":
-        return run_blackjax(bm, settings)
-    raise ValueError(f"unknown backend {settings.backend!r}; use 'numpyro' or 'blackjax'")
+    if options.backend == "numpyro":
+        return run_numpyro(bm, options)
+    if options.backend == "blackjax":
+        return run_blackjax(bm, options)
+    raise ValueError(f"unknown backend {options.backend!r}; use 'numpyro' or 'blackjax'")

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmmjax.linalg.blocked import Moments, effects, lambda_t, to_blocked
-from lmmjax.linalg.products import CrossProducts
+from lmmjax.linalg.products import CrossProducts, residual_coef
 from lmmjax.linalg.structure import Structure, dense_gram
 
 
@@ -38,6 +38,10 @@ class Rotated(NamedTuple):
         """The rotated products of the single column ``M coef``."""
         k = coef[:, None]
         return Rotated(self.c @ coef[:, None], k.T @ self.gram @ k)
+
+    def residual(self, beta: jax.Array) -> Rotated:
+        """For ``M = [X y]``: the rotated products of the residual ``y - X beta``."""
+        return self.combine(residual_coef(beta))
 
 
 class EigenSystem(NamedTuple):

@@ -39,6 +39,16 @@ class CrossProducts(NamedTuple):
         c = coef[:, None]
         return CrossProducts(self.first @ c, self.rest @ c, c.T @ self.gram @ c)
 
+    def residual(self, beta: jax.Array) -> CrossProducts:
+        """For ``M = [X y]``: the cross products of the residual ``y - X beta``."""
+        return self.combine(residual_coef(beta))
+
+
+def residual_coef(beta: jax.Array) -> jax.Array:
+    """``[-beta; 1]``, so that ``[X y] @ coef = y - X beta``."""
+    beta = jnp.asarray(beta)
+    return jnp.concatenate([-beta, jnp.ones(1, dtype=beta.dtype)])
+
 
 def zt_times(struct: Structure, M: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``Z' M`` in blocked form for ``M`` of shape (N,) or (N, k)."""

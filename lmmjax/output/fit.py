@@ -1,6 +1,7 @@
 """The Fit protocol every method's result follows, and the one JSON result schema.
 
-Every result has ``method``, ``fixef``, ``sigma``, ``varcorr`` and ``nobs``;
+Every result has ``method``, ``model``, ``fixef``, ``fixef_se``, ``sigma``,
+``theta``, ``varcorr``, ``nobs``, ``converged`` and ``seconds``;
 ``ranef()``; ``summary()`` (printable lme4-style text); ``to_dict()``; and a
 short ``repr``. :func:`result_dict` builds the keys shared by every method, so
 that a method's ``to_dict`` only adds its own; :func:`write_json` writes it.
@@ -24,12 +25,21 @@ class Fit(Protocol):
     """What every fitted model provides, whatever the method."""
 
     method: str
+    model: Any
+    converged: bool
+    seconds: float
 
     @property
     def fixef(self) -> pd.Series: ...
 
     @property
+    def fixef_se(self) -> pd.Series: ...
+
+    @property
     def sigma(self) -> float: ...
+
+    @property
+    def theta(self) -> np.ndarray: ...
 
     @property
     def varcorr(self) -> pd.DataFrame: ...

@@ -1,4 +1,4 @@
-"""Text tables in lme4's layout, shared by every method's printed summary."""
+"""Text tables in lme4's layout, for the methods' printed summaries."""
 
 from __future__ import annotations
 

@@ -64,6 +64,7 @@ def fit_reml(model, options: RemlOptions | None = None, *, reml: bool = True, **
     opts = RemlOptions.from_call(options, kwargs)
     if not isinstance(reml, bool):
         raise LmmInputError(f"option 'reml' must be True or False, got {reml!r}")
+    model.require_full_rank("reml" if reml else "ml")
     check_identifiable(model)
     struct = build_structure(model.terms, dtype=float_dtype())
     xp = cross_products(struct, np.column_stack([model.X, model.y]))

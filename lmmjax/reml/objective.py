@@ -88,6 +88,5 @@ def estimates(
     sigma = jnp.abs(r) / jnp.sqrt(n - p if reml else n)
     Linv = tri_solve(Lxx, jnp.eye(p, dtype=Lxx.dtype))  # p x p: the covariance is reported
     vcov = sigma**2 * Linv.T @ Linv
-    coef = jnp.concatenate([-beta, jnp.ones(1, dtype=beta.dtype)])
-    b = conditional_moments(struct, lambdas, xp.combine(coef), sigma).mean
+    b = conditional_moments(struct, lambdas, xp.residual(beta), sigma).mean
     return Estimates(objective, beta, sigma, vcov, b)

@@ -21,10 +21,10 @@ from lmmjax.reml.objective import estimates as compute_estimates
 __all__ = ["LmmFit"]
 
 
-def _condvar(theta, sigma, coef, struct, xp):
+def _condvar(theta, sigma, beta, struct, xp):
     """Conditional covariance blocks of every term at theta (compiled once per shape)."""
     lambdas = make_lambdas(theta, struct)
-    return conditional_moments(struct, lambdas, xp.combine(coef), sigma, cov=True).cov
+    return conditional_moments(struct, lambdas, xp.residual(beta), sigma, cov=True).cov
 
 
 @dataclass
@@ -146,8 +146,8 @@ class LmmFit:
     def _cond_var_blocks(self) -> list[np.ndarray]:
         """Each term's conditional covariance blocks (M_l, d_l, d_l), lme4's ``condVar``."""
         dtype = self._struct.dtype
-        coef = jnp.asarray(np.append(-self.beta, 1.0), dtype)
-        args = (jnp.asarray(self.theta, dtype), jnp.asarray(self.sigma, dtype), coef,
+        beta = jnp.asarray(self.beta, dtype)
+        args = (jnp.asarray(self.theta, dtype), jnp.asarray(self.sigma, dtype), beta,
                 self._struct, self._xp)  # fmt: skip
         run, _ = compiled(_condvar, *args)
         return [np.asarray(b, dtype=float) for b in run(*args)]
