@@ -10,6 +10,7 @@ draws are mapped with ``jax.lax.map`` (batched ``vmap``) over the posterior.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from lmmjax.bayes.marginal import KernelData, relative_factors, residual_products
 from lmmjax.bayes.model import BayesSpec, cov_factors_from_params, effects_from_params
@@ -91,6 +92,10 @@ def recover_effects(samples, data: KernelData, spec: BayesSpec, key, batch_size:
     if batch_size is None:
         batch_size = _default_batch(data, spec)
     keys = jax.random.split(key, n)
-    args = (dict(samples), keys, data)
-    run, _ = compiled(_recover, *args, spec=spec, batch_size=max(1, min(batch_size, n)))
-    return run(*args)
+    batch = max(1, min(batch_size, n))
+    # whole batches only: padded with repeats of the first draws, cut off afterwards
+    # (lax.map's separate remainder batch has been seen to stall XLA on the CPU)
+    idx = jnp.arange(-(-n // batch) * batch) % n
+    args = (jax.tree.map(lambda a: jnp.asarray(a)[idx], dict(samples)), keys[idx], data)
+    run, _ = compiled(_recover, *args, spec=spec, batch_size=batch)
+    return tuple(e[:n] for e in run(*args))

@@ -224,9 +224,12 @@ def dense_b_pays(counts: np.ndarray, q_rest: int, d1: int, max_entries: float = 
     products (``k_j`` rows at level j): cheap when levels are sparse (InstEval:
     each student rated a few lecturers) and ruinous when they are dense (eeg:
     every subject saw every item, 4.3 million pairs). The dense form is one
-    (q_rest x q1) by (q1 x q_rest) matrix product. A scattered pair costs about
-    as much as 8 BLAS multiply-adds per entry on a CPU (measured with
-    ``benchmarks/gradient_cost.py``), and B must fit in ``max_entries`` numbers.
+    (q_rest x q1) by (q1 x q_rest) matrix product. The factor 8 (a scattered
+    pair costs about as much as 8 multiply-adds of a dense product) is a rough
+    figure: eeg (dense 4 ms per gradient against 420 ms for the pairs, see
+    ``benchmarks/gradient_cost.py``) and InstEval (pairs; the dense product
+    would be 1142 x 2972 x 1142) fall far on either side of it. B must also fit
+    in ``max_entries`` numbers.
     """
     q1 = counts.size * d1
     if q_rest * q1 > max_entries:

@@ -1,0 +1,50 @@
+"""Smoke tests: each benchmark script runs its smallest setting and writes its outputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+DATA = Path(os.environ.get("LMMJAX_SHARED", BENCH.parents[1] / "shared")) / "data" / "bcogsci"
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=BENCH, capture_output=True, text=True, timeout=900
+    )
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="bcogsci data not available")
+def test_hmc_cognitive_smoke(tmp_path):
+    out = run("hmc_cognitive.py", "--smoke", "--datasets", "dutch", "stroop",
+              "--data-dir", str(DATA), "--out", str(tmp_path))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "cognitive.csv")
+    assert list(table.columns[:9]) == ["dataset", "variant", "seconds", "iter_per_s",
+                                       "ess_per_iter_mean", "ess_per_iter_min", "ess_per_s_min",
+                                       "divergences", "max_rhat"]  # fmt: skip
+    assert list(table["variant"]) == ["none", "M1", "M2", "all"]
+    assert (table["seconds"] > 0).all()
+    assert (tmp_path / "cognitive.png").stat().st_size > 0
+    assert "stroop" in (tmp_path / "cognitive.md").read_text()
+
+
+def test_hmc_cognitive_missing_data_exits_2(tmp_path):
+    out = run("hmc_cognitive.py", "--smoke", "--data-dir", str(tmp_path / "nowhere"))
+    assert out.returncode == 2 and "bcogsci" in out.stderr
+
+
+def test_hmc_insteval_smoke(tmp_path):
+    out = run("hmc_insteval.py", "--smoke", "--variants", "u3", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "insteval.csv")
+    assert list(table["variant"]) == ["u3"]
+    assert (table["ms_per_grad"] > 0).all()
+    text = (tmp_path / "insteval.md").read_text()
+    assert "paper s (A40)" in text and "631" in text
