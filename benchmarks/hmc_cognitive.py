@@ -31,7 +31,16 @@ from pathlib import Path
 import jax
 import pandas as pd
 
-from hmc_models import COGNITIVE, UNSUPPORTED, build, gradient_ms, markdown, measure, variants_of
+from hmc_models import (
+    COGNITIVE,
+    UNSUPPORTED,
+    build,
+    gradient_ms,
+    markdown,
+    measure,
+    run_arguments,
+    variants_of,
+)
 from lmmjax.bayes import NutsOptions
 
 COLUMNS = ["dataset", "variant", "seconds", "iter_per_s", "ess_per_iter_mean",
@@ -40,22 +49,12 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bcogsc
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--warmup", type=int, default=10_000)
-    p.add_argument("--samples", type=int, default=100_000)
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    p.add_argument("--backend", choices=["numpyro", "blackjax"], default="numpyro")
-    names = [*COGNITIVE, *UNSUPPORTED]
-    p.add_argument("--datasets", nargs="+", choices=names, default=names)
-    p.add_argument("--quick", action="store_true", help="300 + 500 iterations, seed 1")
-    p.add_argument("--smoke", action="store_true", help="a few iterations (for the tests)")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = p.parse_args(argv)
-    if args.quick or args.smoke:
-        args.warmup, args.samples = (300, 500) if args.quick else (20, 20)
-        args.seeds = args.seeds[:1]
-    return args
+    def add(p):
+        names = [*COGNITIVE, *UNSUPPORTED]
+        p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+        p.add_argument("--datasets", nargs="+", choices=names, default=names)
+
+    return run_arguments(__doc__.splitlines()[0], (300, 500), add, argv)
 
 
 def main(argv=None) -> int:
@@ -89,11 +88,13 @@ def main(argv=None) -> int:
                 row = measure(spec, variant, opts, lmm_model=base)
                 row.update(dataset=name, grad_ms_jit=ms)
                 rows.append(row)
+                pd.DataFrame(rows).to_csv(args.out / "cognitive-partial.csv", index=False)
                 print(f"  {name:9s} {variant:4s} seed {seed}: {row['seconds']:6.1f} s, "
                       f"{ms:7.3f} ms/grad, ESS/iter min {row['ess_per_iter_min']:.3f}, "
                       f"ESS/s min {row['ess_per_s_min']:.3g}", flush=True)  # fmt: skip
     frame = pd.DataFrame(rows)
-    extra = ["ms_per_grad", "grad_ms_jit", "compile_s", "warmup_s", "sampling_s", "seed"]
+    extra = ["ess_per_sampling_s_min", "ms_per_grad", "grad_ms_jit", "compile_s", "warmup_s",
+             "sampling_s", "seed"]  # fmt: skip
     frame[COLUMNS + extra].to_csv(args.out / "cognitive.csv", index=False)
     table = summarise(frame)
     text = "\n".join([
@@ -115,11 +116,14 @@ def main(argv=None) -> int:
 
 def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     """Means over seeds, and each variant's ESS/s against ``none`` on the same data."""
-    cols = ["seconds", "iter_per_s", "ess_per_iter_mean", "ess_per_iter_min", "ess_per_s_min",
-            "divergences", "max_rhat", "grad_ms_jit"]  # fmt: skip
+    cols = ["seconds", "compile_s", "iter_per_s", "ess_per_iter_mean", "ess_per_iter_min",
+            "ess_per_s_min", "ess_per_sampling_s_min", "divergences", "max_rhat",
+            "grad_ms_jit"]  # fmt: skip
     out = frame.groupby(["dataset", "variant"], sort=False)[cols].mean().reset_index()
-    none = out[out.variant == "none"].set_index("dataset")["ess_per_s_min"]
-    out["ESS/s vs none"] = out["ess_per_s_min"] / out["dataset"].map(none)
+    for col, label in [("ess_per_s_min", "ESS/s vs none"),
+                       ("ess_per_sampling_s_min", "sampling ESS/s vs none")]:  # fmt: skip
+        none = out[out.variant == "none"].set_index("dataset")[col]
+        out[label] = out[col] / out["dataset"].map(none)
     return out
 
 

@@ -30,7 +30,6 @@ import argparse
 import platform
 import sys
 import time
-from pathlib import Path
 
 import jax
 import pandas as pd
@@ -43,6 +42,7 @@ from hmc_models import (
     gradient_ms,
     markdown,
     measure,
+    run_arguments,
 )
 from lmmjax.bayes import NutsOptions
 
@@ -50,20 +50,10 @@ VARIANTS = ("none", "u1", "u2", "u3", "all", "general")
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--warmup", type=int, default=10_000)
-    p.add_argument("--samples", type=int, default=100_000)
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    p.add_argument("--backend", choices=["numpyro", "blackjax"], default="numpyro")
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--quick", action="store_true", help="500 + 1,000 iterations, seed 1")
-    p.add_argument("--smoke", action="store_true", help="a few iterations (for the tests)")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = p.parse_args(argv)
-    if args.quick or args.smoke:
-        args.warmup, args.samples = (500, 1000) if args.quick else (20, 20)
-        args.seeds = args.seeds[:1]
-    return args
+    def add(p):
+        p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+
+    return run_arguments(__doc__.splitlines()[0], (500, 1000), add, argv)
 
 
 def main(argv=None) -> int:
@@ -88,6 +78,7 @@ def main(argv=None) -> int:
             row = measure(model, variant, opts, lmm_model=base)
             row.update(warmup=warm, samples=samples, grad_ms_jit=ms)
             rows.append(row)
+            pd.DataFrame(rows).to_csv(args.out / "insteval.csv", index=False)  # so far
             print(f"    seed {seed}: {row['seconds']:.1f} s, {row['ms_per_grad']:.3f} ms/grad, "
                   f"min ESS/s {row['ess_per_s_min']:.3g}", flush=True)  # fmt: skip
     frame = pd.DataFrame(rows)
@@ -116,10 +107,12 @@ def summarise(frame: pd.DataFrame) -> pd.DataFrame:
     if "none" in num.index:
         out["x faster than none"] = num.loc["none", "seconds"] / num["seconds"]
     out["ms/grad"] = num["ms_per_grad"]
+    out["compile s"] = num["compile_s"]
     out["min ESS/s"] = num["ess_per_s_min"]
+    out["min ESS/sampling s"] = num["ess_per_sampling_s_min"]
     if "none" in num.index:
         out["ESS/s vs none"] = num["ess_per_s_min"] / num.loc["none", "ess_per_s_min"]
-    for col in [c for c in num.columns if c.startswith("ess_")]:
+    for col in [c for c in num.columns if c.startswith("ess_") and not c.startswith("ess_per")]:
         out[col.replace("ess_", "ESS ")] = num[col]
     out["divergences"] = num["divergences"]
     for col in [c for c in num.columns if c.startswith("rhat>")]:

@@ -295,11 +295,37 @@ def measure(model: PaperModel, variant: str, options: NutsOptions, data_dir=None
     row["ess_per_iter_mean"] = float(np.nanmean(ess_all)) / n
     row["ess_per_iter_min"] = float(np.nanmin(ess_all)) / n
     row["ess_per_s_min"] = float(np.nanmin(ess_all)) / seconds
+    row["ess_per_sampling_s_min"] = float(np.nanmin(ess_all)) / fit.sampling_seconds
     row["iter_per_s"] = options.num_samples / seconds
     row["max_rhat"] = float(np.nanmax(rhat_all))
     for thr in RHAT_THRESHOLDS:
         row[f"rhat>{thr}"] = int(np.sum(rhat_all > thr))
     return row
+
+
+def run_arguments(description: str, quick: tuple[int, int], add=None, argv=None):
+    """The run-length flags both paper scripts share, parsed; ``--quick`` and ``--smoke`` applied.
+
+    ``add(parser)`` adds a script's own flags.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--warmup", type=int, default=10_000)
+    p.add_argument("--samples", type=int, default=100_000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument("--backend", choices=["numpyro", "blackjax"], default="numpyro")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{quick[0]} + {quick[1]} iterations, first seed")  # fmt: skip
+    p.add_argument("--smoke", action="store_true", help="20 + 20 iterations (for the tests)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    if add is not None:
+        add(p)
+    args = p.parse_args(argv)
+    if args.quick or args.smoke:
+        args.warmup, args.samples = quick if args.quick else (20, 20)
+        args.seeds = args.seeds[:1]
+    return args
 
 
 def markdown(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:

@@ -96,6 +96,11 @@ def test_nuts_in_one_line_follows_the_protocol():
     assert "r_hat" in fit.posterior_summary().columns
     out = fit.to_dict()
     assert SHARED_KEYS <= set(out) and NUTS_KEYS <= set(out["nuts"])
+    nuts = out["nuts"]
+    assert nuts["warmup_seconds"] >= 0 and nuts["sampling_seconds"] >= 0
+    assert 0 <= nuts["compile_seconds"] <= fit.seconds
+    assert nuts["grad_evals"]["warmup"] >= 150 and nuts["grad_evals"]["sampling"] >= 2 * 100
+    assert nuts["seconds_per_gradient"] > 0
     assert list(fit.varcorr["group"]) == ["Batch", "Residual"]
     assert fit.ranef()["Batch"].shape == (6, 1)
     assert fit.theta.shape == (1,) and fit.nobs == 30
