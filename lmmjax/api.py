@@ -79,8 +79,7 @@ def lmm(
         if method not in ("reml", "ml") or (method == "ml" and reml):
             raise LmmInputError(f"option reml={reml} contradicts method={method!r}")
         entry = get_method("reml" if reml else "ml")
-    if not entry.built:
-        entry.fit(None, None)  # raises NotBuiltError before any data is read
+    entry.require_built()  # before any data is read
     opts = entry.options.from_call(None, options)
     if isinstance(categorical, str):
         categorical = [categorical]

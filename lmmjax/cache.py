@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,17 +50,6 @@ def compile_seconds() -> float:
     return _COMPILE["seconds"]
 
 
-def _remember(key: Hashable, build: Callable[[], Any]) -> tuple[Any, bool]:
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key], False
-    value = build()
-    _CACHE[key] = value
-    while len(_CACHE) > _MAX_ENTRIES:
-        _CACHE.popitem(last=False)
-    return value, True
-
-
 def _signature(args) -> tuple:
     leaves, treedef = jax.tree.flatten(args)
     shapes = tuple((jnp.shape(leaf), str(jnp.result_type(leaf))) for leaf in leaves)
@@ -87,13 +76,18 @@ def compiled(fn: Callable, *args, **static) -> tuple[Callable, float]:
         Time spent compiling now (0 when the executable was cached).
     """
     key = (fn, _signature(args), tuple(sorted(static.items())))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key], 0.0
     start = time.perf_counter()
-    value, new = _remember(key, lambda: jax.jit(partial(fn, **static)).lower(*args).compile())
-    return value, (time.perf_counter() - start) if new else 0.0
+    _CACHE[key] = jax.jit(partial(fn, **static)).lower(*args).compile()
+    while len(_CACHE) > _MAX_ENTRIES:
+        _CACHE.popitem(last=False)
+    return _CACHE[key], time.perf_counter() - start
 
 
 def clear() -> None:
-    """Forget every cached executable and object of this process."""
+    """Forget every cached executable of this process."""
     _CACHE.clear()
 
 

@@ -87,8 +87,7 @@ def run(config: str | Path, check: bool = False, output: str | None = None) -> i
     model = _build_model(cfg)
     if check:
         print(model.describe())
-        if not get_method(cfg.method).built:
-            raise NotBuiltError(f"method '{cfg.method}' is not built yet in this version of lmmjax")
+        get_method(cfg.method).require_built()
         print("config OK (no fit: --check)")
         return 0
     result = api.fit_model(model, cfg)

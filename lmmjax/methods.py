@@ -46,10 +46,14 @@ class Method:
     def built(self) -> bool:
         return self.fitter is not None
 
-    def fit(self, model: Any, options: Options | None) -> Any:
-        """Fit ``model`` with validated ``options`` (defaults when None)."""
+    def require_built(self) -> None:
+        """Raise :class:`NotBuiltError` if this version of lmmjax lacks the method."""
         if not self.built:
             raise NotBuiltError(f"method '{self.name}' is not built yet in this version of lmmjax")
+
+    def fit(self, model: Any, options: Options | None) -> Any:
+        """Fit ``model`` with validated ``options`` (defaults when None)."""
+        self.require_built()
         module, func = self.fitter.split(":")
         fitter = getattr(importlib.import_module(module), func)
         return fitter(model, options or self.options(), **self.fixed)

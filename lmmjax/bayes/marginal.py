@@ -9,8 +9,10 @@ pytree, jit-compatible and differentiable:
   :func:`lmmjax.linalg.gls_gram` on the blocked factorisation (one class:
   block-diagonal Woodbury, O(N d^2 + M d^3); several: the blocked Cholesky
   with its dense Schur block);
-* when every class is marginalised and every covariance is a known constant
-  times one scale, :func:`lmmjax.linalg.eigen_gls_gram` costs O(N + q^2).
+* when every class is marginalised the residual is ``y - X beta`` and its
+  cross products come from the precomputed ``Z' [X y]`` (``KernelData.xp``),
+  so no evaluation touches the N rows; if moreover every covariance is a known
+  constant times one scale, :func:`lmmjax.linalg.eigen_gls_gram` costs O(q p).
 
 With ``Sigma_l = C_l C_l'`` (``C_l`` the Cholesky factor of term l's
 covariance) the relative factors are ``Lambda_l = C_l / sigma``, the

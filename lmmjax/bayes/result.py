@@ -131,8 +131,8 @@ class BayesFit:
         Tracing and compiling of the sampler and the recovery.
     grad_evals : dict
         ``{"warmup": n, "sampling": n}``: gradient evaluations (leapfrog steps)
-        summed over chains; ``sampling_seconds / grad_evals["sampling"]`` is
-        the cost of one gradient.
+        summed over chains; :meth:`seconds_per_gradient` turns them into the
+        cost of one gradient of one chain.
     """
 
     bm: object

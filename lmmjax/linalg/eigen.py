@@ -37,7 +37,7 @@ class Rotated(NamedTuple):
     def combine(self, coef: jax.Array) -> Rotated:
         """The rotated products of the single column ``M coef``."""
         k = coef[:, None]
-        return Rotated(self.c @ coef[:, None], k.T @ self.gram @ k)
+        return Rotated(self.c @ k, k.T @ self.gram @ k)
 
     def residual(self, beta: jax.Array) -> Rotated:
         """For ``M = [X y]``: the rotated products of the residual ``y - X beta``."""
