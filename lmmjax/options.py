@@ -88,6 +88,10 @@ class Options(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def submodels(self) -> dict[str, str]:
+        """Linear predictors of other parameters the model needs built (``{"sigma": rhs}``)."""
+        return {}
+
     @classmethod
     def from_call(cls, options: Options | Mapping | None, overrides: Mapping) -> Options:
         """Validate ``options`` (a model or mapping) updated with keyword ``overrides``.
@@ -198,6 +202,10 @@ class NutsOptions(Options):
     fast_path : bool, optional
         Force (true) or forbid (false) the eigendecomposition fast path; by
         default it is used whenever it applies.
+    sigma : str, optional
+        A linear predictor for the log of the residual SD, as brms writes it:
+        ``"sigma ~ c + (c | subj)"`` (or ``"~ c + (c | subj)"``). Its random
+        effects are always sampled; the mean's may still be marginalised.
     netcdf : str, optional
         Path of an ArviZ netCDF file with the posterior draws.
     progress_bar : bool
@@ -218,8 +226,12 @@ class NutsOptions(Options):
     fixed_scales: dict[str, float | list[float]] = Field(default_factory=dict)
     shared_scale: StrictBool = False
     fast_path: StrictBool | None = None
+    sigma: str | None = None
     netcdf: str | None = None
     progress_bar: StrictBool = True
+
+    def submodels(self) -> dict[str, str]:
+        return {"sigma": self.sigma} if self.sigma else {}
 
     @field_validator("marginalize", mode="before")
     @classmethod

@@ -30,6 +30,8 @@ from lmmjax.linalg import (
     logdet,
     logdet_quad,
     make_lambdas,
+    rows_scalable,
+    scale_rows,
     z_times,
 )
 from lmmjax.reml.objective import profiled_objective
@@ -420,3 +422,41 @@ def test_cost_model_picks_the_cheaper_schur_form():
     assert dense_b_pays(np.full(334, 160), q_rest=160, d1=2)
     # a few rest rows per level and a large rest block (InstEval): the pairs are cheaper
     assert not dense_b_pays(np.full(2972, 25), q_rest=1142, d1=1)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_scale_rows_is_the_weighted_system(name):
+    """``scale_rows`` gives Z'WZ, and gls_gram the weighted Woodbury, against dense N x N."""
+    c = make_case(name)
+    rng = np.random.default_rng(3)
+    n = c["y"].size
+    sigma_i = np.exp(rng.normal(scale=0.4, size=n))  # per-row residual SDs
+    s = 1.0 / sigma_i
+    struct = build_structure(c["terms"], schur="dense")
+    scaled = jax.jit(scale_rows)(struct, jnp.asarray(s))
+    Zs = s[:, None] * c["Z"]
+    np.testing.assert_allclose(dense_gram(scaled), Zs.T @ Zs, rtol=0, atol=1e-11)
+    # the same structure as precomputing from row-scaled terms
+    direct = build_structure(
+        [Term(t.group, t.names, t.levels, t.refs, s[:, None] * t.z) for t in c["terms"]],
+        schur="dense",
+    )
+    np.testing.assert_allclose(np.asarray(scaled.C), np.asarray(direct.C), atol=1e-11)
+    # weighted marginal covariance V = diag(sigma_i^2) + Z Lam Lam' Z'
+    r = c["y"] - c["X"] @ np.array([0.5, 0.1, -0.3])
+    lambdas = tuple(jnp.asarray(lam) for lam in c["lams"])
+    logdet_a, gram = jax.jit(gls_gram)(scaled, lambdas, cross_products(scaled, jnp.asarray(s * r)))
+    ZL = c["Z"] @ c["Lam"]
+    V = np.diag(sigma_i**2) + ZL @ ZL.T
+    want_logdet = np.linalg.slogdet(V)[1] - 2.0 * np.sum(np.log(sigma_i))
+    np.testing.assert_allclose(float(logdet_a), want_logdet, rtol=RTOL)
+    np.testing.assert_allclose(float(gram[0, 0]), r @ np.linalg.solve(V, r), rtol=1e-9)
+
+
+def test_scale_rows_refuses_the_sparse_schur_form():
+    c = make_case("two_crossed")
+    struct = build_structure(c["terms"], schur="sparse")
+    assert not rows_scalable(struct)
+    with pytest.raises(ValueError, match="schur='dense'"):
+        scale_rows(struct, jnp.ones(c["y"].size))
+    assert rows_scalable(build_structure(c["terms"][:1]))

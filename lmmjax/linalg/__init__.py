@@ -3,7 +3,8 @@
 The names below are the only way in: :func:`build_structure` precomputes the
 Z-only structure, :func:`cross_products` the products with dense columns,
 :func:`gls_gram` gives ``log|V|`` and ``M' V^{-1} M`` for the likelihoods, and
-:func:`conditional_moments` the conditional distribution of the random effects.
+:func:`conditional_moments` the conditional distribution of the random effects;
+:func:`scale_rows` gives the structure of a row-weighted ``Z`` per evaluation.
 The ``eigen_*`` functions are the fast path for covariances known up to a scale.
 """
 
@@ -26,7 +27,13 @@ from lmmjax.linalg.eigen import (
     eigen_precompute,
 )
 from lmmjax.linalg.products import CrossProducts, cross_products, z_times
-from lmmjax.linalg.structure import Structure, build_structure, dense_gram
+from lmmjax.linalg.structure import (
+    Structure,
+    build_structure,
+    dense_gram,
+    rows_scalable,
+    scale_rows,
+)
 
 __all__ = [
     "CrossProducts",
@@ -48,6 +55,8 @@ __all__ = [
     "logdet",
     "logdet_quad",
     "make_lambdas",
+    "rows_scalable",
+    "scale_rows",
     "tri_solve",
     "z_times",
 ]

@@ -15,9 +15,10 @@ Block layout (terms sorted by decreasing number of levels):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lmmjax.terms import Term
@@ -321,6 +322,80 @@ def build_structure(
     )
 
 
+def rows_scalable(struct: Structure) -> bool:
+    """Whether :func:`scale_rows` applies: one term, or ``B`` held dense."""
+    return not struct.layout.has_rest or struct.layout.dense_b
+
+
+def scale_rows(struct: Structure, s: jax.Array) -> Structure:
+    """The structure of ``diag(s) Z``, recomputed from the rows in O(N k^2).
+
+    Row weights that change with the parameters (a residual SD with its own
+    linear predictor, ``w_i = 1 / sigma_i^2``, ``s = sqrt(w)``) make every Gram
+    ``Z' W Z`` depend on them, so the theta-free precompute cannot hold it.
+    This is the per-evaluation version: segment sums over the N rows into the
+    first term's per-level Grams, the dense ``B`` and ``C``, jit-compatible and
+    differentiable in ``s``. With the result, ``cross_products(out, s * M)``
+    gives ``Z' W M`` and ``M' W M``, and :func:`~lmmjax.linalg.gls_gram` the
+    weighted ``log|I + Lambda' Z' W Z Lambda|`` and ``M' (W^{-1} + Z Lambda
+    Lambda' Z')^{-1} M``.
+
+    The aggregated pairs of the sparse Schur form are per Gram group, which
+    weights break up, so a structure with several terms must hold ``B`` dense
+    (``build_structure(..., schur="dense")``); see :func:`rows_scalable`.
+
+    Parameters
+    ----------
+    struct : Structure
+    s : array (N,)
+        Row scales.
+
+    Returns
+    -------
+    Structure
+        Every level its own Gram group; the COO and pair arrays empty.
+    """
+    lay = struct.layout
+    if not rows_scalable(struct):
+        raise ValueError("scale_rows needs one term or a structure built with schur='dense'")
+    z = tuple(zl * s[:, None] for zl in struct.z)
+    refs1, z1 = struct.refs[0], z[0]
+    m1, d1 = lay.first.nlevels, lay.first.d
+    G1 = jax.ops.segment_sum(z1[:, :, None] * z1[:, None, :], refs1, m1)
+    dtype, ints = G1.dtype, jnp.int32
+    B, C = struct.B, struct.C
+    if lay.has_rest:
+        q = lay.q_rest
+        ridx = jnp.stack(
+            [t.offset + refs * t.d + c
+             for t, refs in zip(lay.rest, struct.refs[1:], strict=True) for c in range(t.d)],
+            axis=1,
+        )  # fmt: skip
+        rval = jnp.concatenate(z[1:], axis=1)
+        b_vals = (rval[:, :, None] * z1[:, None, :]).reshape(-1, d1)
+        B = jax.ops.segment_sum(b_vals, (ridx * m1 + refs1[:, None]).reshape(-1), q * m1)
+        B = B.reshape(q, m1, d1)
+        c_idx = (ridx[:, :, None] * q + ridx[:, None, :]).reshape(-1)
+        C = jax.ops.segment_sum((rval[:, :, None] * rval[:, None, :]).reshape(-1), c_idx, q * q)
+        C = C.reshape(q, q)
+    return Structure(
+        G1=G1,
+        Gw=G1,
+        wgroup=jnp.arange(m1, dtype=ints),
+        b_row=jnp.zeros(0, ints),
+        b_lev=jnp.zeros(0, ints),
+        b_val=jnp.zeros((0, d1), dtype),
+        pair_entry=jnp.zeros(0, ints),
+        pair_group=jnp.zeros(0, ints),
+        pair_val=jnp.zeros((0, d1, d1), dtype),
+        B=B,
+        C=C,
+        refs=struct.refs,
+        z=z,
+        layout=replace(lay, n_wgroups=m1),
+    )
+
+
 def dense_gram(struct: Structure) -> np.ndarray:
     """Dense ``Z' Z`` (q x q) in the blocked order, from the precomputed parts.
 
@@ -334,7 +409,11 @@ def dense_gram(struct: Structure) -> np.ndarray:
     G1 = np.asarray(struct.G1, dtype=float)
     idx = np.arange(q1).reshape(-1, d1)
     out[idx[:, :, None], idx[:, None, :]] = G1
-    if lay.q_rest:
+    if lay.q_rest and lay.dense_b:
+        out[q1:, :q1] = np.asarray(struct.B, dtype=float).reshape(lay.q_rest, q1)
+        out[:q1, q1:] = out[q1:, :q1].T
+        out[q1:, q1:] = np.asarray(struct.C, dtype=float)
+    elif lay.q_rest:
         rows = q1 + np.asarray(struct.b_row)
         cols = np.asarray(struct.b_lev)[:, None] * d1 + np.arange(d1)[None, :]
         vals = np.asarray(struct.b_val, dtype=float)
