@@ -83,5 +83,7 @@ def lmm(
     opts = entry.options.from_call(None, options)
     if isinstance(categorical, str):
         categorical = [categorical]
-    model = build_model(load_data(data), formula, categorical=categorical)
+    model = build_model(
+        load_data(data), formula, categorical=categorical, submodels=opts.submodels()
+    )
     return entry.fit(model, opts)

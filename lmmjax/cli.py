@@ -60,7 +60,9 @@ def _build_model(cfg: FitConfig) -> Any:
     from lmmjax.design import build_model
 
     df = load_data(cfg.data, base_dir=cfg.base_dir)
-    return build_model(df, cfg.formula, categorical=cfg.categorical)
+    opts = cfg.options()
+    subs = opts.submodels() if opts is not None else {}
+    return build_model(df, cfg.formula, categorical=cfg.categorical, submodels=subs)
 
 
 def run(config: str | Path, check: bool = False, output: str | None = None) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -58,6 +58,8 @@ class Model:
     factor_columns: tuple[str, ...] = ()
     fixed_variables: tuple[str, ...] = ()
     used_variables: tuple[str, ...] = ()
+    submodels: dict = field(default_factory=dict, repr=False)
+    """Linear predictors of other parameters (``{"sigma": Submodel}``), on the same rows."""
 
     def __repr__(self) -> str:
         return f"Model({self.formula!r}, nobs={self.nobs}, p={self.p}, q={self.q})"
@@ -242,6 +244,52 @@ def full_rank_columns(X: np.ndarray, tol: float = 1e-7) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
+@dataclass(frozen=True, eq=False)
+class Submodel:
+    """The linear predictor of a distributional parameter, such as brms' ``sigma ~ x + (x | g)``.
+
+    Attributes
+    ----------
+    formula : str
+        The one-sided formula as given (``"~ c + (c | subj)"``).
+    X : numpy.ndarray
+        float64[N, p] on the model's rows.
+    fixef_names : tuple of str
+    terms : tuple of Term
+        Random-effect terms (possibly none), by decreasing number of levels.
+    """
+
+    formula: str
+    X: np.ndarray
+    fixef_names: tuple[str, ...]
+    terms: tuple[Term, ...]
+
+
+def _one_sided(name: str, formula: str) -> str:
+    """``"sigma ~ rhs"``, ``"~ rhs"`` or ``"rhs"`` -> ``"rhs"``."""
+    lhs, sep, rhs = str(formula).partition("~")
+    if not sep:
+        return formula.strip()
+    if lhs.strip() not in ("", name):
+        raise LmmInputError(
+            f"the {name} formula {formula!r} must be one-sided ('~ x + (x | g)') or "
+            f"start with '{name} ~'"
+        )
+    return rhs.strip()
+
+
+def _submodel(data: pd.DataFrame, name: str, formula: str, parsed) -> Submodel:
+    X, names, _ = model_matrix(parsed.fixed, data, context=f"{name} formula")
+    if len(full_rank_columns(X)) != X.shape[1]:
+        raise LmmInputError(
+            f"the {name} formula {formula!r} has linearly dependent fixed-effect columns "
+            f"({', '.join(names)})"
+        )
+    terms = [t for bar in parsed.bars for t in _bar_terms(data, bar)]
+    terms.sort(key=lambda t: -t.nlevels)
+    return Submodel(formula, np.ascontiguousarray(X), names, tuple(terms))
+
+
 def _split_uncorrelated(bar: BarTerm) -> list[BarTerm]:
     """lme4's ``(a + b || g)``: one correlated term per term of the lhs formula.
 
@@ -288,6 +336,7 @@ def build_model(
     categorical: Sequence[str] = (),
     *,
     drop_aliased: bool = True,
+    submodels: Mapping[str, str] | None = None,
 ) -> Model:
     """Build the structured model of an lme4 formula on a DataFrame.
 
@@ -305,6 +354,10 @@ def build_model(
         with a warning, as lme4 does (REML/ML and NUTS need a full-rank X).
         False keeps every column, for methods that select among more columns
         than observations (lme4's ``check.rankX = "ignore"``).
+    submodels : mapping of str to str, optional
+        Linear predictors of other parameters, as one-sided formulas by name
+        (``{"sigma": "~ c + (c | subj)"}``): built on the same rows, with their
+        columns counted in the removal of missing values (``Model.submodels``).
 
     Returns
     -------
@@ -335,6 +388,17 @@ def build_model(
         lhs_cols = required_columns(bar.lhs, context=f"random-effect term {bar.source}:")
         for col in sorted(lhs_cols | set(bar.factors)):
             needed.setdefault(col, f"the random-effect term {bar.source!r}")
+    sub_parsed = {}
+    for name, sub in (submodels or {}).items():
+        rhs = _one_sided(name, sub)
+        sub_parsed[name] = parse_formula(f"{name} ~ {rhs}")
+        where = f"the {name} formula"
+        for col in sorted(required_columns(sub_parsed[name].fixed, context=where)):
+            needed.setdefault(col, where)
+        for bar in sub_parsed[name].bars:
+            lhs_cols = required_columns(bar.lhs, context=f"{where}, term {bar.source}:")
+            for col in sorted(lhs_cols | set(bar.factors)):
+                needed.setdefault(col, where)
     for col, where in needed.items():
         if col not in columns:
             avail = ", ".join(sorted(columns))
@@ -371,6 +435,10 @@ def build_model(
         )
     terms = [t for bar in parsed.bars for t in _bar_terms(data, bar)]
     order = sorted(range(len(terms)), key=lambda k: -terms[k].nlevels)
+    subs = {
+        name: _submodel(data, name, submodels[name], parsed_sub)
+        for name, parsed_sub in sub_parsed.items()
+    }
     return Model(
         formula=formula,
         response=parsed.response,
@@ -387,6 +455,7 @@ def build_model(
         factor_columns=factor_columns,
         fixed_variables=tuple(fixed_vars),
         used_variables=tuple(used),
+        submodels=subs,
     )
 
 

@@ -22,6 +22,13 @@ covariance of ``r`` is ``sigma^2 V`` with ``V = I + Z Lambda Lambda' Z'``, and
 
 where ``log_jac`` is ``-sum(log y)`` for the LogNormal likelihood (the
 model is Normal on ``log y``) and zero otherwise.
+
+When sigma has its own linear predictor, row i has SD ``sigma_i`` and the
+covariance of ``r`` is ``D + Z C C' Z'`` with ``D = diag(sigma_i^2)``. With
+``S = D^{-1/2}``, ``S (D + Z C C' Z') S = I + (S Z) C C' (S Z)'``: the same
+kernels on the row-scaled structure (:func:`lmmjax.linalg.scale_rows`, O(N d^2)
+per evaluation) with the absolute factors ``C_l`` and the scaled residual
+``S r``, plus ``log|D| = 2 sum log sigma_i``.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from lmmjax.linalg import (
     cross_products,
     eigen_gls_gram,
     gls_gram,
+    scale_rows,
     z_times,
 )
 
@@ -68,6 +76,10 @@ class KernelData(NamedTuple):
         Level index and lhs columns of every term, in model order.
     eig : EigenSystem or None
         Fast-path precomputation (then ``struct`` holds every term).
+    sigma_X : array (N, p_s) or None
+        Fixed-effect columns of the ``log sigma`` formula, when sigma has one.
+    sigma_refs, sigma_z : tuples of arrays
+        Its random-effect terms.
     """
 
     y: jax.Array
@@ -78,6 +90,9 @@ class KernelData(NamedTuple):
     refs: tuple
     z: tuple
     eig: EigenSystem | None
+    sigma_X: jax.Array | None = None
+    sigma_refs: tuple = ()
+    sigma_z: tuple = ()
 
 
 def residual(beta, effects, data: KernelData) -> jax.Array:
@@ -110,6 +125,7 @@ def marginal_loglik(
     marginal: tuple[bool, ...],
     fast: bool = False,
     scale=1.0,
+    log_sigma=None,
 ) -> jax.Array:
     """Log-likelihood of the data with the classes flagged in ``marginal`` integrated out.
 
@@ -130,6 +146,8 @@ def marginal_loglik(
         Use the eigendecomposition fast path (requires ``data.eig``).
     scale : scalar
         Common multiplier of the fast path's fixed covariance factors.
+    log_sigma : array (N,), optional
+        Per-row ``log sigma_i``, which then replaces ``sigma`` (pass None).
 
     Returns
     -------
@@ -137,6 +155,8 @@ def marginal_loglik(
         ``log p(y | beta, sigma, Sigma, b_sampled)`` including the response Jacobian.
     """
     n = data.y.shape[0]
+    if log_sigma is not None:
+        return _rowwise_loglik(beta, log_sigma, cov_factors, effects, data, marginal)
     if fast:
         logdet_V, gram = eigen_gls_gram(data.eig, scale / sigma, data.eig.products.residual(beta))
     elif any(marginal):
@@ -149,4 +169,19 @@ def marginal_loglik(
         logdet_V, gram = 0.0, jnp.dot(r, r)[None, None]
     quad = gram[0, 0]
     loglik = -0.5 * (n * (_LOG_2PI + 2.0 * jnp.log(sigma)) + logdet_V + quad / sigma**2)
+    return loglik + data.log_jac
+
+
+def _rowwise_loglik(beta, log_sigma, cov_factors, effects, data: KernelData, marginal):
+    """``marginal_loglik`` with one residual SD per row (see the module docstring)."""
+    s = jnp.exp(-log_sigma)
+    r = residual(beta, effects, data) * s
+    if any(marginal):
+        struct = scale_rows(data.struct, s)
+        sub = tuple(c for c, m in zip(cov_factors, marginal, strict=True) if m)
+        logdet_v, gram = gls_gram(struct, sub, cross_products(struct, r))
+        quad = gram[0, 0]
+    else:
+        logdet_v, quad = 0.0, jnp.dot(r, r)
+    loglik = -0.5 * (r.shape[0] * _LOG_2PI + 2.0 * jnp.sum(log_sigma) + logdet_v + quad)
     return loglik + data.log_jac

@@ -11,6 +11,11 @@ file formats, e.g. ``Subject``, ``Subject_1``, ``cask_batch``):
 * ``z_g`` (M_g, d_g): standard-normal effects of a sampled (non-marginalised)
   class, ``b_g[m] = C_g z_g[m]`` with ``C_g = diag(sd_g) L_g`` (non-centred).
 
+With a linear predictor for the residual SD (``sigma ~ x + (x | g)``),
+``log sigma_i = X_s beta_sigma + sum_g Z_s,g b_sigma,g`` replaces ``sigma``:
+its sites are ``beta_sigma``, ``sd_sigma_g``, ``L_sigma_g`` and ``z_sigma_g``
+(always sampled, non-centred).
+
 The likelihood enters through ``numpyro.factor`` with the marginal kernels of
 :mod:`lmmjax.bayes.marginal`. The HMC potential is NumPyro's
 ``potential_energy`` of this model: a pure function of the unconstrained
@@ -32,19 +37,34 @@ import numpyro.distributions as dist
 from numpyro.infer.util import potential_energy
 
 from lmmjax.bayes.marginal import KernelData, marginal_loglik
-from lmmjax.bayes.priors import PriorSet, default_priors, resolve_priors, to_distribution
+from lmmjax.bayes.priors import (
+    SIGMA_PREFIX,
+    PriorSet,
+    default_priors,
+    default_sigma_priors,
+    resolve_priors,
+    split_sigma_overrides,
+    to_distribution,
+)
 from lmmjax.errors import LmmInputError
-from lmmjax.linalg import build_structure, cross_products, eigen_precompute
+from lmmjax.linalg import (
+    build_structure,
+    cross_products,
+    eigen_precompute,
+    z_times,
+)
 from lmmjax.precision import float_dtype
 from lmmjax.terms import unique_group_names
 
 __all__ = [
     "BayesModel",
     "BayesSpec",
+    "SigmaSpec",
     "build_bayes_model",
     "cov_factors_from_params",
     "effects_from_params",
     "lmm_model",
+    "log_sigma_from_params",
     "loglik_from_params",
     "safe_name",
 ]
@@ -53,6 +73,30 @@ __all__ = [
 def safe_name(name: str) -> str:
     """A variable-name-safe version of a term name (``cask:batch`` -> ``cask_batch``)."""
     return re.sub(r"[^0-9A-Za-z_]", "_", name)
+
+
+@dataclass(frozen=True)
+class SigmaSpec:
+    """Static description of the linear predictor of ``log sigma``.
+
+    Attributes
+    ----------
+    p : int
+        Its fixed-effect columns.
+    names : tuple of str
+        Safe unique names of its terms (sites ``sd_sigma_<name>`` ...).
+    d, nlevels : tuple of int
+    correlated : tuple of bool
+    priors : PriorSet
+        Its ``sigma`` entry is unused.
+    """
+
+    p: int
+    names: tuple[str, ...]
+    d: tuple[int, ...]
+    nlevels: tuple[int, ...]
+    correlated: tuple[bool, ...]
+    priors: PriorSet
 
 
 @dataclass(frozen=True)
@@ -80,6 +124,8 @@ class BayesSpec:
     fast : bool
         Use the eigendecomposition fast path.
     priors : PriorSet
+    sigma_model : SigmaSpec or None
+        The linear predictor of ``log sigma``, when sigma has one.
     """
 
     likelihood: str
@@ -93,6 +139,24 @@ class BayesSpec:
     shared_scale: bool
     fast: bool
     priors: PriorSet
+    sigma_model: SigmaSpec | None = None
+
+
+def _factors(params: Mapping, names, correlated, prefix: str) -> tuple:
+    """``C = diag(sd) L`` of terms whose SDs are all sampled (sites ``sd_<prefix><name>``)."""
+    out = []
+    for name, corr in zip(names, correlated, strict=True):
+        sd = params[f"sd_{prefix}{name}"]
+        out.append(sd[:, None] * params[f"L_{prefix}{name}"] if corr else jnp.diag(sd))
+    return tuple(out)
+
+
+def log_sigma_from_params(params: Mapping, data: KernelData, spec: BayesSpec) -> jax.Array:
+    """Per-row ``log sigma_i`` from the sigma formula's coefficients and effects, O(N d)."""
+    sub = spec.sigma_model
+    factors = _factors(params, sub.names, sub.correlated, "sigma_")
+    effects = [params[f"z_sigma_{n}"] @ c.T for n, c in zip(sub.names, factors, strict=True)]
+    return data.sigma_X @ params["beta_sigma"] + z_times(data.sigma_refs, data.sigma_z, effects)
 
 
 def cov_factors_from_params(params: Mapping, spec: BayesSpec) -> tuple:
@@ -139,6 +203,11 @@ def loglik_from_params(params: Mapping, data: KernelData, spec: BayesSpec):
     factors = cov_factors_from_params(params, spec)
     effects = effects_from_params(params, factors, spec)
     scale = params["sd_shared"] if spec.shared_scale else 1.0
+    if spec.sigma_model is not None:
+        return marginal_loglik(
+            params["beta"], None, factors, effects, data, spec.marginal,
+            log_sigma=log_sigma_from_params(params, data, spec),
+        )  # fmt: skip
     return marginal_loglik(
         params["beta"], params["sigma"], factors, effects, data, spec.marginal,
         fast=spec.fast, scale=scale,
@@ -157,10 +226,11 @@ def lmm_model(data: KernelData, spec: BayesSpec) -> None:
     """
     pri = spec.priors
     dtype = data.y.dtype
-    params = {
-        "beta": numpyro.sample("beta", to_distribution(pri.beta, dtype).to_event(1)),
-        "sigma": numpyro.sample("sigma", to_distribution(pri.sigma, dtype, scalar=True)),
-    }
+    params = {"beta": numpyro.sample("beta", to_distribution(pri.beta, dtype).to_event(1))}
+    if spec.sigma_model is None:
+        params["sigma"] = numpyro.sample("sigma", to_distribution(pri.sigma, dtype, scalar=True))
+    else:
+        params.update(_sigma_sites(spec.sigma_model, dtype))
     if spec.shared_scale:
         params["sd_shared"] = numpyro.sample(
             "sd_shared", to_distribution(pri.sd[0], dtype, scalar=True)
@@ -179,6 +249,24 @@ def lmm_model(data: KernelData, spec: BayesSpec) -> None:
                 f"z_{name}", dist.Normal(jnp.zeros(shape, dtype), 1.0).to_event(2)
             )
     numpyro.factor("loglik", loglik_from_params(params, data, spec))
+
+
+def _sigma_sites(sub: SigmaSpec, dtype) -> dict:
+    """Sample sites of the sigma formula: coefficients, SDs, correlations, effects."""
+    pri = sub.priors
+    out = {"beta_sigma": numpyro.sample("beta_sigma", to_distribution(pri.beta, dtype).to_event(1))}
+    for k, name in enumerate(sub.names):
+        site = f"sigma_{name}"
+        sd_prior = to_distribution(pri.sd[k], dtype).to_event(1)
+        out[f"sd_{site}"] = numpyro.sample(f"sd_{site}", sd_prior)
+        if sub.correlated[k]:
+            eta = jnp.asarray(pri.corr[k].scale[0], dtype)
+            out[f"L_{site}"] = numpyro.sample(f"L_{site}", dist.LKJCholesky(sub.d[k], eta))
+        shape = (sub.nlevels[k], sub.d[k])
+        out[f"z_{site}"] = numpyro.sample(
+            f"z_{site}", dist.Normal(jnp.zeros(shape, dtype), 1.0).to_event(2)
+        )
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -214,7 +302,18 @@ class BayesModel:
     def site_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of the unconstrained parameters, by site name."""
         s = self.spec
-        out = {"beta": (s.p,), "sigma": ()}
+        out = {"beta": (s.p,)}
+        if s.sigma_model is None:
+            out["sigma"] = ()
+        else:
+            sub = s.sigma_model
+            out["beta_sigma"] = (sub.p,)
+            for name, d, m, corr in zip(sub.names, sub.d, sub.nlevels, sub.correlated,
+                                        strict=True):  # fmt: skip
+                out[f"sd_sigma_{name}"] = (d,)
+                if corr:
+                    out[f"L_sigma_{name}"] = (d * (d - 1) // 2,)
+                out[f"z_sigma_{name}"] = (m, d)
         if s.shared_scale:
             out["sd_shared"] = ()
         for k, name in enumerate(s.names):
@@ -248,6 +347,13 @@ class BayesModel:
                 val = beta0 + 0.1 * np.asarray(pri.beta.scale) * u
             elif site == "sigma":
                 val = np.log(0.5 * resid_sd) + u
+            elif site == "beta_sigma":
+                Xs = np.asarray(self.data.sigma_X)
+                val = np.linalg.lstsq(Xs, np.full(len(Xs), np.log(0.5 * resid_sd)), rcond=None)[0]
+                val = val + 0.1 * u
+            elif site.startswith("sd_sigma_"):
+                k = s.sigma_model.names.index(site[len("sd_sigma_") :])
+                val = np.log(0.5 * np.asarray(s.sigma_model.priors.sd[k].scale)) + u
             elif site.startswith("sd_"):
                 scale = np.asarray(pri.sd[0].scale[:1] if site == "sd_shared" else
                                    pri.sd[s.names.index(site[3:])].scale)  # fmt: skip
@@ -305,6 +411,35 @@ def _resolve_fixed(fixed_scales, terms, names) -> tuple:
     return tuple(out)
 
 
+_MAX_DENSE_B = 5e7  # numbers in the dense B = Z_rest' W Z_1 of a row-weighted structure
+
+
+def _sigma_submodel(model, sigma: str | None):
+    """The model's built sigma formula (``Model.submodels["sigma"]``), checked against ``sigma``."""
+    built = getattr(model, "submodels", {}).get("sigma")
+    if sigma is None:
+        return None
+    if built is None or built.formula != sigma:
+        raise LmmInputError(
+            f"nuts option sigma={sigma!r} needs the model built with it: "
+            f"build_model(..., submodels={{'sigma': {sigma!r}}}) (lmmjax.lmm does this)"
+        )
+    return built
+
+
+def _sigma_spec(y, sub, overrides) -> SigmaSpec:
+    terms = list(sub.terms)
+    names = unique_group_names(terms)
+    defaults = default_sigma_priors(y, sub.X, terms)
+    pri = resolve_priors(defaults, overrides, sub.fixef_names, names, [t.group for t in terms],
+                         prefix=SIGMA_PREFIX)  # fmt: skip
+    return SigmaSpec(
+        p=sub.X.shape[1], names=tuple(safe_name(n) for n in names),
+        d=tuple(t.d for t in terms), nlevels=tuple(t.nlevels for t in terms),
+        correlated=tuple(t.d > 1 for t in terms), priors=pri,
+    )  # fmt: skip
+
+
 def build_bayes_model(
     model,
     *,
@@ -314,6 +449,7 @@ def build_bayes_model(
     fixed_scales: Mapping | None = None,
     shared_scale: bool = False,
     fast_path: bool | None = None,
+    sigma: str | None = None,
 ) -> BayesModel:
     """Build the Bayesian version of a structured model.
 
@@ -335,6 +471,12 @@ def build_bayes_model(
     fast_path : bool, optional
         Use the eigendecomposition fast path; by default whenever it applies
         (every class marginalised, every covariance a constant times one scale).
+    sigma : str, optional
+        The formula of ``log sigma`` (brms' ``sigma ~ c + (c | subj)``); the
+        model must have been built with it (``build_model(..., submodels=
+        {"sigma": formula})``, as :func:`lmmjax.lmm` does). The marginalised
+        classes then need the row-weighted Grams ``Z' W Z`` per evaluation
+        (:func:`lmmjax.linalg.scale_rows`), still O(N) each.
 
     Returns
     -------
@@ -367,7 +509,13 @@ def build_bayes_model(
         fixed = tuple(
             f if f is not None else (1.0,) * t.d for f, t in zip(fixed, terms, strict=True)
         )
-    eligible = all(marginal) and all(f is not None for f in fixed) and not any(correlated)
+    sub = _sigma_submodel(model, sigma)
+    if sub is not None and fast_path:
+        raise LmmInputError("the eigendecomposition fast path needs a constant sigma")
+    eligible = (
+        all(marginal) and all(f is not None for f in fixed) and not any(correlated)
+        and sub is None
+    )  # fmt: skip
     if fast_path and not eligible:
         raise LmmInputError(
             "the eigendecomposition fast path needs every class marginalised and every "
@@ -375,18 +523,33 @@ def build_bayes_model(
         )
     fast = eligible if fast_path is None else bool(fast_path)
 
+    overrides, sigma_overrides = split_sigma_overrides(priors, sub is not None)
     defaults = default_priors(y, model.X, terms)
-    pri = resolve_priors(defaults, priors, model.fixef_names, names, [t.group for t in terms])
+    pri = resolve_priors(defaults, overrides, model.fixef_names, names, [t.group for t in terms])
+    sigma_spec = None
+    if sub is not None:
+        sigma_spec = _sigma_spec(y, sub, sigma_overrides)
     spec = BayesSpec(
         likelihood=likelihood, p=model.X.shape[1], names=safe, d=tuple(t.d for t in terms),
         nlevels=tuple(t.nlevels for t in terms), correlated=correlated, marginal=marginal,
         fixed_sd=fixed, shared_scale=bool(shared_scale), fast=fast, priors=pri,
+        sigma_model=sigma_spec,
     )  # fmt: skip
     struct = xp = eig = None
+    marg_terms = [t for t, m in zip(terms, marginal, strict=True) if m]
     if any(marginal):
-        struct = build_structure([t for t, m in zip(terms, marginal, strict=True) if m],
-                                 dtype=dtype)  # fmt: skip
-    if all(marginal):  # the residual is y - X beta: its cross products are combinations
+        # per-row weights need B dense (scale_rows); "auto" otherwise
+        schur = "dense" if sub is not None and len(marg_terms) > 1 else "auto"
+        if schur == "dense":
+            q_rest = sum(t.q for t in marg_terms[1:])
+            if q_rest * marg_terms[0].q > _MAX_DENSE_B:
+                groups = ", ".join(t.group for t in marg_terms)
+                raise LmmInputError(
+                    f"marginalize: with a sigma formula, the classes {groups} need a dense "
+                    f"{q_rest} x {marg_terms[0].q} cross block; marginalise fewer"
+                )
+        struct = build_structure(marg_terms, dtype=dtype, schur=schur)
+    if all(marginal) and sub is None:  # the residual is y - X beta: combinations suffice
         xp = cross_products(struct, np.column_stack([model.X, y]))
     if fast:
         eig = eigen_precompute(struct, [np.diag(f) for f in fixed], xp)
@@ -399,5 +562,8 @@ def build_bayes_model(
         refs=tuple(jnp.asarray(t.refs, jnp.int32) for t in terms),
         z=tuple(jnp.asarray(t.z, dtype) for t in terms),
         eig=eig,
+        sigma_X=None if sub is None else jnp.asarray(sub.X, dtype),
+        sigma_refs=() if sub is None else tuple(jnp.asarray(t.refs, jnp.int32) for t in sub.terms),
+        sigma_z=() if sub is None else tuple(jnp.asarray(t.z, dtype) for t in sub.terms),
     )
     return BayesModel(model=model, spec=spec, data=data, term_names=tuple(names))

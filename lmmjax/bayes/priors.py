@@ -21,6 +21,17 @@ Overrides are keyed by parameter name (the API's ``priors=`` and the YAML's
 * ``corr`` (every term) or ``corr_<group>``: ``{eta}``.
 
 Missing keys of an override keep the default's values.
+
+With a linear predictor for the residual SD (``nuts.sigma``, brms'
+``sigma ~ x + (x | g)``) there is no ``sigma`` parameter; its coefficients are
+on the log scale, with defaults
+
+* a constant column: ``Normal(log s_y, 2.5)``; another column k: ``Normal(0, 1 / sd(x_k))``
+  (a change of one SD in ``x_k`` moving sigma by a factor of about e);
+* random-effect SDs: ``HalfNormal(1 / rms(z_c))``; correlations ``LKJCholesky(d, 2)``;
+
+and overrides take the same keys prefixed with ``sigma.`` (``sigma.beta``,
+``sigma.beta[c]``, ``sigma.sd_subj``, ``sigma.corr_subj``).
 """
 
 from __future__ import annotations
@@ -33,7 +44,17 @@ import numpyro.distributions as dist
 
 from lmmjax.errors import LmmInputError
 
-__all__ = ["Prior", "PriorSet", "default_priors", "resolve_priors", "to_distribution"]
+__all__ = [
+    "Prior",
+    "PriorSet",
+    "default_priors",
+    "default_sigma_priors",
+    "resolve_priors",
+    "split_sigma_overrides",
+    "to_distribution",
+]
+
+SIGMA_PREFIX = "sigma."
 
 _LOCATION_FAMILIES = ("normal", "student_t")
 _SCALE_FAMILIES = ("halfnormal", "halfcauchy", "halfstudent_t", "exponential")
@@ -153,6 +174,73 @@ def default_priors(y, X, terms) -> PriorSet:
     )
 
 
+def default_sigma_priors(y, X, terms) -> PriorSet:
+    """Defaults of a log-linear predictor of the residual SD (module docstring).
+
+    Parameters
+    ----------
+    y : array (N,)
+        Response on the modelling scale.
+    X : array (N, p)
+        The predictor's fixed-effect columns.
+    terms : sequence of Term
+        Its random-effect terms.
+
+    Returns
+    -------
+    PriorSet
+        Its ``sigma`` entry is unused.
+    """
+    sy = float(np.std(np.asarray(y, dtype=float))) or 1.0
+    X = np.asarray(X, dtype=float)
+    mean_x, sd_x = X.mean(axis=0), X.std(axis=0)
+    const = sd_x <= 1e-12 * np.maximum(1.0, np.abs(mean_x))
+    loc = np.where(const, np.log(sy) / np.where(const, mean_x, 1.0), 0.0)
+    if const.sum() > 1:
+        loc[const] = 0.0
+    scale = np.where(const, 2.5 / np.maximum(np.abs(mean_x), 1e-12), 1.0 / np.where(const, 1, sd_x))
+    sd = []
+    for t in terms:
+        rms = np.sqrt(np.mean(np.asarray(t.z, dtype=float) ** 2, axis=0))
+        sd.append(Prior("halfnormal", scale=_tup(1.0 / np.where(rms > 0, rms, 1.0))))
+    return PriorSet(
+        beta=Prior("normal", loc=_tup(loc), scale=_tup(scale)),
+        sigma=Prior("halfnormal", scale=(1.0,)),
+        sd=tuple(sd),
+        corr=tuple(Prior("lkj", scale=(2.0,)) for _ in terms),
+    )
+
+
+def split_sigma_overrides(overrides: Mapping | None, has_sigma_model: bool) -> tuple[dict, dict]:
+    """Separate the ``sigma.``-prefixed prior overrides from the others.
+
+    Raises
+    ------
+    LmmInputError
+        For ``sigma.`` keys without a sigma formula, a ``sigma`` key with one,
+        or ``sigma.sigma``.
+    """
+    main, sub = {}, {}
+    for key, value in dict(overrides or {}).items():
+        if key.startswith(SIGMA_PREFIX):
+            if not has_sigma_model:
+                raise LmmInputError(
+                    f"prior {key!r}: the model has no formula for sigma (nuts option 'sigma')"
+                )
+            if key == SIGMA_PREFIX + "sigma":
+                raise LmmInputError(f"prior {key!r}: the sigma formula has no residual SD")
+            sub[key] = value
+        elif key == "sigma" and has_sigma_model:
+            raise LmmInputError(
+                "prior 'sigma': sigma has its own formula (nuts option 'sigma'); set the "
+                "priors of its coefficients with 'sigma.beta', 'sigma.sd_<factor>', "
+                "'sigma.corr_<factor>'"
+            )
+        else:
+            main[key] = value
+    return main, sub
+
+
 def _broadcast(value, n: int, key: str, field: str) -> tuple[float, ...]:
     arr = np.atleast_1d(np.asarray(value, dtype=float))
     if arr.size == 1:
@@ -257,6 +345,7 @@ def resolve_priors(
     fixef_names,
     term_names,
     term_groups,
+    prefix: str = "",
 ) -> PriorSet:
     """Apply per-parameter overrides to the default priors.
 
@@ -270,6 +359,9 @@ def resolve_priors(
         Unique term names (``Subject``, ``Subject.1``).
     term_groups : sequence of str
         Grouping factor of each term (``sd_<factor>`` applies to all its terms).
+    prefix : str
+        Every key starts with it (``"sigma."`` for the sigma formula, which has
+        no ``sigma`` key); messages name the keys in full.
 
     Returns
     -------
@@ -291,38 +383,40 @@ def resolve_priors(
         return hits or [k for k, g in enumerate(term_groups) if g == name]
 
     # global keys first, then specific ones, so that specific ones win
-    order = sorted(overrides, key=lambda k: (k not in ("beta", "sd", "corr", "sigma"), k))
-    for key in order:
-        spec = overrides[key]
+    globals_ = ("beta", "sd", "corr") + (() if prefix else ("sigma",))
+    order = sorted(overrides, key=lambda k: (k[len(prefix) :] not in globals_, k))
+    for full in order:
+        spec, key = overrides[full], full[len(prefix) :]
         if key == "beta":
-            beta = _override(beta, spec, key, _LOCATION_FAMILIES)
+            beta = _override(beta, spec, full, _LOCATION_FAMILIES)
         elif key.startswith("beta[") and key.endswith("]"):
             name = key[5:-1]
             if name not in fixef_names:
                 raise LmmInputError(
-                    f"prior {key!r}: no fixed effect {name!r}; the model has "
+                    f"prior {full!r}: no fixed effect {name!r}; the model has "
                     f"{', '.join(fixef_names)}"
                 )
             k = list(fixef_names).index(name)
             one = Prior(beta.family, loc=beta.loc[k : k + 1], scale=beta.scale[k : k + 1],
                         df=beta.df[k : k + 1])  # fmt: skip
-            beta = _set_element(beta, k, _override(one, spec, key, _LOCATION_FAMILIES))
-        elif key == "sigma":
-            sigma = _override(sigma, spec, key, _SCALE_FAMILIES)
+            beta = _set_element(beta, k, _override(one, spec, full, _LOCATION_FAMILIES))
+        elif key == "sigma" and not prefix:
+            sigma = _override(sigma, spec, full, _SCALE_FAMILIES)
         elif key == "sd":
-            sd = [_override(s, spec, key, _SCALE_FAMILIES) for s in sd]
+            sd = [_override(s, spec, full, _SCALE_FAMILIES) for s in sd]
         elif key == "corr":
-            corr = [_override(c, spec, key, ("lkj",)) for c in corr]
+            corr = [_override(c, spec, full, ("lkj",)) for c in corr]
         elif key.startswith("sd_") and terms_for(key[3:]):
             for k in terms_for(key[3:]):
-                sd[k] = _override(sd[k], spec, key, _SCALE_FAMILIES)
+                sd[k] = _override(sd[k], spec, full, _SCALE_FAMILIES)
         elif key.startswith("corr_") and terms_for(key[5:]):
             for k in terms_for(key[5:]):
-                corr[k] = _override(corr[k], spec, key, ("lkj",))
+                corr[k] = _override(corr[k], spec, full, ("lkj",))
         else:
-            names = ["beta", "beta[<fixef>]", "sigma", "sd", "corr"]
+            names = ["beta", "beta[<fixef>]", *globals_[1:]]
             names += [f"sd_{t}" for t in term_names] + [f"corr_{t}" for t in term_names]
-            raise LmmInputError(f"unknown prior parameter {key!r}; choose from {', '.join(names)}")
+            names = ", ".join(prefix + n for n in names)
+            raise LmmInputError(f"unknown prior parameter {full!r}; choose from {names}")
     return PriorSet(beta, sigma, tuple(sd), tuple(corr))
 
 

@@ -12,10 +12,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lmmjax.bayes.marginal import KernelData, relative_factors, residual_products
-from lmmjax.bayes.model import BayesSpec, cov_factors_from_params, effects_from_params
+from lmmjax.bayes.marginal import KernelData, relative_factors, residual, residual_products
+from lmmjax.bayes.model import (
+    BayesSpec,
+    cov_factors_from_params,
+    effects_from_params,
+    log_sigma_from_params,
+)
 from lmmjax.cache import compiled
-from lmmjax.linalg import conditional_moments, eigen_moments, factor_entries
+from lmmjax.linalg import (
+    conditional_moments,
+    cross_products,
+    eigen_moments,
+    factor_entries,
+    scale_rows,
+)
 
 __all__ = ["draw_effects", "recover_effects"]
 
@@ -42,13 +53,20 @@ def draw_effects(params, data: KernelData, spec: BayesSpec, key) -> tuple:
     effects = effects_from_params(params, factors, spec)
     if not any(spec.marginal):
         return effects
-    sigma, beta = params["sigma"], params["beta"]
+    beta = params["beta"]
+    sub = tuple(c for c, m in zip(factors, spec.marginal, strict=True) if m)
+    if spec.sigma_model is not None:  # row-scaled system, absolute factors, unit SD
+        s = jnp.exp(-log_sigma_from_params(params, data, spec))
+        struct = scale_rows(data.struct, s)
+        xp = cross_products(struct, s * residual(beta, effects, data))
+        drawn = iter(conditional_moments(struct, sub, xp, 1.0, key=key).draw)
+        return tuple(next(drawn) if m else b for b, m in zip(effects, spec.marginal, strict=True))
+    sigma = params["sigma"]
     if spec.fast:
         scale = params["sd_shared"] if spec.shared_scale else 1.0
         rot = data.eig.products.residual(beta)
         return eigen_moments(data.struct, data.eig, scale / sigma, rot, sigma, key=key).draw
     xp = residual_products(beta, effects, data)
-    sub = tuple(c for c, m in zip(factors, spec.marginal, strict=True) if m)
     moments = conditional_moments(data.struct, relative_factors(sub, sigma), xp, sigma, key=key)
     drawn = iter(moments.draw)
     return tuple(next(drawn) if m else b for b, m in zip(effects, spec.marginal, strict=True))

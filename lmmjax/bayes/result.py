@@ -7,6 +7,12 @@ Variables of the ``posterior`` group (``g`` a term's safe name):
 * ``corr_g`` (chain, draw, g_pair): correlations, for terms with d > 1;
 * ``r_g`` (chain, draw, g_level, g_effect): the random effects, sampled or
   recovered, with the same names and shapes whatever ``marginalize`` is.
+
+With a formula for ``log sigma``: ``beta_sigma`` (chain, draw, fixef_sigma),
+``sd_sigma_g``, ``corr_sigma_g`` and ``r_sigma_g`` as above, and ``sigma`` is
+derived: ``exp`` of the mean over the rows of ``log sigma_i`` (the residual SD
+of a typical row, on the modelling scale), which the VarCorr table and lme4's
+theta use.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from lmmjax.output import result_dict, varcorr_rows
+from lmmjax.terms import unique_group_names
 
 with warnings.catch_warnings():  # ArviZ announces its refactor on import
     warnings.simplefilter("ignore", FutureWarning)
@@ -52,9 +59,14 @@ def build_inference_data(bm, draws, effects) -> az.InferenceData:
     """
     spec, model = bm.spec, bm.model
     s = draws.samples
-    posterior = {"beta": s["beta"], "sigma": s["sigma"]}
-    dims = {"beta": ["fixef"]}
-    coords: dict = {"fixef": list(model.fixef_names)}
+    posterior, dims, coords = {}, {}, {}
+    if spec.sigma_model is not None:
+        posterior, dims, coords = _sigma_model_posterior(bm, s)
+    else:
+        posterior["sigma"] = s["sigma"]
+    posterior["beta"] = s["beta"]
+    dims["beta"] = ["fixef"]
+    coords["fixef"] = list(model.fixef_names)
     if spec.shared_scale:
         posterior["sd_shared"] = s["sd_shared"]
     for k, (name, term) in enumerate(zip(spec.names, model.terms, strict=True)):
@@ -93,6 +105,34 @@ def build_inference_data(bm, draws, effects) -> az.InferenceData:
             attrs=attrs,
         )
     return idata
+
+
+def _sigma_model_posterior(bm, s) -> tuple[dict, dict, dict]:
+    """Posterior variables of the ``log sigma`` formula, and the derived ``sigma``."""
+    sub, built = bm.spec.sigma_model, bm.model.submodels["sigma"]
+    nobs = bm.model.nobs
+    posterior = {"beta_sigma": s["beta_sigma"]}
+    dims = {"beta_sigma": ["fixef_sigma"]}
+    coords: dict = {"fixef_sigma": list(built.fixef_names)}
+    mean_log = np.einsum("cdp,p->cd", s["beta_sigma"], built.X.mean(axis=0))
+    for name, t, corr in zip(sub.names, built.terms, sub.correlated, strict=True):
+        g = f"sigma_{name}"
+        coords[f"{g}_level"], coords[f"{g}_effect"] = list(t.levels), list(t.names)
+        sd = s[f"sd_{g}"]
+        posterior[f"sd_{g}"], dims[f"sd_{g}"] = sd, [f"{g}_effect"]
+        C = sd[..., :, None] * s[f"L_{g}"] if corr else sd[..., :, None] * np.eye(t.d)
+        if corr:
+            R = np.einsum("...ik,...jk->...ij", s[f"L_{g}"], s[f"L_{g}"])
+            pairs = _corr_pairs(t.names)
+            posterior[f"corr_{g}"] = np.stack([R[..., a, b] for a, b, _ in pairs], axis=-1)
+            dims[f"corr_{g}"], coords[f"{g}_pair"] = [f"{g}_pair"], [lab for _, _, lab in pairs]
+        r = np.einsum("cdmk,cdak->cdma", s[f"z_{g}"], C)
+        posterior[f"r_{g}"], dims[f"r_{g}"] = r, [f"{g}_level", f"{g}_effect"]
+        colsum = np.zeros((t.nlevels, t.d))
+        np.add.at(colsum, t.refs, t.z)  # sum over rows of z_i at each level
+        mean_log = mean_log + np.einsum("cdma,ma->cd", r, colsum) / nobs
+    posterior["sigma"] = np.exp(mean_log)
+    return posterior, dims, coords
 
 
 class NutsSummary(pd.DataFrame):
@@ -330,6 +370,8 @@ class BayesFit:
                 num(rhat["beta"].values[j]))  # fmt: skip
         add("sigma", self._values("sigma"), num(ess["sigma"].values), num(rhat["sigma"].values))
         spec = self.bm.spec
+        if spec.sigma_model is not None:
+            self._sigma_model_rows(add, num, ess, rhat)
         for k, (name, gname, t) in enumerate(
             zip(spec.names, self.bm.term_names, self.model.terms, strict=True)
         ):
@@ -350,6 +392,26 @@ class BayesFit:
                         num(rhat[f"corr_{name}"].values[j]))  # fmt: skip
         return out
 
+    def _sigma_model_rows(self, add, num, ess, rhat) -> None:
+        """Posterior-table rows of the ``log sigma`` formula: coefficients, SDs, correlations."""
+        sub, built = self.bm.spec.sigma_model, self.model.submodels["sigma"]
+        beta = self._values("beta_sigma")
+        for j, n in enumerate(built.fixef_names):
+            add(f"fixef_sigma[{n}]", beta[..., j], num(ess["beta_sigma"].values[j]),
+                num(rhat["beta_sigma"].values[j]))  # fmt: skip
+        labels = unique_group_names(built.terms)
+        for name, label, t, corr in zip(sub.names, labels, built.terms, sub.correlated,
+                                        strict=True):  # fmt: skip
+            g = f"sigma_{name}"
+            for a in range(t.d):
+                add(f"sd_sigma[{label}, {t.names[a]}]", self._values(f"sd_{g}")[..., a],
+                    num(ess[f"sd_{g}"].values[a]), num(rhat[f"sd_{g}"].values[a]))  # fmt: skip
+            if corr:
+                for j, (a, b, _) in enumerate(_corr_pairs(t.names)):
+                    add(f"corr_sigma[{label}, {t.names[a]}, {t.names[b]}]",
+                        self._values(f"corr_{g}")[..., j], num(ess[f"corr_{g}"].values[j]),
+                        num(rhat[f"corr_{g}"].values[j]))  # fmt: skip
+
     # --------------------------------------------------------------- output
     def to_dict(self) -> dict:
         """The JSON result: the shared keys with posterior means, plus ``posterior``."""
@@ -364,12 +426,24 @@ class BayesFit:
             sampling_seconds=self.sampling_seconds, recovery_seconds=self.recovery_seconds,
             compile_seconds=self.compile_seconds, grad_evals=self.grad_evals,
             seconds_per_gradient=self.seconds_per_gradient(),
-            priors=spec.priors.to_dict(self.model.fixef_names, self.bm.term_names),
+            priors=self._priors(),
         )  # fmt: skip
         return result_dict(
             self, posterior=self.posterior_table(), divergences=self.divergences,
             max_r_hat=self.max_rhat(), nuts=nuts,
         )  # fmt: skip
+
+    def _priors(self) -> dict:
+        """Every prior by parameter name (the sigma formula's with a ``sigma.`` prefix)."""
+        spec = self.bm.spec
+        out = spec.priors.to_dict(self.model.fixef_names, self.bm.term_names)
+        if spec.sigma_model is not None:
+            del out["sigma"]
+            built = self.model.submodels["sigma"]
+            names = unique_group_names(built.terms)
+            sub = spec.sigma_model.priors.to_dict(built.fixef_names, names)
+            out.update({f"sigma.{k}": v for k, v in sub.items() if k != "sigma"})
+        return out
 
     def to_netcdf(self, path) -> str:
         """Write the InferenceData to a netCDF file; returns the path."""
@@ -395,7 +469,8 @@ class BayesFit:
             f"Bayesian linear mixed model (NUTS, {s.backend}): {self.model.formula}",
             f"  likelihood {spec.likelihood}; N = {self.model.nobs}; "
             f"marginalised: {', '.join(marg) or 'none'}"
-            + ("; eigendecomposition fast path" if spec.fast else ""),
+            + ("; eigendecomposition fast path" if spec.fast else "")
+            + (f"; sigma {self.model.submodels['sigma'].formula}" if spec.sigma_model else ""),
             f"  {s.num_chains} chains x {s.num_samples} draws after {s.num_warmup} warm-up; "
             f"{self.seconds:.1f} s ({phases}recovery {self.recovery_seconds:.1f} s)",
             f"  divergences: {self.divergences}; max r_hat: {max_rhat}; {self._per_gradient()}",
