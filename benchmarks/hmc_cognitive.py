@@ -33,7 +33,6 @@ import pandas as pd
 
 from hmc_models import (
     COGNITIVE,
-    UNSUPPORTED,
     build,
     gradient_ms,
     markdown,
@@ -50,7 +49,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bcogsc
 
 def parse(argv=None) -> argparse.Namespace:
     def add(p):
-        names = [*COGNITIVE, *UNSUPPORTED]
+        names = list(COGNITIVE)
         p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
         p.add_argument("--datasets", nargs="+", choices=names, default=names)
 
@@ -73,9 +72,6 @@ def main(argv=None) -> int:
           f"on {device}")  # fmt: skip
     rows = []
     for name in args.datasets:
-        if name in UNSUPPORTED:
-            print(f"  {name}: skipped, {UNSUPPORTED[name]}")
-            continue
         spec = COGNITIVE[name]
         base = spec.model(args.data_dir)
         for variant in variants_of(spec):
@@ -105,8 +101,6 @@ def main(argv=None) -> int:
         f"Iterations: {args.warmup} warm-up + {args.samples} draws, one chain.",
         "",
         markdown(table),
-        "",
-        *[f"- {k}: {v}" for k, v in UNSUPPORTED.items() if k in args.datasets],
     ])  # fmt: skip
     (args.out / "cognitive.md").write_text(text + "\n", encoding="utf-8")
     figure(table, args.out / "cognitive.png")

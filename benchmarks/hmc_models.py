@@ -48,9 +48,11 @@ class PaperModel:
     likelihood: str = "normal"
     variants: dict = field(default_factory=dict)  # variant -> marginalize
     fixed_scales: dict | None = None
+    sigma: str | None = None  # formula of log sigma (stroop)
 
     def model(self, data_dir=None):
-        return build_model(self.load(data_dir), self.formula)
+        subs = {"sigma": self.sigma} if self.sigma else None
+        return build_model(self.load(data_dir), self.formula, submodels=subs)
 
 
 # ---------------------------------------------------------------------------- InstEval
@@ -110,12 +112,12 @@ def _code(column, mapping, new=None):
     return prep
 
 
-def _cog(name, file, formula, priors, likelihood, groups, prep=None):
+def _cog(name, file, formula, priors, likelihood, groups, prep=None, sigma=None):
     m1, m2 = groups
     return PaperModel(
         name=name, formula=formula, load=_csv(file, prep), priors=priors,
         likelihood=likelihood,
-        variants={"none": "none", "M1": [m1], "M2": [m2], "all": [m1, m2]},
+        variants={"none": "none", "M1": [m1], "M2": [m2], "all": [m1, m2]}, sigma=sigma,
     )  # fmt: skip
 
 
@@ -201,10 +203,26 @@ COGNITIVE = {
             "normal",
             ("subj", "subj"),
         ),
+        # log sigma_i = sigma_alpha + s_subj,0 + c (sigma_beta + s_subj,1):
+        # brms' sigma ~ c + (c | subj)
+        _cog(
+            "stroop",
+            "df_stroop",
+            "RT ~ c + (c | subj)",
+            {
+                "beta[(Intercept)]": normal(6, 1.5),
+                "beta[c]": normal(0, 0.01),
+                "sd": halfnormal(1),
+                "sigma.beta": normal(0, 1),
+                "sigma.sd": halfnormal(1),
+            },
+            "lognormal",
+            ("subj", "subj"),
+            _code("condition", {"Congruent": -1, "Incongruent": 1}, "c"),
+            sigma="~ c + (c | subj)",
+        ),
     )  # fmt: skip
 }
-# stroop needs a linear predictor for sigma (brms' distributional models): not built
-UNSUPPORTED = {"stroop": "needs a distributional sigma ~ c + (c | subj), not built yet"}
 
 
 def variants_of(model: PaperModel) -> dict:
@@ -225,7 +243,7 @@ def build(model: PaperModel, marginalize, data_dir=None, lmm_model=None):
     lmm_model = lmm_model if lmm_model is not None else model.model(data_dir)
     return build_bayes_model(
         lmm_model, marginalize=marginalize, likelihood=model.likelihood, priors=model.priors,
-        fixed_scales=model.fixed_scales,
+        fixed_scales=model.fixed_scales, sigma=model.sigma,
     )  # fmt: skip
 
 
