@@ -34,7 +34,7 @@ from pydantic import (
 
 from lmmjax.errors import LmmInputError
 from lmmjax.methods import METHODS, get_method
-from lmmjax.options import NutsOptions, Options, RemlOptions, format_validation_error
+from lmmjax.options import MapOptions, NutsOptions, Options, RemlOptions, format_validation_error
 
 __all__ = ["FitConfig", "load_config", "validate_config"]
 
@@ -77,7 +77,7 @@ class FitConfig(BaseModel):
     precision: Literal["float64", "float32"] = "float64"
     reml: RemlOptions = Field(default_factory=RemlOptions)
     nuts: NutsOptions = Field(default_factory=NutsOptions)
-    map: dict = Field(default_factory=dict)
+    map: MapOptions = Field(default_factory=MapOptions)
     sparse: dict = Field(default_factory=dict)
 
     _base_dir: Path | None = PrivateAttr(default=None)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmmjax.errors import LmmInputError, NotBuiltError
-from lmmjax.options import NutsOptions, Options, RemlOptions
+from lmmjax.options import MapOptions, NutsOptions, Options, RemlOptions
 
 __all__ = ["METHODS", "Method", "get_method"]
 
@@ -65,7 +65,7 @@ METHODS: dict[str, Method] = {
         Method("reml", "reml", RemlOptions, "lmmjax.reml.fit:fit_reml", {"reml": True}),
         Method("ml", "reml", RemlOptions, "lmmjax.reml.fit:fit_reml", {"reml": False}),
         Method("nuts", "nuts", NutsOptions, "lmmjax.bayes.fit:fit_nuts"),
-        Method("map", "map"),
+        Method("map", "map", MapOptions, "lmmjax.em.fit:fit_map"),
         Method("sparse", "sparse"),
     )
 }

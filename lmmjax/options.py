@@ -1,6 +1,6 @@
 """Each method's options, listed once, as the pydantic models behind the API and the config.
 
-The YAML config's method sections (``reml:``, ``nuts:``) and the keyword
+The YAML config's method sections (``reml:``, ``nuts:``, ``map:``) and the keyword
 arguments of :func:`lmmjax.lmm`, :func:`lmmjax.reml.fit_reml` and
 :func:`lmmjax.bayes.fit_nuts` are validated by the same model, so the API
 rejects exactly what the config rejects, with one line naming the option.
@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 from lmmjax.errors import LmmInputError
 
 __all__ = [
+    "MapOptions",
     "NutsOptions",
     "Options",
     "RemlOptions",
@@ -242,3 +243,106 @@ class NutsOptions(Options):
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return list(value)
         raise ValueError("must be 'none', 'all' or a list of grouping-factor names")
+
+
+def _is_number(value: Any) -> bool:
+    """A real number that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_b(value: Any) -> Any:
+    if value == "auto":
+        return value
+    if not _is_number(value) or not 0 <= value < 1:
+        raise ValueError("must be a number in [0, 1) or 'auto'")
+    return float(value)
+
+
+def _check_a(value: Any) -> Any:
+    if value == "auto":
+        return value
+    if _is_number(value):
+        if not value > 0:
+            raise ValueError("must be 'auto', a positive number (a I) or a list of them")
+        return float(value)
+    if isinstance(value, (list, tuple)) and value and all(_is_number(v) and v > 0 for v in value):
+        return [float(v) for v in value]
+    raise ValueError("must be 'auto', a positive number (a I) or a list of them")
+
+
+def _per_factor(mapping: Mapping, check: Callable) -> dict:
+    """Check each value of a mapping by grouping-factor name, naming the factor on error."""
+    out = {}
+    for key, value in mapping.items():
+        try:
+            out[str(key)] = check(value)
+        except ValueError as exc:
+            raise ValueError(f"factor {str(key)!r}: {exc}, got {value!r}") from None
+    return out
+
+
+class MapOptions(Options):
+    """Options of the EM / MAP fit with empirical Bayes (``map:`` section).
+
+    Every hyperparameter is either fixed or ``"auto"``: chosen by maximising
+    the Laplace approximation of the marginal likelihood (:mod:`lmmjax.em.hyper`).
+
+    Attributes
+    ----------
+    lam : float or "auto"
+        Ridge penalty ``lambda >= 0`` of the prior ``beta ~ N(0, sigma^2 / lambda I)``
+        on the penalised fixed effects; 0 is a flat prior. Written ``lambda`` in
+        the config and accepted as ``lam`` or ``lambda`` by the API.
+    b : float, "auto" or dict of str to float or "auto"
+        Shrinkage weight ``b in [0, 1)`` of each grouping factor's covariance
+        towards its prior scale ``A`` (0: no shrinkage); one value for every
+        factor or a mapping by grouping-factor name (unnamed factors: ``"auto"``).
+    A : "auto", float, list of float or dict
+        Prior scale ``A`` (the inverse-Wishart prior's ``Phi / (eta + d + 1)``):
+        a positive number means ``a I``, a list the diagonal; or a mapping by
+        grouping-factor name. ``"auto"`` (the default) is a diagonal chosen by
+        empirical Bayes.
+    penalize_intercept : bool
+        Penalise the intercept too (default false: it has a flat prior).
+    unpenalized : list of str
+        Further fixed-effect columns with a flat prior.
+    tol : float
+        EM stops when the log posterior rises by less than ``tol`` times its size.
+    maxiter : int
+        Maximum number of EM iterations.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    lam: Literal["auto"] | float = Field("auto", alias="lambda")
+    b: Literal["auto"] | float | dict[str, Literal["auto"] | float] = "auto"
+    A: Literal["auto"] | float | list[float] | dict[str, Literal["auto"] | float | list[float]] = (
+        "auto"
+    )
+    penalize_intercept: StrictBool = False
+    unpenalized: list[str] = Field(default_factory=list)
+    tol: float = Field(1e-12, gt=0)
+    maxiter: int = Field(20000, gt=0, strict=True)
+
+    @field_validator("lam", mode="before")
+    @classmethod
+    def _check_lambda(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        if not _is_number(value) or not value >= 0:
+            raise ValueError("must be a number >= 0 or 'auto'")
+        return float(value)
+
+    @field_validator("b", mode="before")
+    @classmethod
+    def _check_b(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return _per_factor(value, _check_b)
+        return _check_b(value)
+
+    @field_validator("A", mode="before")
+    @classmethod
+    def _check_a(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return _per_factor(value, _check_a)
+        return _check_a(value)

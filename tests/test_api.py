@@ -62,8 +62,8 @@ def test_reml_flag_is_checked_and_maps_to_ml():
 def test_unknown_and_unbuilt_methods():
     with pytest.raises(LmmInputError, match="unknown method 'bayes'"):
         lmmjax.lmm(*DYE, method="bayes")
-    with pytest.raises(NotBuiltError, match="'map' is not built yet"):
-        lmmjax.lmm(*DYE, method="map")
+    with pytest.raises(NotBuiltError, match="'sparse' is not built yet"):
+        lmmjax.lmm(*DYE, method="sparse")
 
 
 def test_signatures_derive_from_the_options():

@@ -31,6 +31,7 @@ ALLOWED = {
     "output": {"terms"},
     "reml": {"cache", "design", "errors", "linalg", "options", "output", "precision"},
     "bayes": {"cache", "errors", "linalg", "options", "output", "precision", "terms"},
+    "em": {"cache", "design", "errors", "linalg", "options", "output", "precision", "terms"},
     "api": {"config", "datasets", "design", "errors", "methods"},
     "cli": {"__init__", "api", "config", "datasets", "design", "errors", "methods", "output"},
     "fit": {"cli"},
