@@ -3,20 +3,47 @@
 ``lmmjax.lmm(formula, data, method=...)`` is the one entry point; the
 method-level functions are :func:`lmmjax.reml.fit_reml` and
 :func:`lmmjax.bayes.fit_nuts`.
+
+``import lmmjax`` loads JAX, the registry and the option models only; the
+formula machinery (formulaic, pandas), the REML engine and the samplers load
+when first used, so that a process that only validates a config, or fits by
+one method, does not pay for the others.
 """
 
 from lmmjax.precision import get_precision, set_precision  # noqa: I001  (sets float64 first)
+import importlib
+
 from lmmjax.cache import enable_compilation_cache
 from lmmjax.errors import LmmInputError, NotBuiltError
 from lmmjax.terms import Term
 from lmmjax.api import lmm
-from lmmjax.design import Model, build_model
 from lmmjax.methods import METHODS
 from lmmjax.options import NutsOptions, RemlOptions
 from lmmjax.output import Fit
-from lmmjax.reml import LmmFit, compare, fit_reml
 
 enable_compilation_cache()
+
+# names exported here but defined in modules that load on first use
+_LAZY = {
+    "Model": "lmmjax.design",
+    "build_model": "lmmjax.design",
+    "LmmFit": "lmmjax.reml",
+    "compare": "lmmjax.reml",
+    "fit_reml": "lmmjax.reml",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lmmjax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "METHODS",

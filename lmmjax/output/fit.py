@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas loads with the first result, not with lmmjax
+    import pandas as pd
 
 __all__ = ["Fit", "result_dict", "to_jsonable", "write_json"]
 

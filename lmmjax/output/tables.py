@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas loads with the first result, not with lmmjax
+    import pandas as pd
 
 __all__ = ["coef_table", "random_effects_table"]
 
@@ -13,6 +17,8 @@ def coef_table(estimate: pd.Series, se: pd.Series, extra: dict | None = None) ->
 
     ``extra`` adds columns (name -> Series), printed to 3 decimals.
     """
+    import pandas as pd
+
     se = se.to_numpy()
     smallest = np.min(se[se > 0]) if np.any(se > 0) else 1.0
     decimals = int(max(0, 3 - np.floor(np.log10(smallest))))
