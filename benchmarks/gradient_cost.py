@@ -3,14 +3,17 @@
 Usage::
 
     python benchmarks/gradient_cost.py [--data-dir ../shared/data/bcogsci] [--repeats 20]
+        [--paper-code PATH_TO_hamiltonian_lme_CHECKOUT]
 
 For the paper's InstEval model and two cognitive data sets (eeg, dillonE1) it
 prints the median time of one jitted value-and-gradient of lmmjax's potential
 for every variant, each variant's ratio to ``none`` (measured in the same
 run), and, for ``none``, the same model written out as a plain NumPyro model
 (every effect a sample site, the likelihood a sum over rows), the peer any
-NumPyro user would write. The last column is the paper's own code as measured
-by an earlier session on this 2-core CPU (issue 8; not re-run here).
+NumPyro user would write. With ``--paper-code`` the paper's own model scripts
+(a checkout of ``lll6924/hamiltonian_lme``; see ``paper_code.py``) are timed in
+the same run, and ``paper / lmmjax`` is their ratio; without it the paper
+column holds the issue's earlier measurement on this CPU, marked as such.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpyro.distributions as dist
 from numpyro.infer.util import potential_energy
 
 from hmc_models import COGNITIVE, INSTEVAL, INSTEVAL_GENERAL, build, gradient_ms, markdown
+from paper_code import paper_gradient_ms
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bcogsci"
 # median ms per value-and-gradient of the paper's code on this CPU (issue 8's table)
@@ -71,6 +75,12 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--skip-insteval", action="store_true")
+    p.add_argument(
+        "--paper-code",
+        type=Path,
+        default=None,
+        help="checkout of lll6924/hamiltonian_lme: time its models in this run",
+    )
     args = p.parse_args(argv)
     cases = [] if args.skip_insteval else [(INSTEVAL, None), (INSTEVAL_GENERAL, None)]
     if args.data_dir.is_dir():
@@ -96,7 +106,12 @@ def main(argv=None) -> int:
                 row["written-out NumPyro ms"] = written_out_ms(
                     base, scale, spec.likelihood == "lognormal", args.repeats
                 )
-            row["paper's code ms (earlier run)"] = PAPER_MS.get((name, variant), float("nan"))
+            if args.paper_code is not None:
+                paper = paper_gradient_ms(args.paper_code, name, variant, data_dir, args.repeats)
+                row["paper's code ms (this run)"] = paper
+                row["paper / lmmjax"] = paper / ms
+            else:
+                row["paper's code ms (earlier run)"] = PAPER_MS.get((name, variant), float("nan"))
             rows.append(row)
             print(f"  {name:9s} {variant:8s} {ms:9.3f} ms  (setup {setup:.1f} s)", flush=True)
     import pandas as pd
