@@ -205,3 +205,13 @@ def test_config_section_takes_lambda(tmp_path):
     assert cfg.options().lam == 0.5 and cfg.options().b == {"Subject": "auto"}
     with pytest.raises(lmmjax.LmmInputError, match="config key 'map.lambda'"):
         validate_config({"data": "x.csv", "formula": SLEEP, "map": {"lambda": -1}})
+
+
+@pytest.mark.slow  # about 15 s
+def test_benchmark_smoke():
+    out = subprocess.run(
+        [sys.executable, "benchmarks/em_map.py", "--quick", "--only", "1"],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "REML refused" in out.stdout and "[1] MAP: b=" in out.stdout

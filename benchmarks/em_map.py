@@ -1,0 +1,179 @@
+"""The EM / MAP issue's experiments (Amestoy, van de Wiel & van Wieringen's slides).
+
+1. Under-identified cubic growth model (125 observations, 140 random effects):
+   MAP with empirical Bayes fits it; REML refuses it.
+2. Overfitting: 50 individuals with 2, 5 or 10 measurements of the cubic model;
+   the selected b and the largest |correlation| of MAP against ML.
+3. Influence of repeats: 40 individuals, 2 fixed and 4 random effects, 2-8 repeats;
+   medians of the RMSE(beta) ratio, the KL(Sigma, Sigma_hat) ratio (MAP over the
+   unregularised fit, b = 0 and lambda = 0) and the selected b.
+4. High-dimensional fixed effects: 40 individuals x 7 repeats, 2 random effects,
+   p = 2 and 500; selected (b, lambda), seconds, and prediction error against a
+   ridge with no random effects.
+
+Run ``python benchmarks/em_map.py --quick`` (one replication, small settings)
+or without ``--quick`` for the slides' sizes. Absolute seconds are for the
+machine it runs on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import pandas as pd
+
+import lmmjax
+from lmmjax.design import build_model
+from lmmjax.em import fit_map
+
+CUBIC = "y ~ 1 + t + I(t**2) + I(t**3) + (1 + t + I(t**2) + I(t**3) | ind)"
+SLIDES_B_OVERFIT = {2: 0.99, 5: 0.32, 10: 0.20}
+SLIDES_REPEATS = {2: (0.97, 2.26, 0.38), 3: (1.07, 1.49, 0.34), 5: (1.02, 1.20, 0.29),
+                  8: (1.01, 1.05, 0.29)}  # fmt: skip
+
+
+def cubic_data(rng, groups: list[tuple[int, int]]) -> pd.DataFrame:
+    """Cubic growth curves: ``groups`` lists (individuals, measurements each)."""
+    t, ind, k0 = [], [], 0
+    for n_ind, n_times in groups:
+        for i in range(n_ind):
+            times = np.arange(1, 11) if n_times == 10 else rng.choice(np.arange(1, 11), n_times,
+                                                                        replace=False)  # fmt: skip
+            t.extend(times / 10)
+            ind.extend([k0 + i] * n_times)
+        k0 += n_ind
+    t, ind = np.asarray(t), np.asarray(ind)
+    T = np.column_stack([t**k for k in range(4)])
+    sd = np.array([1.0, 0.7, 0.5, 0.3])
+    Sigma = np.outer(sd, sd) * (0.3 + 0.7 * np.eye(4))
+    gamma = rng.multivariate_normal(np.zeros(4), Sigma, k0)
+    y = T @ np.array([1.0, 2.0, -1.0, 0.5]) + np.sum(T * gamma[ind], axis=1)
+    return pd.DataFrame({"y": y + rng.normal(0, 0.3, t.size), "t": t,
+                         "ind": [f"i{k}" for k in ind]})  # fmt: skip
+
+
+def max_abs_corr(S: np.ndarray) -> float:
+    c = S / np.sqrt(np.outer(np.diag(S), np.diag(S)))
+    return float(np.max(np.abs(c[np.triu_indices(len(S), 1)])))
+
+
+def experiment_1(rng) -> None:
+    df = cubic_data(rng, [(10, 10), (25, 1)])
+    model = build_model(df, CUBIC)
+    try:
+        lmmjax.fit_reml(model)
+        reml = "fitted (unexpected)"
+    except lmmjax.LmmInputError as exc:
+        reml = f"refused: {exc}"
+    fit = fit_map(model)
+    S = fit.covs[0]
+    print(f"[1] N={model.nobs} q={model.q}: REML {reml}")
+    print(f"[1] MAP: b={fit.hyper['b']['ind']:.3f} lambda={fit.hyper['lambda']:.4g} "
+          f"min eig(Sigma)={np.linalg.eigvalsh(S).min():.3g} max|corr|={max_abs_corr(S):.3f} "
+          f"seconds={fit.seconds:.1f} (search {fit.search['evaluations']} evals)")  # fmt: skip
+
+
+def experiment_2(rng, repeats) -> None:
+    for m in repeats:
+        df = cubic_data(rng, [(50, m)])
+        model = build_model(df, CUBIC)
+        fit = fit_map(model)
+        try:
+            ml = lmmjax.fit_reml(model, reml=False)
+            ml_corr = f"{max_abs_corr(ml.covariances()[0]):.3f}"
+        except lmmjax.LmmInputError:
+            ml_corr = "ML refuses (N <= q)"
+        print(f"[2] {m} measurements: b={fit.hyper['b']['ind']:.3f} (slides "
+              f"{SLIDES_B_OVERFIT.get(m, '-')}), MAP max|corr|={max_abs_corr(fit.covs[0]):.3f}, "
+              f"ML max|corr|={ml_corr}, seconds={fit.seconds:.1f}")  # fmt: skip
+
+
+def _kl(S_true, S_hat) -> float:
+    """KL(N(0, S_true) || N(0, S_hat))."""
+    d = len(S_true)
+    inv = np.linalg.solve(S_hat, S_true)
+    return 0.5 * (np.trace(inv) - d + np.linalg.slogdet(S_hat)[1] - np.linalg.slogdet(S_true)[1])
+
+
+def experiment_3(rng, repeats, reps) -> None:
+    from scipy.stats import invwishart
+
+    for m in repeats:
+        rows = []
+        for _ in range(reps):
+            n_ind, d = 40, 4
+            Sigma = invwishart.rvs(df=d + 2, scale=np.eye(d), random_state=rng)  # mean I_4
+            ind = np.repeat(np.arange(n_ind), m)
+            X = rng.normal(size=(ind.size, 4))
+            beta = rng.normal(size=2)
+            gamma = rng.multivariate_normal(np.zeros(d), Sigma, n_ind)
+            y = X[:, :2] @ beta + np.sum(X * gamma[ind], axis=1) + rng.normal(size=ind.size)
+            df = pd.DataFrame(X, columns=["x1", "x2", "x3", "x4"]).assign(y=y, g=ind.astype(str))
+            model = build_model(df, "y ~ 0 + x1 + x2 + (0 + x1 + x2 + x3 + x4 | g)")
+            fit = fit_map(model)
+            base = fit_map(model, b=0.0, lam=0.0, A=1.0)
+            rmse = [np.sqrt(np.mean((f.beta - beta) ** 2)) for f in (fit, base)]
+            rows.append((rmse[0] / rmse[1], _kl(Sigma, fit.covs[0]) / _kl(Sigma, base.covs[0]),
+                         fit.hyper["b"]["g"]))  # fmt: skip
+        med = np.median(np.asarray(rows), axis=0)
+        print(f"[3] repeats {m}: median RMSE ratio {med[0]:.2f}, KL ratio {med[1]:.2f}, "
+              f"b {med[2]:.2f} (slides {SLIDES_REPEATS[m]}; {reps} replications)")  # fmt: skip
+
+
+def experiment_4(rng, ps) -> None:
+    for p in ps:
+        n_ind, m = 40, 7
+        ind = np.repeat(np.arange(n_ind), m + 1)  # one extra per individual is held out
+        X = rng.normal(size=(ind.size, p))
+        beta = np.zeros(p)
+        beta[: min(p, 10)] = rng.normal(size=min(p, 10))
+        Sigma = np.array([[1.0, 0.3], [0.3, 0.5]])
+        gamma = rng.multivariate_normal(np.zeros(2), Sigma, n_ind)
+        y = X @ beta + gamma[ind, 0] + X[:, 0] * gamma[ind, 1] + rng.normal(size=ind.size)
+        cols = [f"x{j}" for j in range(p)]
+        df = pd.DataFrame(X, columns=cols).assign(y=y, g=ind.astype(str))
+        test = np.arange(ind.size) % (m + 1) == m
+        formula = "y ~ " + " + ".join(cols) + " + (1 + x0 | g)"
+        model = build_model(df[~test].reset_index(drop=True), formula, drop_aliased=False)
+        fit = fit_map(model)
+        g_test = ind[test]
+        lev = {lv: k for k, lv in enumerate(model.terms[0].levels)}
+        gam = fit.b[0][[lev[str(g)] for g in g_test]]
+        Xt = np.column_stack([np.ones(test.sum()), X[test]])
+        pred = Xt @ fit.beta + gam[:, 0] + X[test, 0] * gam[:, 1]
+        # ridge with no random effects at its own leave-one-out-free choice: lambda from MAP
+        Xtr = np.column_stack([np.ones((~test).sum()), X[~test]])
+        pen = np.r_[0.0, np.ones(p)]
+        lam = fit.hyper["lambda"]
+        beta_r = np.linalg.lstsq(Xtr.T @ Xtr + lam * np.diag(pen), Xtr.T @ y[~test], rcond=None)[0]
+        mse_map = float(np.mean((y[test] - pred) ** 2))
+        mse_ridge = float(np.mean((y[test] - Xt @ beta_r) ** 2))
+        print(f"[4] p={p}: b={fit.hyper['b']['g']:.3f} lambda={fit.hyper['lambda']:.4g} "
+              f"seconds={fit.seconds:.2f} test MSE map={mse_map:.3f} "
+              f"ridge(no RE)={mse_ridge:.3f}")  # fmt: skip
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one replication, small settings")
+    parser.add_argument("--only", type=int, choices=[1, 2, 3, 4], help="run one experiment")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    rng = np.random.default_rng(args.seed)
+    run = lambda k: args.only in (None, k)  # noqa: E731
+    if run(1):
+        experiment_1(rng)
+    if run(2):
+        experiment_2(rng, [2, 5] if args.quick else [2, 5, 10])
+    if run(3):
+        experiment_3(rng, [3] if args.quick else [2, 3, 5, 8], 1 if args.quick else 30)
+    if run(4):
+        experiment_4(rng, [2, 500] if not args.quick else [2, 500])
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    main()
+    print(f"total {time.perf_counter() - start:.1f} s")
