@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import scipy.stats
 
+from lmmjax.cache import compiled
 from lmmjax.errors import LmmInputError
 from lmmjax.linalg import build_structure, cross_products
 from lmmjax.options import RemlOptions, takes_options
@@ -67,12 +69,12 @@ def fit_reml(model, options: RemlOptions | None = None, *, reml: bool = True, **
     model.require_full_rank("reml" if reml else "ml")
     check_identifiable(model)
     struct = build_structure(model.terms, dtype=float_dtype())
-    xp = cross_products(struct, np.column_stack([model.X, model.y]))
+    M = jnp.asarray(np.column_stack([model.X, model.y]), dtype=struct.dtype)
+    products, _ = compiled(cross_products, struct, M)  # one program, not one per operation
+    xp = products(struct, M)
     theta0 = np.concatenate([t.theta_init() for t in model.terms])
-    theta, _, log, singular, est = optimize_theta(struct, xp, model.terms, theta0, opts, reml=reml)
-    result = LmmFit.from_theta(
-        model, struct, xp, theta, reml=reml, log=log, singular=singular, estimates=est
-    )
+    theta, _, log, singular = optimize_theta(struct, xp, model.terms, theta0, opts, reml=reml)
+    result = LmmFit.from_theta(model, struct, xp, theta, reml=reml, log=log, singular=singular)
     result.seconds = time.perf_counter() - start
     return result
 
