@@ -2,8 +2,8 @@
 
 :func:`fit_reml` builds the Z-only structure and the ``[X y]`` cross products
 (:mod:`lmmjax.linalg`), minimises the profiled criterion
-(:mod:`lmmjax.reml.objective`) with optax L-BFGS (:mod:`lmmjax.reml.optimize`)
-and returns an :class:`LmmFit`.
+(:mod:`lmmjax.reml.objective`) with L-BFGS on one compiled value-and-gradient
+(:mod:`lmmjax.reml.optimize`) and returns an :class:`LmmFit`.
 """
 
 from lmmjax.reml.fit import check_identifiable, compare, fit_reml
