@@ -73,8 +73,10 @@ def fit_reml(model, options: RemlOptions | None = None, *, reml: bool = True, **
     products, _ = compiled(cross_products, struct, M)  # one program, not one per operation
     xp = products(struct, M)
     theta0 = np.concatenate([t.theta_init() for t in model.terms])
-    theta, _, log, singular = optimize_theta(struct, xp, model.terms, theta0, opts, reml=reml)
-    result = LmmFit.from_theta(model, struct, xp, theta, reml=reml, log=log, singular=singular)
+    theta, _, log, singular, est = optimize_theta(struct, xp, model.terms, theta0, opts, reml=reml)
+    result = LmmFit.from_theta(
+        model, struct, xp, theta, reml=reml, log=log, singular=singular, estimates=est
+    )
     result.seconds = time.perf_counter() - start
     return result
 

@@ -30,7 +30,7 @@ import scipy.optimize
 from lmmjax.cache import compiled
 from lmmjax.linalg import CrossProducts, Structure
 from lmmjax.options import RemlOptions
-from lmmjax.reml.objective import profiled_objective
+from lmmjax.reml.objective import Estimates, estimates, profiled_objective
 
 
 @dataclass
@@ -82,16 +82,13 @@ class _Evaluations:
     reads the gradient of the accepted point without evaluating it again.
     """
 
-    def __init__(self, value_and_grad, args, scale: np.ndarray, dtype):
-        self.value_and_grad, self.args = value_and_grad, args
-        self.scale, self.dtype = scale, dtype
+    def __init__(self, objective: _Objective, scale: np.ndarray):
+        self.objective, self.scale = objective, scale
         self.seen: dict[bytes, tuple[float, np.ndarray]] = {}
         self.count = 0
 
     def __call__(self, phi: np.ndarray) -> tuple[float, np.ndarray]:
-        theta = jnp.asarray(phi / self.scale, self.dtype)
-        v, g = self.value_and_grad(theta, *self.args)
-        value, grad = float(v), np.asarray(g, dtype=float)
+        value, grad = self.objective.value_and_grad(phi / self.scale)
         self.count += 1
         if len(self.seen) > 8:
             self.seen.clear()
@@ -129,24 +126,50 @@ def _lbfgs(evaluate: _Evaluations, theta0: np.ndarray, maxiter: int, gtol: float
     return theta, value, grad, int(res.nit)
 
 
-def _value_and_grad(theta, struct, xp, reml):
-    return jax.value_and_grad(profiled_objective)(theta, struct, xp, reml)
+def _evaluate(theta, struct, xp, with_estimates, reml):
+    """Value and gradient of the objective, and the estimates when ``with_estimates``.
+
+    One program for the whole fit: the estimates branch runs once, at the end,
+    and sharing the program saves compiling a second one (0.36 of 1.66 s for
+    sleepstudy).
+    """
+    value, grad = jax.value_and_grad(profiled_objective)(theta, struct, xp, reml)
+    shape = jax.eval_shape(lambda t: estimates(t, struct, xp, reml), theta)
+    est = jax.lax.cond(
+        with_estimates,
+        lambda: estimates(theta, struct, xp, reml),
+        lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shape),
+    )
+    return value, grad, est
 
 
 class _Objective:
-    """The compiled objective at fixed (struct, xp), as a function of a NumPy theta.
+    """The compiled objective at fixed (struct, xp), for NumPy thetas.
 
-    It runs the value-and-gradient program the optimiser compiled, so that
-    boundary probes, snapping and Nelder-Mead compile nothing more.
+    Calling it gives the value; the optimiser, boundary probes, snapping,
+    Nelder-Mead and the final estimates all run the one compiled program.
     """
 
     def __init__(self, struct: Structure, xp: CrossProducts, reml: bool):
         self.args, self.reml, self.dtype = (struct, xp), reml, struct.dtype
+        self.compile_seconds = 0.0
+
+    def _run(self, theta, with_estimates: bool):
+        th = jnp.asarray(theta, self.dtype)
+        flag = jnp.asarray(with_estimates)
+        run, seconds = compiled(_evaluate, th, *self.args, flag, reml=self.reml)
+        self.compile_seconds += seconds
+        return run(th, *self.args, flag)
+
+    def value_and_grad(self, theta) -> tuple[float, np.ndarray]:
+        value, grad, _ = self._run(theta, False)
+        return float(value), np.asarray(grad, dtype=float)
+
+    def estimates(self, theta) -> Estimates:
+        return self._run(theta, True)[2]
 
     def __call__(self, theta) -> float:
-        th = jnp.asarray(theta, self.dtype)
-        vg, _ = compiled(_value_and_grad, th, *self.args, reml=self.reml)
-        return float(vg(th, *self.args)[0])
+        return self.value_and_grad(theta)[0]
 
 
 def canonical_theta(theta: np.ndarray, terms) -> tuple[np.ndarray, np.ndarray]:
@@ -228,7 +251,7 @@ def optimize_theta(
     options: RemlOptions,
     *,
     reml: bool = True,
-) -> tuple[np.ndarray, float, OptimizerLog, bool]:
+) -> tuple[np.ndarray, float, OptimizerLog, bool, Estimates]:
     """Minimise the profiled objective over theta.
 
     Parameters
@@ -251,16 +274,13 @@ def optimize_theta(
 
     Returns
     -------
-    theta, objective, log, singular
+    theta, objective, log, singular, estimates
     """
     log = OptimizerLog()
     start = time.perf_counter()
-    dtype = struct.dtype
     gtol = options.gtol
-    th0 = jnp.asarray(theta0, dtype=dtype)
-    vg, log.compile_seconds = compiled(_value_and_grad, th0, struct, xp, reml=reml)
-    evaluate = _Evaluations(vg, (struct, xp), theta_scale(terms), dtype)
     f = _Objective(struct, xp, reml)
+    evaluate = _Evaluations(f, theta_scale(terms))
     theta, value, grad, it = _lbfgs(evaluate, np.asarray(theta0, float), options.maxiter, gtol)
     log.iterations = it
     bounded = on_bound(terms)
@@ -278,11 +298,8 @@ def optimize_theta(
     value, grad = float(value), np.asarray(grad) * flips
 
     def check(th):
-        th_ = jnp.asarray(th, dtype)
-        vg, seconds = compiled(_value_and_grad, th_, struct, xp, reml=reml)
-        log.compile_seconds += seconds
-        v, g = vg(th_, struct, xp)
-        return float(v), projected_grad_norm(np.asarray(g), th, bounded)
+        v, g = f.value_and_grad(th)
+        return v, projected_grad_norm(g, th, bounded)
 
     gnorm = projected_grad_norm(grad, theta, bounded)
     converged = bool(np.isfinite(value) and gnorm <= gtol * max(1.0, abs(value)))
@@ -307,6 +324,8 @@ def optimize_theta(
         theta = snapped
         value, gnorm = check(theta)
     log.grad_norm, log.converged = gnorm, converged
+    est = f.estimates(theta)
+    log.compile_seconds = f.compile_seconds
     log.seconds = time.perf_counter() - start
     singular = bool(bounded.any() and np.min(np.abs(theta[bounded])) < 1e-4)
-    return theta, value, log, singular
+    return theta, value, log, singular, est

@@ -125,8 +125,13 @@ class LmmFit:
 
     def covariances(self) -> list[np.ndarray]:
         """Each term's covariance ``sigma^2 Lambda Lambda'``."""
-        lambdas = make_lambdas(jnp.asarray(self.theta), self._struct)
-        return [self.sigma**2 * np.asarray(lam @ lam.T) for lam in lambdas]
+        out, k = [], 0
+        for t in self.model.terms:  # NumPy: a few numbers, not worth an XLA program
+            lam = np.zeros((t.d, t.d))
+            lam[t.theta_index()] = self.theta[k : k + t.ntheta]
+            out.append(self.sigma**2 * lam @ lam.T)
+            k += t.ntheta
+        return out
 
     @property
     def varcorr(self) -> pd.DataFrame:
@@ -193,7 +198,9 @@ class LmmFit:
         return out
 
     def _random_part(self, terms_z, terms_refs) -> np.ndarray:
-        return np.asarray(z_times(terms_refs, terms_z, self.b))
+        args = (tuple(terms_refs), tuple(terms_z), tuple(self.b))
+        run, _ = compiled(z_times, *args)  # one program rather than one per operation
+        return np.asarray(run(*args))
 
     def fitted(self) -> np.ndarray:
         """Fitted values ``X beta + Z b`` at the conditional modes."""
