@@ -84,6 +84,10 @@ def lmm(
     if isinstance(categorical, str):
         categorical = [categorical]
     model = build_model(
-        load_data(data), formula, categorical=categorical, submodels=opts.submodels()
+        load_data(data),
+        formula,
+        categorical=categorical,
+        submodels=opts.submodels(),
+        drop_aliased=opts.drop_aliased(),
     )
     return entry.fit(model, opts)

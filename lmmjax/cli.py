@@ -62,7 +62,10 @@ def _build_model(cfg: FitConfig) -> Any:
     df = load_data(cfg.data, base_dir=cfg.base_dir)
     opts = cfg.options()
     subs = opts.submodels() if opts is not None else {}
-    return build_model(df, cfg.formula, categorical=cfg.categorical, submodels=subs)
+    drop = opts.drop_aliased() if opts is not None else True
+    return build_model(
+        df, cfg.formula, categorical=cfg.categorical, submodels=subs, drop_aliased=drop
+    )
 
 
 def run(config: str | Path, check: bool = False, output: str | None = None) -> int:

@@ -34,7 +34,14 @@ from pydantic import (
 
 from lmmjax.errors import LmmInputError
 from lmmjax.methods import METHODS, get_method
-from lmmjax.options import MapOptions, NutsOptions, Options, RemlOptions, format_validation_error
+from lmmjax.options import (
+    MapOptions,
+    NutsOptions,
+    Options,
+    RemlOptions,
+    SparseOptions,
+    format_validation_error,
+)
 
 __all__ = ["FitConfig", "load_config", "validate_config"]
 
@@ -78,7 +85,7 @@ class FitConfig(BaseModel):
     reml: RemlOptions = Field(default_factory=RemlOptions)
     nuts: NutsOptions = Field(default_factory=NutsOptions)
     map: MapOptions = Field(default_factory=MapOptions)
-    sparse: dict = Field(default_factory=dict)
+    sparse: SparseOptions = Field(default_factory=SparseOptions)
 
     _base_dir: Path | None = PrivateAttr(default=None)
 

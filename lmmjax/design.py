@@ -10,7 +10,14 @@ import numpy as np
 import pandas as pd
 
 from lmmjax.errors import LmmInputError
-from lmmjax.formula import BarTerm, model_matrix, parse_formula, required_columns
+from lmmjax.formula import (
+    BarTerm,
+    expand_dot,
+    has_dot,
+    model_matrix,
+    parse_formula,
+    required_columns,
+)
 from lmmjax.formula.fixed import formula_terms
 from lmmjax.terms import Term
 
@@ -330,6 +337,17 @@ def _bar_terms(data: pd.DataFrame, bar: BarTerm) -> list[Term]:
     ]
 
 
+def _expand_dot(parsed, data: pd.DataFrame) -> str:
+    """The fixed part with ``.`` written out: every column not named elsewhere (as in R)."""
+    named = set(required_columns(parsed.response, context="response"))
+    for bar in parsed.bars:
+        named |= required_columns(bar.lhs, context=f"random-effect term {bar.source}:")
+        named |= set(bar.factors)
+    others = expand_dot(parsed.fixed, [], named)  # the dot as "1": the other fixed terms
+    named |= required_columns(others, context="fixed-effect formula")
+    return expand_dot(parsed.fixed, [str(c) for c in data.columns], named)
+
+
 def build_model(
     data: pd.DataFrame,
     formula: str,
@@ -345,7 +363,9 @@ def build_model(
     data : pandas.DataFrame
         One row per observation.
     formula : str
-        lme4 syntax, e.g. ``"Reaction ~ Days + (Days | Subject)"``.
+        lme4 syntax, e.g. ``"Reaction ~ Days + (Days | Subject)"``. A ``.`` in the
+        fixed part means every column of ``data`` not named elsewhere in the
+        formula, as in R (``"y ~ . + (1 | g)"``).
     categorical : sequence of str
         Columns to treat as factors (R's ``factor()``). Grouping columns are
         always factors.
@@ -372,6 +392,8 @@ def build_model(
     if not isinstance(data, pd.DataFrame):
         raise LmmInputError(f"data must be a pandas DataFrame, got {type(data).__name__}")
     parsed = parse_formula(formula)
+    if has_dot(parsed.fixed):
+        parsed = replace(parsed, fixed=_expand_dot(parsed, data))
     categorical = list(categorical)
     columns = set(map(str, data.columns))
     for name in categorical:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmmjax.errors import LmmInputError, NotBuiltError
-from lmmjax.options import MapOptions, NutsOptions, Options, RemlOptions
+from lmmjax.options import MapOptions, NutsOptions, Options, RemlOptions, SparseOptions
 
 __all__ = ["METHODS", "Method", "get_method"]
 
@@ -66,7 +66,7 @@ METHODS: dict[str, Method] = {
         Method("ml", "reml", RemlOptions, "lmmjax.reml.fit:fit_reml", {"reml": False}),
         Method("nuts", "nuts", NutsOptions, "lmmjax.bayes.fit:fit_nuts"),
         Method("map", "map", MapOptions, "lmmjax.em.fit:fit_map"),
-        Method("sparse", "sparse"),
+        Method("sparse", "sparse", SparseOptions, "lmmjax.sparse.fit:fit_sparse"),
     )
 }
 

@@ -25,6 +25,7 @@ __all__ = [
     "NutsOptions",
     "Options",
     "RemlOptions",
+    "SparseOptions",
     "format_validation_error",
     "takes_options",
 ]
@@ -92,6 +93,10 @@ class Options(BaseModel):
     def submodels(self) -> dict[str, str]:
         """Linear predictors of other parameters the model needs built (``{"sigma": rhs}``)."""
         return {}
+
+    def drop_aliased(self) -> bool:
+        """Whether the model is built without fixed-effect columns aliased by earlier ones."""
+        return True
 
     @classmethod
     def from_call(cls, options: Options | Mapping | None, overrides: Mapping) -> Options:
@@ -346,3 +351,82 @@ class MapOptions(Options):
         if isinstance(value, Mapping):
             return _per_factor(value, _check_a)
         return _check_a(value)
+
+
+def _check_k(value: Any) -> Any:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and 1 <= value[0] <= value[1]
+    ):
+        return [int(value[0]), int(value[1])]
+    raise ValueError("must be an integer >= 1 or a range [kmin, kmax] with 1 <= kmin <= kmax")
+
+
+class SparseOptions(Options):
+    """Options of sparse fixed-effect selection (``sparse:`` section).
+
+    The quasi-likelihood transform of Li, Cai & Li (2022) whitens each cluster
+    by its working covariance ``a Z_i Z_i' + I``; a sparse regression on the
+    whitened data selects the fixed effects (:mod:`lmmjax.sparse`).
+
+    Attributes
+    ----------
+    selector : {"best_subset", "lasso"}
+        Best subset of size ``k`` by splicing, or a lasso path (each support
+        refitted by least squares).
+    k : int, [kmin, kmax] or None
+        Number of selected columns (the intercept is always kept and not
+        counted), or a range within which ``criterion`` chooses it. The default
+        is ``[1, min(10, number of candidate columns)]``. With the lasso it bounds
+        the support sizes along the path that may be chosen (an integer ``k``
+        means ``[1, k]``).
+    a_grid : list of float or None
+        Working variance ratios ``a > 0`` (``Psi`` is taken as ``a sigma^2 I``
+        in units of the random-effect columns), chosen among by cluster-wise
+        cross-validation. Default ``10^-2, 10^-1.5, ..., 10^2``.
+    cv_folds : int
+        Folds of the cluster-wise cross-validation (>= 2; at most the number of clusters).
+    criterion : {"bic", "cv"}
+        How ``k`` (or the lasso's lambda) is chosen: the extended BIC on the
+        whole data (default; ``a`` is still chosen by cross-validation, with
+        ``k`` chosen by the same criterion inside each fold), or the
+        cross-validated loss over every pair (a, k).
+    refit : bool
+        Refit the selected columns by REML, for variance components and
+        standard errors.
+    seed : int
+        Seed of the random assignment of clusters to folds.
+    """
+
+    selector: Literal["best_subset", "lasso"] = "best_subset"
+    k: int | list[int] | None = None
+    a_grid: list[float] | None = None
+    cv_folds: int = Field(5, ge=2, strict=True)
+    criterion: Literal["bic", "cv"] = "bic"
+    refit: StrictBool = True
+    seed: int = Field(0, strict=True)
+
+    def drop_aliased(self) -> bool:
+        return False
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _check_k(cls, value: Any) -> Any:
+        return _check_k(value)
+
+    @field_validator("a_grid", mode="before")
+    @classmethod
+    def _check_a_grid(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if (
+            isinstance(value, (list, tuple))
+            and value
+            and all(_is_number(v) and 0 < v < float("inf") for v in value)
+        ):
+            return sorted({float(v) for v in value})
+        raise ValueError("must be a non-empty list of positive numbers")

@@ -59,9 +59,12 @@ def test_reml_flag_is_checked_and_maps_to_ml():
     assert lmmjax.lmm(*DYE, method="ml").method == "ml"
 
 
-def test_unknown_and_unbuilt_methods():
+def test_unknown_and_unbuilt_methods(monkeypatch):
+    from lmmjax.methods import METHODS, Method
+
     with pytest.raises(LmmInputError, match="unknown method 'bayes'"):
         lmmjax.lmm(*DYE, method="bayes")
+    monkeypatch.setitem(METHODS, "sparse", Method("sparse", "sparse"))
     with pytest.raises(NotBuiltError, match="'sparse' is not built yet"):
         lmmjax.lmm(*DYE, method="sparse")
 

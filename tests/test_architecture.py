@@ -32,6 +32,7 @@ ALLOWED = {
     "reml": {"cache", "design", "errors", "linalg", "options", "output", "precision"},
     "bayes": {"cache", "errors", "linalg", "options", "output", "precision", "terms"},
     "em": {"cache", "design", "errors", "linalg", "options", "output", "precision", "terms"},
+    "sparse": {"cache", "errors", "methods", "options", "output", "precision"},
     "api": {"config", "datasets", "design", "errors", "methods"},
     "cli": {"__init__", "api", "config", "datasets", "design", "errors", "methods", "output"},
     "fit": {"cli"},

@@ -8,7 +8,7 @@ import pytest
 
 from lmmjax.config import FitConfig, load_config
 from lmmjax.errors import LmmInputError
-from lmmjax.options import MapOptions, NutsOptions, RemlOptions
+from lmmjax.options import MapOptions, NutsOptions, RemlOptions, SparseOptions
 
 VALID = """\
 # a comment
@@ -76,7 +76,7 @@ def test_defaults(tmp_path):
     assert cfg.reml == RemlOptions()
     assert cfg.nuts == NutsOptions()
     assert cfg.nuts.marginalize == "all" and cfg.nuts.num_chains == 4
-    assert cfg.map == MapOptions() and cfg.sparse == {}
+    assert cfg.map == MapOptions() and cfg.sparse == SparseOptions()
 
 
 def test_empty_section_means_defaults(tmp_path):

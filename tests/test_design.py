@@ -446,3 +446,15 @@ def test_drop_aliased_false_keeps_more_columns_than_rows():
         fit_reml(model)
     with pytest.warns(UserWarning, match="rank deficient"):
         assert build_model(df, formula).p == n
+
+
+def test_dot_means_every_column_not_named_elsewhere():
+    rng = np.random.default_rng(3)
+    df = pd.DataFrame(rng.standard_normal((40, 5)), columns=["y", "a", "b", "z", "my col"])
+    df["g"] = np.repeat(np.arange(8), 5)
+    dot = build_model(df, "y ~ . + (0 + z | g)")
+    explicit = build_model(df, "y ~ a + b + `my col` + (0 + z | g)")
+    assert dot.fixef_names == explicit.fixef_names == ("(Intercept)", "a", "b", "my col")
+    np.testing.assert_array_equal(dot.X, explicit.X)
+    assert build_model(df, "y ~ . - b + (1 | g)").fixef_names == ("(Intercept)", "a", "z", "my col")
+    assert build_model(df, "y ~ 0 + a + . + (1 | g)").fixef_names == ("a", "b", "z", "my col")
