@@ -87,55 +87,134 @@ def _tree_depth(n_steps: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------
 
 
-def _numpyro_mcmc(spec: BayesSpec, s: NutsOptions):
-    """A fresh ``numpyro.infer.MCMC``: a reused one carries state between runs.
+def _nuts_kernels(spec: BayesSpec, data, z0, key0, *, num_warmup, target, depth, dense):
+    """NumPyro's functional NUTS kernels over the potential, ready to sample.
 
-    Its programs still compile from the persistent XLA cache after the first
-    run of a model shape.
+    ``hmc()`` keeps the warm-up schedule and tree depth, set by ``init_kernel``,
+    in its closure; tracing ``init_kernel`` abstractly here sets them without
+    adding its work to the program being traced.
     """
-    from numpyro.infer import MCMC, NUTS
+    from numpyro.infer.hmc import hmc
 
-    kernel = NUTS(
-        partial(lmm_model, spec=spec), target_accept_prob=s.target_accept,
-        max_tree_depth=s.max_tree_depth, dense_mass=s.dense_mass,
-    )  # fmt: skip
-    return MCMC(
-        kernel, num_warmup=s.num_warmup, num_samples=s.num_samples,
-        num_chains=s.num_chains, chain_method="vectorized",
-        progress_bar=s.progress_bar, jit_model_args=True,
-    )  # fmt: skip
+    model = partial(lmm_model, spec=spec)
+    gen = lambda d: partial(potential_energy, model, (d,), {})  # noqa: E731
+    init_kernel, sample_kernel = hmc(potential_fn_gen=gen, algo="NUTS")
+
+    def init(z, key):
+        return init_kernel(
+            z, num_warmup, target_accept_prob=target, dense_mass=dense, max_tree_depth=depth,
+            model_args=(data,), rng_key=key,
+        )  # fmt: skip
+
+    jax.eval_shape(init, z0, key0)
+    return init, sample_kernel
+
+
+def _nuts_init(init_params, keys, data, *, spec, num_warmup, target, depth, dense):
+    first = jax.tree.map(lambda a: a[0], init_params)
+    init, _ = _nuts_kernels(spec, data, first, keys[0], num_warmup=num_warmup, target=target,
+                            depth=depth, dense=dense)  # fmt: skip
+    return jax.vmap(init)(init_params, keys)
+
+
+def _nuts_run(state, init_params, keys, start, n, data, *, spec, num_warmup, target, depth,
+              dense, buffer):  # fmt: skip
+    """``n`` NUTS transitions of every chain, from ``init_params`` when ``start``.
+
+    ``n`` and ``start`` are traced, so one program serves initialisation,
+    warm-up, sampling and every progress-bar chunk; the first ``min(n,
+    buffer)`` positions and statistics are written into arrays of ``buffer`` steps.
+    """
+    opts = dict(num_warmup=num_warmup, target=target, depth=depth, dense=dense)
+    init, sample_kernel = _nuts_kernels(
+        spec, data, jax.tree.map(lambda a: a[0], init_params), keys[0], **opts
+    )
+    state = jax.lax.cond(start, lambda: jax.vmap(init)(init_params, keys), lambda: state)
+    step = jax.vmap(lambda st: sample_kernel(st, model_args=(data,)))
+
+    def record(st):
+        return (st.z, st.diverging, st.num_steps, st.adapt_state.step_size, st.accept_prob,
+                st.energy, st.potential_energy)  # fmt: skip
+
+    out0 = jax.tree.map(lambda a: jnp.zeros((buffer, *a.shape), a.dtype), record(state))
+
+    def body(i, carry):
+        st, out = carry
+        st = step(st)
+        out = jax.tree.map(lambda b, v: b.at[i].set(v, mode="drop"), out, record(st))
+        return st, out
+
+    return jax.lax.fori_loop(0, n, body, (state, out0))
 
 
 def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
-    """NumPyro NUTS with vectorised chains."""
+    """NumPyro's NUTS kernel with vectorised chains, driven by one compiled loop.
+
+    NumPyro's ``MCMC`` compiles one loop for warm-up and another for sampling
+    and initialises chains with many small eager operations; on sleepstudy
+    those compilations were most of a fit's time. Here the same kernels run in
+    a loop whose length is an argument, so warm-up, sampling and every
+    progress-bar chunk share one program.
+    """
+    from tqdm.auto import tqdm
+
     keys = _keys(s.seed)
+    spec, data = bm.spec, bm.data
     init = bm.init_params(keys["init"], s.num_chains)
-    if s.num_chains == 1:
-        init = jax.tree.map(lambda a: a[0], init)
-    mcmc = _numpyro_mcmc(bm.spec, s)
-    fields = ("diverging", "num_steps", "adapt_state.step_size", "accept_prob", "energy",
-              "potential_energy")  # fmt: skip
+    ckeys = jax.random.split(keys["warmup"], s.num_chains)
+    opts = dict(spec=spec, num_warmup=s.num_warmup, target=s.target_accept,
+                depth=s.max_tree_depth, dense=s.dense_mass)  # fmt: skip
+    warm_chunks = _chunks(s.num_warmup, s.progress_bar) if s.num_warmup else []
+    sample_chunks = _chunks(s.num_samples, s.progress_bar)
+    buffer = max([*warm_chunks, *sample_chunks])
+    bar = tqdm(total=s.num_warmup + s.num_samples, disable=not s.progress_bar, desc="warmup")
+    shapes = jax.eval_shape(partial(_nuts_init, **opts), init, ckeys, data)
+    state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    started = [False]
+
+    def advance(state, n):
+        flag = jnp.asarray(not started[0])
+        started[0] = True
+        run, _ = compiled(_nuts_run, state, init, ckeys, flag, jnp.asarray(n), data,
+                          buffer=buffer, **opts)  # fmt: skip
+        return run(state, init, ckeys, flag, jnp.asarray(n), data)
+
     with _Phase() as warm:
-        mcmc.warmup(keys["warmup"], bm.data, init_params=init, extra_fields=("num_steps",),
-                    collect_warmup=True)  # fmt: skip
-        warm_steps = int(np.sum(mcmc.get_extra_fields()["num_steps"]))
-        jax.block_until_ready(mcmc.post_warmup_state)
+        warm_steps = 0
+        for n in warm_chunks:
+            state, out = advance(state, n)
+            warm_steps += int(np.sum(np.asarray(out[2])[:n]))
+            bar.update(n)
+        jax.block_until_ready(state)
+    bar.set_description("sample")
     with _Phase() as sample:
-        mcmc.run(keys["sample"], bm.data, extra_fields=fields)
-        samples = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))
-    extra = mcmc.get_extra_fields(group_by_chain=True)
-    n_steps = np.asarray(extra["num_steps"])
-    stats = {
-        "diverging": np.asarray(extra["diverging"], dtype=bool),
-        "tree_depth": _tree_depth(n_steps),
-        "n_steps": n_steps.astype(np.int64),
-        "step_size": np.asarray(extra["adapt_state.step_size"]),
-        "acceptance_rate": np.asarray(extra["accept_prob"]),
-        "energy": np.asarray(extra["energy"]),
-        "lp": -np.asarray(extra["potential_energy"]),
+        outs = []
+        for n in sample_chunks:
+            state, out = advance(state, n)
+            outs.append(jax.tree.map(lambda a, n=n: np.asarray(a[:n]), out))
+            bar.update(n)
+    bar.close()
+    positions, div, n_steps, eps, acc, energy, pe = jax.tree.map(
+        lambda *xs: np.swapaxes(np.concatenate(xs, axis=0), 0, 1), *outs
+    )  # (chains, draws, ...)
+    flat = jax.tree.map(lambda a: jnp.asarray(a.reshape(-1, *a.shape[2:])), positions)
+    constrain, _ = compiled(_constrain_all, flat, data, spec=spec)
+    constrained = constrain(flat, data)
+    samples = {
+        k: np.asarray(v).reshape(s.num_chains, s.num_samples, *v.shape[1:])
+        for k, v in constrained.items()
+        if k in positions
     }
-    samples = {k: np.asarray(v) for k, v in samples.items()}
-    grads = {"warmup": warm_steps, "sampling": int(n_steps.sum())}
+    stats = {
+        "diverging": np.asarray(div, dtype=bool),
+        "tree_depth": _tree_depth(n_steps),
+        "n_steps": np.asarray(n_steps, dtype=np.int64),
+        "step_size": np.asarray(eps),
+        "acceptance_rate": np.asarray(acc),
+        "energy": np.asarray(energy),
+        "lp": -np.asarray(pe),
+    }
+    grads = {"warmup": warm_steps, "sampling": int(np.sum(n_steps))}
     return Draws(samples, stats, warm.seconds, sample.seconds, warm.compile + sample.compile,
                  grads, keys)  # fmt: skip
 
