@@ -19,6 +19,7 @@ import scipy.linalg
 
 from lmmjax.linalg import (
     build_structure,
+    column_map,
     conditional_moments,
     cross_products,
     dense_gram,
@@ -27,6 +28,7 @@ from lmmjax.linalg import (
     eigen_precompute,
     factorize,
     gls_gram,
+    linear_predictor,
     logdet,
     logdet_quad,
     make_lambdas,
@@ -282,10 +284,25 @@ def test_z_times(case):
     # a left-out term and an unseen level (negative index) contribute nothing
     struct, effects, terms = case["struct"], case["effects"], case["terms"]
     refs = [np.where(np.arange(len(r)) == 0, -1, np.asarray(r)) for r in struct.refs]
-    got = z_times(refs, struct.z, (effects[0],) + (None,) * (len(terms) - 1))
+    got = z_times(refs, struct.z, (effects[0],) + (None,) * (len(terms) - 1), unseen=True)
     want = terms[0].dense() @ np.asarray(effects[0]).reshape(-1)
     want[0] = 0.0
     assert rel(got, want) <= RTOL
+
+
+def test_linear_predictor_multiplies_each_distinct_column_once(case):
+    """X beta + Z b, with an intercept and a slope column shared by X and a term."""
+    struct, effects, terms = case["struct"], case["effects"], case["terms"]
+    X = np.column_stack([case["X"], terms[0].z[:, -1]])  # a term's column also in X
+    beta = np.array([0.5, -1.0, 2.0, 0.3])
+    cols, cmap = column_map(X, [t.z for t in terms])
+    assert cmap.fixef[0] == -1 and cmap.fixef[3] == cmap.terms[0][-1]
+    assert cols.shape[1] == len({c for ks in (cmap.fixef, *cmap.terms) for c in ks} - {-1})
+    b = np.concatenate([np.asarray(e).reshape(-1) for e in effects])
+    got = jax.jit(linear_predictor, static_argnums=1)(cols, cmap, beta, struct.refs, effects)
+    assert rel(got, X @ beta + case["Z"] @ b) <= RTOL
+    left_out = linear_predictor(cols, cmap, beta, struct.refs, (None,) * len(terms))
+    assert rel(left_out, X @ beta) <= RTOL
 
 
 @pytest.mark.parametrize("name", ["one_term_d1", "two_crossed", "rest_has_slopes"])

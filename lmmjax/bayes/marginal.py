@@ -40,12 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmmjax.linalg import (
+    ColumnMap,
     CrossProducts,
     EigenSystem,
     Structure,
     cross_products,
     eigen_gls_gram,
     gls_gram,
+    linear_predictor,
     scale_rows,
     z_times,
 )
@@ -80,6 +82,9 @@ class KernelData(NamedTuple):
         Fixed-effect columns of the ``log sigma`` formula, when sigma has one.
     sigma_refs, sigma_z : tuples of arrays
         Its random-effect terms.
+    cols, cmap : array (N, K) and ColumnMap
+        The distinct columns of ``X`` and the ``z`` (:func:`lmmjax.linalg.column_map`),
+        for the linear predictor of the sampled classes.
     """
 
     y: jax.Array
@@ -93,11 +98,15 @@ class KernelData(NamedTuple):
     sigma_X: jax.Array | None = None
     sigma_refs: tuple = ()
     sigma_z: tuple = ()
+    cols: jax.Array | None = None
+    cmap: ColumnMap | None = None
 
 
 def residual(beta, effects, data: KernelData) -> jax.Array:
     """``y - X beta - sum_l Z_l b_l`` over the terms whose effects are given (None: skipped)."""
-    return data.y - data.X @ beta - z_times(data.refs, data.z, effects)
+    if data.cmap is None:
+        return data.y - data.X @ beta - z_times(data.refs, data.z, effects)
+    return data.y - linear_predictor(data.cols, data.cmap, beta, data.refs, effects)
 
 
 def residual_products(beta, effects, data: KernelData) -> CrossProducts:

@@ -49,6 +49,7 @@ from lmmjax.bayes.priors import (
 from lmmjax.errors import LmmInputError
 from lmmjax.linalg import (
     build_structure,
+    column_map,
     cross_products,
     eigen_precompute,
     z_times,
@@ -553,6 +554,7 @@ def build_bayes_model(
         xp = cross_products(struct, np.column_stack([model.X, y]))
     if fast:
         eig = eigen_precompute(struct, [np.diag(f) for f in fixed], xp)
+    cols, cmap = column_map(model.X, [t.z for t in terms])
     data = KernelData(
         y=jnp.asarray(y, dtype),
         X=jnp.asarray(model.X, dtype),
@@ -565,5 +567,7 @@ def build_bayes_model(
         sigma_X=None if sub is None else jnp.asarray(sub.X, dtype),
         sigma_refs=() if sub is None else tuple(jnp.asarray(t.refs, jnp.int32) for t in sub.terms),
         sigma_z=() if sub is None else tuple(jnp.asarray(t.z, dtype) for t in sub.terms),
+        cols=jnp.asarray(cols, dtype),
+        cmap=cmap,
     )
     return BayesModel(model=model, spec=spec, data=data, term_names=tuple(names))

@@ -26,7 +26,14 @@ from lmmjax.linalg.eigen import (
     eigen_moments,
     eigen_precompute,
 )
-from lmmjax.linalg.products import CrossProducts, cross_products, z_times
+from lmmjax.linalg.products import (
+    ColumnMap,
+    CrossProducts,
+    column_map,
+    cross_products,
+    linear_predictor,
+    z_times,
+)
 from lmmjax.linalg.structure import (
     Structure,
     build_structure,
@@ -36,6 +43,7 @@ from lmmjax.linalg.structure import (
 )
 
 __all__ = [
+    "ColumnMap",
     "CrossProducts",
     "EigenSystem",
     "Factor",
@@ -43,6 +51,7 @@ __all__ = [
     "Rotated",
     "Structure",
     "build_structure",
+    "column_map",
     "conditional_moments",
     "cross_products",
     "dense_gram",
@@ -52,6 +61,7 @@ __all__ = [
     "factor_entries",
     "factorize",
     "gls_gram",
+    "linear_predictor",
     "logdet",
     "logdet_quad",
     "make_lambdas",

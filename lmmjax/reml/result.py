@@ -199,7 +199,7 @@ class LmmFit:
 
     def _random_part(self, terms_z, terms_refs) -> np.ndarray:
         args = (tuple(terms_refs), tuple(terms_z), tuple(self.b))
-        run, _ = compiled(z_times, *args)  # one program rather than one per operation
+        run, _ = compiled(z_times, *args, unseen=True)  # one program, not one per operation
         return np.asarray(run(*args))
 
     def fitted(self) -> np.ndarray:
