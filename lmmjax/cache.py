@@ -56,7 +56,13 @@ def _signature(args) -> tuple:
     return treedef, shapes
 
 
-def compiled(fn: Callable, *args, **static) -> tuple[Callable, float]:
+# XLA options for programs whose run time is negligible next to their compile time:
+# no LLVM optimisation passes (sleepstudy's REML program compiles in 0.85 s instead of
+# 1.56 s, and runs in 109-141 us instead of 124 us)
+QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def compiled(fn: Callable, *args, quick: bool = False, **static) -> tuple[Callable, float]:
     """``fn`` compiled for the shapes of ``args`` with keyword options ``static`` fixed.
 
     Parameters
@@ -65,6 +71,9 @@ def compiled(fn: Callable, *args, **static) -> tuple[Callable, float]:
         A pure, jit-compatible function (the key is the function object itself).
     *args
         Example arguments (pytrees of arrays); only their shapes and dtypes matter.
+    quick : bool
+        Compile with :data:`QUICK_COMPILE` (for small problems, where compile
+        time dominates).
     **static
         Hashable options bound with :func:`functools.partial`.
 
@@ -75,12 +84,13 @@ def compiled(fn: Callable, *args, **static) -> tuple[Callable, float]:
     seconds : float
         Time spent compiling now (0 when the executable was cached).
     """
-    key = (fn, _signature(args), tuple(sorted(static.items())))
+    key = (fn, _signature(args), tuple(sorted(static.items())), quick)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key], 0.0
     start = time.perf_counter()
-    _CACHE[key] = jax.jit(partial(fn, **static)).lower(*args).compile()
+    lowered = jax.jit(partial(fn, **static)).lower(*args)
+    _CACHE[key] = lowered.compile(QUICK_COMPILE) if quick else lowered.compile()
     while len(_CACHE) > _MAX_ENTRIES:
         _CACHE.popitem(last=False)
     return _CACHE[key], time.perf_counter() - start

@@ -143,6 +143,9 @@ def _evaluate(theta, struct, xp, with_estimates, reml):
     return value, grad, est
 
 
+QUICK_MAX_Q = 2000  # random effects up to which the objective is compiled quickly
+
+
 class _Objective:
     """The compiled objective at fixed (struct, xp), for NumPy thetas.
 
@@ -153,11 +156,13 @@ class _Objective:
     def __init__(self, struct: Structure, xp: CrossProducts, reml: bool):
         self.args, self.reml, self.dtype = (struct, xp), reml, struct.dtype
         self.compile_seconds = 0.0
+        # small problems: compile without LLVM optimisation, run time is negligible there
+        self.quick = struct.layout.q <= QUICK_MAX_Q
 
     def _run(self, theta, with_estimates: bool):
         th = jnp.asarray(theta, self.dtype)
         flag = jnp.asarray(with_estimates)
-        run, seconds = compiled(_evaluate, th, *self.args, flag, reml=self.reml)
+        run, seconds = compiled(_evaluate, th, *self.args, flag, quick=self.quick, reml=self.reml)
         self.compile_seconds += seconds
         return run(th, *self.args, flag)
 
