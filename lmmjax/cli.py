@@ -92,7 +92,7 @@ def run(config: str | Path, check: bool = False, output: str | None = None) -> i
     model = _build_model(cfg)
     if check:
         print(model.describe())
-        get_method(cfg.method).require_built()
+        get_method(cfg.method).check(model, cfg.options())
         print("config OK (no fit: --check)")
         return 0
     result = api.fit_model(model, cfg)

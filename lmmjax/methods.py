@@ -34,6 +34,10 @@ class Method:
         ``"module:function"`` called as ``function(model, options, **fixed)``.
     fixed : dict
         Keyword arguments this method fixes (``ml`` is ``fit_reml`` with ``reml=False``).
+    checker : str or None
+        ``"module:function"`` called as ``function(model, options)`` by the CLI's
+        ``--check``: it resolves the options against the model (prior names,
+        grouping factors) as the fit would, without fitting.
     """
 
     name: str
@@ -41,6 +45,7 @@ class Method:
     options: type[Options] | None = None
     fitter: str | None = None
     fixed: dict = field(default_factory=dict)
+    checker: str | None = None
 
     @property
     def built(self) -> bool:
@@ -50,6 +55,13 @@ class Method:
         """Raise :class:`NotBuiltError` if this version of lmmjax lacks the method."""
         if not self.built:
             raise NotBuiltError(f"method '{self.name}' is not built yet in this version of lmmjax")
+
+    def check(self, model: Any, options: Options | None) -> None:
+        """Fail as the fit would on options that do not fit ``model``; nothing is fitted."""
+        self.require_built()
+        if self.checker is not None:
+            module, func = self.checker.split(":")
+            getattr(importlib.import_module(module), func)(model, options or self.options())
 
     def fit(self, model: Any, options: Options | None) -> Any:
         """Fit ``model`` with validated ``options`` (defaults when None)."""
@@ -64,7 +76,8 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("reml", "reml", RemlOptions, "lmmjax.reml.fit:fit_reml", {"reml": True}),
         Method("ml", "reml", RemlOptions, "lmmjax.reml.fit:fit_reml", {"reml": False}),
-        Method("nuts", "nuts", NutsOptions, "lmmjax.bayes.fit:fit_nuts"),
+        Method("nuts", "nuts", NutsOptions, "lmmjax.bayes.fit:fit_nuts",
+               checker="lmmjax.bayes.model:check_options"),  # fmt: skip
         Method("map", "map", MapOptions, "lmmjax.em.fit:fit_map"),
         Method("sparse", "sparse", SparseOptions, "lmmjax.sparse.fit:fit_sparse"),
     )

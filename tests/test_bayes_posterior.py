@@ -206,6 +206,6 @@ def test_divergences_and_rhat_are_reported_loudly(sleepstudy_fits, capsys):
     messages = " ".join(str(w.message) for w in record)
     assert "3 of 1000 post-warm-up transitions diverged" in messages
     assert "r_hat > 1.01" in messages and "beta[(Intercept)]" in messages
-    assert "lmmjax: WARNING" in capsys.readouterr().err
+    assert capsys.readouterr().err == ""  # a warning, shown once by whoever shows warnings
     assert not fit.converged
     assert sleepstudy_fits["all"].divergences == 0  # the original is untouched

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 
@@ -13,6 +12,7 @@ from lmmjax.bayes.recovery import recover_effects
 from lmmjax.bayes.result import BayesFit, build_inference_data
 from lmmjax.bayes.samplers import run_sampler
 from lmmjax.cache import compile_seconds
+from lmmjax.errors import LmmInputError
 from lmmjax.options import NutsOptions, takes_options
 
 __all__ = ["NutsWarning", "fit_nuts", "sample_model"]
@@ -23,8 +23,7 @@ class NutsWarning(RuntimeWarning):
 
 
 def _loud(message: str) -> None:
-    """Warn, and print the same line to stderr so that it is seen in CLI runs."""
-    print(f"lmmjax: WARNING: {message}", file=sys.stderr)
+    """Warn once (the CLI prints warnings as one ``lmmjax: warning:`` line)."""
     warnings.warn(message, NutsWarning, stacklevel=3)
 
 
@@ -83,6 +82,24 @@ def sample_model(bm: BayesModel, options: NutsOptions) -> BayesFit:
     return fit
 
 
+def _as_model(model):
+    """The structured model of ``model``, which may also be a fit of one (``fit.model``)."""
+    if isinstance(model, str):
+        raise LmmInputError(
+            "fit_nuts takes a model from lmmjax.build_model (or a fit), not a formula; "
+            "to fit from a formula use lmmjax.lmm(formula, data, method='nuts')"
+        )
+    inner = getattr(model, "model", None)
+    if inner is not None and hasattr(inner, "terms"):
+        model = inner
+    if not hasattr(model, "terms"):
+        raise LmmInputError(
+            f"fit_nuts takes a model from lmmjax.build_model (or a fit), got "
+            f"{type(model).__name__}"
+        )
+    return model
+
+
 @takes_options(NutsOptions)
 def fit_nuts(model, options: NutsOptions | None = None, **kwargs) -> BayesFit:
     """Fit a Bayesian linear mixed model by NUTS.
@@ -90,7 +107,7 @@ def fit_nuts(model, options: NutsOptions | None = None, **kwargs) -> BayesFit:
     Parameters
     ----------
     model : lmmjax.design.Model
-        From :func:`lmmjax.design.build_model`.
+        From :func:`lmmjax.design.build_model`, or any fit of one (its ``model``).
     options : NutsOptions or mapping, optional
         Sampler and model options; keywords override them. The main ones:
         ``marginalize`` ("none", "all" or grouping factors integrated out of the
@@ -105,6 +122,7 @@ def fit_nuts(model, options: NutsOptions | None = None, **kwargs) -> BayesFit:
         With the posterior; also written to ``netcdf`` when that option is set.
     """
     opts = NutsOptions.from_call(options, kwargs)
+    model = _as_model(model)
     bm = build_bayes_model(
         model, marginalize=opts.marginalize, likelihood=opts.likelihood, priors=opts.priors,
         fixed_scales=opts.fixed_scales, shared_scale=opts.shared_scale, fast_path=opts.fast_path,

@@ -28,6 +28,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,7 @@ __all__ = [
     "BayesSpec",
     "SigmaSpec",
     "build_bayes_model",
+    "check_options",
     "cov_factors_from_params",
     "effects_from_params",
     "lmm_model",
@@ -441,6 +443,94 @@ def _sigma_spec(y, sub, overrides) -> SigmaSpec:
     )  # fmt: skip
 
 
+class _Resolved(NamedTuple):
+    spec: BayesSpec
+    y: np.ndarray  # response on the modelling scale
+    log_jac: float
+    sub: object  # the sigma formula's Submodel, or None
+    names: tuple[str, ...]
+
+
+def _resolve(model, *, marginalize, likelihood, priors, fixed_scales, shared_scale, fast_path,
+             sigma) -> _Resolved:  # fmt: skip
+    """Every option checked against the model and turned into a static spec; no array work."""
+    model.require_full_rank("nuts")
+    terms = list(model.terms)
+    if not terms:
+        raise LmmInputError("the Bayesian LMM needs at least one random-effect term")
+    if likelihood not in ("normal", "lognormal"):
+        raise LmmInputError(f"likelihood must be 'normal' or 'lognormal', got {likelihood!r}")
+    names = unique_group_names(terms)
+    safe = tuple(safe_name(n) for n in names)
+    if len(set(safe)) != len(safe):
+        raise LmmInputError(f"term names {names} are not distinct once made safe: {safe}")
+    y = np.asarray(model.y, dtype=float)
+    log_jac = 0.0
+    if likelihood == "lognormal":
+        if np.any(y <= 0):
+            raise LmmInputError("the lognormal likelihood needs a strictly positive response")
+        log_jac = -float(np.sum(np.log(y)))
+        y = np.log(y)
+    marginal = _resolve_marginal(marginalize, terms, names)
+    fixed = _resolve_fixed(fixed_scales, terms, names)
+    correlated = tuple(t.d > 1 for t in terms)
+    if shared_scale:
+        if any(correlated):
+            raise LmmInputError("shared_scale needs uncorrelated terms (d = 1 or '||')")
+        fixed = tuple(
+            f if f is not None else (1.0,) * t.d for f, t in zip(fixed, terms, strict=True)
+        )
+    sub = _sigma_submodel(model, sigma)
+    if sub is not None and fast_path:
+        raise LmmInputError("the eigendecomposition fast path needs a constant sigma")
+    eligible = (
+        all(marginal) and all(f is not None for f in fixed) and not any(correlated)
+        and sub is None
+    )  # fmt: skip
+    if fast_path and not eligible:
+        raise LmmInputError(
+            "the eigendecomposition fast path needs every class marginalised and every "
+            "random-effect SD fixed (or shared) without correlations"
+        )
+    fast = eligible if fast_path is None else bool(fast_path)
+
+    overrides, sigma_overrides = split_sigma_overrides(priors, sub is not None)
+    defaults = default_priors(y, model.X, terms)
+    pri = resolve_priors(defaults, overrides, model.fixef_names, names, [t.group for t in terms])
+    sigma_spec = None
+    if sub is not None:
+        sigma_spec = _sigma_spec(y, sub, sigma_overrides)
+    marg_terms = [t for t, m in zip(terms, marginal, strict=True) if m]
+    if sub is not None and len(marg_terms) > 1:  # per-row weights need B dense (scale_rows)
+        q_rest = sum(t.q for t in marg_terms[1:])
+        if q_rest * marg_terms[0].q > _MAX_DENSE_B:
+            groups = ", ".join(t.group for t in marg_terms)
+            raise LmmInputError(
+                f"marginalize: with a sigma formula, the classes {groups} need a dense "
+                f"{q_rest} x {marg_terms[0].q} cross block; marginalise fewer"
+            )
+    spec = BayesSpec(
+        likelihood=likelihood, p=model.X.shape[1], names=safe, d=tuple(t.d for t in terms),
+        nlevels=tuple(t.nlevels for t in terms), correlated=correlated, marginal=marginal,
+        fixed_sd=fixed, shared_scale=bool(shared_scale), fast=fast, priors=pri,
+        sigma_model=sigma_spec,
+    )  # fmt: skip
+    return _Resolved(spec, y, log_jac, sub, tuple(names))
+
+
+def check_options(model, options) -> BayesSpec:
+    """Resolve the NUTS options against ``model`` as a fit would, without building or sampling.
+
+    The CLI's ``--check`` runs it, so that an unknown prior, distribution or
+    ``marginalize`` factor fails there exactly as the fit would.
+    """
+    return _resolve(
+        model, marginalize=options.marginalize, likelihood=options.likelihood,
+        priors=options.priors, fixed_scales=options.fixed_scales,
+        shared_scale=options.shared_scale, fast_path=options.fast_path, sigma=options.sigma,
+    ).spec  # fmt: skip
+
+
 def build_bayes_model(
     model,
     *,
@@ -483,72 +573,17 @@ def build_bayes_model(
     -------
     BayesModel
     """
-    model.require_full_rank("nuts")
-    terms = list(model.terms)
-    if not terms:
-        raise LmmInputError("the Bayesian LMM needs at least one random-effect term")
-    if likelihood not in ("normal", "lognormal"):
-        raise LmmInputError(f"likelihood must be 'normal' or 'lognormal', got {likelihood!r}")
-    names = unique_group_names(terms)
-    safe = tuple(safe_name(n) for n in names)
-    if len(set(safe)) != len(safe):
-        raise LmmInputError(f"term names {names} are not distinct once made safe: {safe}")
+    spec, y, log_jac, sub, names = _resolve(
+        model, marginalize=marginalize, likelihood=likelihood, priors=priors,
+        fixed_scales=fixed_scales, shared_scale=shared_scale, fast_path=fast_path, sigma=sigma,
+    )  # fmt: skip
+    terms, marginal, fixed, fast = list(model.terms), spec.marginal, spec.fixed_sd, spec.fast
     dtype = float_dtype()
-    y = np.asarray(model.y, dtype=float)
-    log_jac = 0.0
-    if likelihood == "lognormal":
-        if np.any(y <= 0):
-            raise LmmInputError("the lognormal likelihood needs a strictly positive response")
-        log_jac = -float(np.sum(np.log(y)))
-        y = np.log(y)
-    marginal = _resolve_marginal(marginalize, terms, names)
-    fixed = _resolve_fixed(fixed_scales, terms, names)
-    correlated = tuple(t.d > 1 for t in terms)
-    if shared_scale:
-        if any(correlated):
-            raise LmmInputError("shared_scale needs uncorrelated terms (d = 1 or '||')")
-        fixed = tuple(
-            f if f is not None else (1.0,) * t.d for f, t in zip(fixed, terms, strict=True)
-        )
-    sub = _sigma_submodel(model, sigma)
-    if sub is not None and fast_path:
-        raise LmmInputError("the eigendecomposition fast path needs a constant sigma")
-    eligible = (
-        all(marginal) and all(f is not None for f in fixed) and not any(correlated)
-        and sub is None
-    )  # fmt: skip
-    if fast_path and not eligible:
-        raise LmmInputError(
-            "the eigendecomposition fast path needs every class marginalised and every "
-            "random-effect SD fixed (or shared) without correlations"
-        )
-    fast = eligible if fast_path is None else bool(fast_path)
-
-    overrides, sigma_overrides = split_sigma_overrides(priors, sub is not None)
-    defaults = default_priors(y, model.X, terms)
-    pri = resolve_priors(defaults, overrides, model.fixef_names, names, [t.group for t in terms])
-    sigma_spec = None
-    if sub is not None:
-        sigma_spec = _sigma_spec(y, sub, sigma_overrides)
-    spec = BayesSpec(
-        likelihood=likelihood, p=model.X.shape[1], names=safe, d=tuple(t.d for t in terms),
-        nlevels=tuple(t.nlevels for t in terms), correlated=correlated, marginal=marginal,
-        fixed_sd=fixed, shared_scale=bool(shared_scale), fast=fast, priors=pri,
-        sigma_model=sigma_spec,
-    )  # fmt: skip
     struct = xp = eig = None
     marg_terms = [t for t, m in zip(terms, marginal, strict=True) if m]
     if any(marginal):
         # per-row weights need B dense (scale_rows); "auto" otherwise
         schur = "dense" if sub is not None and len(marg_terms) > 1 else "auto"
-        if schur == "dense":
-            q_rest = sum(t.q for t in marg_terms[1:])
-            if q_rest * marg_terms[0].q > _MAX_DENSE_B:
-                groups = ", ".join(t.group for t in marg_terms)
-                raise LmmInputError(
-                    f"marginalize: with a sigma formula, the classes {groups} need a dense "
-                    f"{q_rest} x {marg_terms[0].q} cross block; marginalise fewer"
-                )
         struct = build_structure(marg_terms, dtype=dtype, schur=schur)
     if all(marginal) and sub is None:  # the residual is y - X beta: combinations suffice
         xp = cross_products(struct, np.column_stack([model.X, y]))
@@ -570,4 +605,4 @@ def build_bayes_model(
         cols=jnp.asarray(cols, dtype),
         cmap=cmap,
     )
-    return BayesModel(model=model, spec=spec, data=data, term_names=tuple(names))
+    return BayesModel(model=model, spec=spec, data=data, term_names=names)
