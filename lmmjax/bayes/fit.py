@@ -70,7 +70,7 @@ def sample_model(bm: BayesModel, options: NutsOptions) -> BayesFit:
     effects = tuple(np.asarray(e).reshape(chains, ndraw, *e.shape[1:]) for e in effects)
     rec_compile = compile_seconds() - compile0
     rec = time.perf_counter() - t0 - rec_compile
-    idata = build_inference_data(bm, draws, effects)
+    idata = build_inference_data(bm, draws, effects, options)
     fit = BayesFit(
         bm=bm, idata=idata, options=options, warmup_seconds=draws.warmup_seconds,
         sampling_seconds=draws.sampling_seconds, recovery_seconds=rec,

@@ -30,7 +30,7 @@ with warnings.catch_warnings():  # ArviZ announces its refactor on import
     warnings.simplefilter("ignore", FutureWarning)
     import arviz as az
 
-__all__ = ["BayesFit", "NutsSummary", "build_inference_data"]
+__all__ = ["BayesFit", "NutsSummary", "build_inference_data", "pointwise"]
 
 HDI_PROB = 0.95
 
@@ -43,7 +43,51 @@ def _corr_pairs(names) -> list[tuple[int, int, str]]:
     ]
 
 
-def build_inference_data(bm, draws, effects) -> az.InferenceData:
+POINTWISE_MAX = 2e7  # numbers per pointwise group (draws x N) computed by default
+
+
+def pointwise(bm, samples: dict, effects, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pointwise log-likelihood and posterior-predictive draws, conditional on the effects.
+
+    As brms computes them by default: for each draw, ``y_i ~ N(mu_i, sigma_i)``
+    on the modelling scale with ``mu = X beta + sum_l Z_l b_l`` at that draw's
+    effects (sampled, or recovered exactly for marginalised classes); the
+    LogNormal likelihood adds the Jacobian ``-log y_i`` and exponentiates the
+    replicates.
+
+    Returns
+    -------
+    log_lik, y_rep : arrays (chains, draws, N)
+    """
+    model, spec = bm.model, bm.spec
+    y = np.asarray(model.y, dtype=float)
+    y_mod = np.log(y) if spec.likelihood == "lognormal" else y
+    mu = np.einsum("np,cdp->cdn", model.X, samples["beta"])
+    for t, b in zip(model.terms, effects, strict=True):
+        mu = mu + np.sum(t.z[None, None] * np.asarray(b)[:, :, t.refs, :], axis=-1)
+    if spec.sigma_model is None:
+        sigma = np.asarray(samples["sigma"])[..., None]
+    else:
+        built = model.submodels["sigma"]
+        eta = np.einsum("np,cdp->cdn", built.X, samples["beta_sigma"])
+        for t, name in zip(built.terms, spec.sigma_model.names, strict=True):
+            sd = np.asarray(samples[f"sd_sigma_{name}"])
+            L = samples.get(f"L_sigma_{name}")
+            C = sd[..., :, None] * (np.asarray(L) if L is not None else np.eye(t.d))
+            r = np.einsum("cdmk,cdak->cdma", np.asarray(samples[f"z_sigma_{name}"]), C)
+            eta = eta + np.sum(t.z[None, None] * r[:, :, t.refs, :], axis=-1)
+        sigma = np.exp(eta)
+    resid = (y_mod - mu) / sigma
+    log_lik = -0.5 * resid**2 - np.log(sigma) - 0.5 * np.log(2.0 * np.pi)
+    rng = np.random.default_rng(seed)
+    y_rep = mu + sigma * rng.standard_normal(mu.shape)
+    if spec.likelihood == "lognormal":
+        log_lik = log_lik - y_mod
+        y_rep = np.exp(y_rep)
+    return log_lik, y_rep
+
+
+def build_inference_data(bm, draws, effects, options=None) -> az.InferenceData:
     """Assemble the InferenceData of one run.
 
     Parameters
@@ -52,6 +96,9 @@ def build_inference_data(bm, draws, effects) -> az.InferenceData:
     draws : lmmjax.bayes.samplers.Draws
     effects : tuple of arrays (chains, draws, M_l, d_l)
         Every term's random effects.
+    options : NutsOptions, optional
+        ``log_likelihood`` decides the pointwise groups (``log_likelihood``,
+        ``posterior_predictive``); ``seed`` seeds the replicates.
 
     Returns
     -------
@@ -94,6 +141,18 @@ def build_inference_data(bm, draws, effects) -> az.InferenceData:
         or "none",
         "eigen_fast_path": int(spec.fast),
     }
+    groups = {}
+    want = None if options is None else options.log_likelihood
+    size = y.size * np.prod(np.shape(s["beta"])[:2])
+    if want or (want is None and size <= POINTWISE_MAX):
+        log_lik, y_rep = pointwise(bm, s, effects, 0 if options is None else options.seed)
+        groups = {"log_likelihood": {"y": log_lik}, "posterior_predictive": {"y": y_rep}}
+    elif want is None:
+        warnings.warn(
+            f"pointwise log-likelihood and posterior predictive not stored: draws x N = "
+            f"{size:.3g} numbers each; set nuts option log_likelihood: true to store them",
+            UserWarning, stacklevel=3,
+        )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         idata = az.from_dict(
@@ -103,6 +162,7 @@ def build_inference_data(bm, draws, effects) -> az.InferenceData:
             coords={**coords, "obs": np.arange(y.size)},
             dims={**dims, "y": ["obs"]},
             attrs=attrs,
+            **groups,
         )
     return idata
 
