@@ -212,6 +212,10 @@ class NutsOptions(Options):
         A linear predictor for the log of the residual SD, as brms writes it:
         ``"sigma ~ c + (c | subj)"`` (or ``"~ c + (c | subj)"``). Its random
         effects are always sampled; the mean's may still be marginalised.
+    log_likelihood : bool, optional
+        Add the pointwise log-likelihood (for ``az.loo`` / ``az.waic``) and
+        posterior-predictive draws to the InferenceData, each draws x N numbers;
+        by default when that is at most 2e7 per group (a skipped group is reported).
     netcdf : str, optional
         Path of an ArviZ netCDF file with the posterior draws.
     progress_bar : bool
@@ -233,6 +237,7 @@ class NutsOptions(Options):
     shared_scale: StrictBool = False
     fast_path: StrictBool | None = None
     sigma: str | None = None
+    log_likelihood: StrictBool | None = None
     netcdf: str | None = None
     progress_bar: StrictBool = True
 
