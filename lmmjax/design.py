@@ -96,6 +96,10 @@ class Model:
         """Levels of each grouping factor, ``{factor: M}``."""
         return {t.group: t.nlevels for t in self.terms}
 
+    def new_design(self, newdata, *, random: bool = True, allow_new_levels: bool = True):
+        """This model's design on ``newdata`` (:func:`new_design`), for any method's predictions."""
+        return new_design(self, newdata, random=random, allow_new_levels=allow_new_levels)
+
     def require_full_rank(self, method: str) -> None:
         """Raise :class:`LmmInputError` unless X has full column rank, which ``method`` needs."""
         if not self.full_rank:
@@ -522,3 +526,80 @@ def row_labels(data: pd.DataFrame, factors: Sequence[str]) -> np.ndarray:
             [None if a is None or b is None else f"{a}:{b}" for a, b in pairs], dtype=object
         )
     return out
+
+
+@dataclass(frozen=True)
+class NewDesign:
+    """The model's design evaluated on new data (rows with a missing value left out).
+
+    Attributes
+    ----------
+    complete : bool array (n_new,)
+        Rows that have every column the prediction needs; the others predict NaN.
+    X : array (n_complete, p)
+    refs, z : tuples of arrays, one per term (empty when random effects are not used)
+        Level index per row (-1 for a level the fit never saw) and lhs columns.
+    new_labels : tuple of arrays
+        Per term, the labels of the rows' unseen levels (for drawing new effects).
+    """
+
+    complete: np.ndarray
+    X: np.ndarray
+    refs: tuple = ()
+    z: tuple = ()
+    new_labels: tuple = ()
+
+
+def _level_index(term: Term, data: pd.DataFrame, allow_new_levels: bool):
+    missing = [f for f in term.factors if f not in data.columns]
+    if missing:
+        raise LmmInputError(f"newdata lacks grouping column {missing[0]!r}")
+    labels = row_labels(data, term.factors)
+    lookup = {lvl: k for k, lvl in enumerate(term.levels)}
+    refs = np.array([lookup.get(v, -1) for v in labels], dtype=np.int64)
+    if not allow_new_levels and (refs < 0).any():
+        new = sorted({str(v) for v in labels[refs < 0]})
+        raise LmmInputError(
+            f"newdata has levels of {term.group!r} not in the fit: {', '.join(new[:5])}"
+        )
+    return refs, labels
+
+
+def new_design(model: Model, newdata, *, random: bool = True,
+               allow_new_levels: bool = True) -> NewDesign:  # fmt: skip
+    """Evaluate the model's fixed (and random-effect) design on ``newdata``.
+
+    Raises
+    ------
+    LmmInputError
+        For a non-DataFrame, a missing column, a factor level of a fixed effect
+        the fit never saw, or (with ``allow_new_levels=False``) a new grouping level.
+    """
+    if not isinstance(newdata, pd.DataFrame):
+        raise LmmInputError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
+    needed = model.used_variables if random else model.fixed_variables
+    needed = [c for c in needed if c != model.response]
+    absent = [c for c in needed if c not in newdata.columns]
+    if absent:
+        raise LmmInputError(f"newdata lacks column {absent[0]!r} used by the model")
+    # rows with a missing value predict NaN, as lme4's predict(na.action = na.pass)
+    complete = newdata[needed].notna().all(axis=1).to_numpy()
+    rows = newdata.loc[complete]
+    if rows.empty:
+        return NewDesign(complete, np.zeros((0, model.p)))
+    data = conform_newdata(model, rows)
+    try:
+        X = np.asarray(model.fixed_spec.get_model_matrix(data, na_action="raise"), dtype=float)
+    except Exception as exc:  # formulaic raises several types for bad new data
+        raise LmmInputError(f"cannot build fixed effects for newdata: {exc}") from None
+    X = X[:, list(model.fixed_columns)]
+    if not random:
+        return NewDesign(complete, X)
+    zs, refs, labels = [], [], []
+    for t in model.terms:
+        z = np.asarray(t.lhs_spec.get_model_matrix(data, na_action="raise"), dtype=float)
+        zs.append(z[:, list(t.lhs_columns)])
+        r, lab = _level_index(t, rows, allow_new_levels)
+        refs.append(r)
+        labels.append(lab)
+    return NewDesign(complete, X, tuple(refs), tuple(zs), tuple(labels))

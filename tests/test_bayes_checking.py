@@ -6,6 +6,7 @@ import warnings
 
 import arviz as az
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.stats
 
@@ -82,3 +83,31 @@ def test_large_pointwise_groups_are_skipped_loudly(monkeypatch):
         small = lmmjax.lmm(SLEEP, "bundled:sleepstudy", method="nuts", num_chains=1,
                            num_warmup=20, num_samples=10, progress_bar=False)  # fmt: skip
     assert "log_likelihood" not in small.idata.groups()
+
+
+def test_prediction_for_a_new_subject(fit):
+    """A new subject: mean the fixed-effect prediction, spread with the random effects."""
+    new = pd.DataFrame({"Days": [0.0, 9.0], "Subject": ["new", "new"]})
+    draws = fit.predict(new, summary=False, seed=1)
+    assert draws.shape == (300, 2)
+    beta = fit.posterior["beta"].values.reshape(-1, 2)
+    fixed = beta @ np.array([[1.0, 1.0], [0.0, 9.0]])
+    se = draws.std(axis=0) / np.sqrt(len(draws))
+    assert np.all(np.abs(draws.mean(axis=0) - fixed.mean(axis=0)) < 5 * se)
+    # variance: fixed part + z' Sigma z + sigma^2, draw by draw, averaged
+    cov = fit.covariance_draws(0).reshape(-1, 2, 2)
+    z = np.array([[1.0, 0.0], [1.0, 9.0]])
+    want = fixed.var(axis=0) + np.einsum("na,sab,nb->sn", z, cov, z).mean(axis=0) + (
+        fit.posterior["sigma"].values.reshape(-1) ** 2).mean()  # fmt: skip
+    np.testing.assert_allclose(draws.var(axis=0), want, rtol=0.25)
+    # known subjects: the fitted values, and the summary table's columns as brms
+    table = fit.fitted()
+    assert list(table.columns) == ["Estimate", "Est.Error", "Q2.5", "Q97.5"]
+    np.testing.assert_allclose(fit.residuals(), fit.model.y - table["Estimate"])
+    assert np.corrcoef(table["Estimate"], fit.model.y)[0, 1] > 0.9
+    pop = fit.fitted(new, re="none", summary=False)
+    np.testing.assert_allclose(pop, fixed, rtol=1e-12)
+    with pytest.raises(lmmjax.LmmInputError, match="not in the fit"):
+        fit.predict(new, allow_new_levels=False)
+    with pytest.raises(lmmjax.LmmInputError, match="re must be"):
+        fit.predict(new, re="some")

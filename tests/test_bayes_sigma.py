@@ -182,6 +182,12 @@ def test_fit_reports_the_sigma_formula(model):
     assert "fixef_sigma[x]" in out["posterior"] and "sd_sigma[g1, x]" in out["posterior"]
     assert "sigma.beta" in out["nuts"]["priors"] and "sigma" not in out["nuts"]["priors"]
     assert "sigma sigma ~ x + (x | g1)" in fit.summary()
+    # expected response with each row's own sigma: exp(mu + sigma_i^2 / 2) for the LogNormal
+    table = fit.fitted()
+    assert np.all(np.isfinite(table["Estimate"])) and np.all(table["Estimate"] > 0)
+    assert "log_likelihood" in fit.idata.groups()
+    with pytest.raises(LmmInputError, match="with a sigma formula are not built"):
+        fit.predict(df.head(3))
     # the derived sigma: exp of the mean over rows of log sigma_i, draw by draw
     bm = fit.bm
     samples = {k: jnp.asarray(v[0, 3]) for k, v in _raw_samples(fit).items()}

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from lmmjax.errors import LmmInputError
 from lmmjax.output import result_dict, varcorr_rows
 from lmmjax.terms import unique_group_names
 
@@ -44,6 +45,27 @@ def _corr_pairs(names) -> list[tuple[int, int, str]]:
 
 
 POINTWISE_MAX = 2e7  # numbers per pointwise group (draws x N) computed by default
+
+
+def _row_sigma(bm, samples: dict) -> np.ndarray:
+    """Per-row residual SD draws (chains, draws, N) of a sigma formula.
+
+    Reads ``beta_sigma`` and either the effects ``r_sigma_g`` (posterior
+    variables) or the sample sites ``z_sigma_g`` with their scales.
+    """
+    model, spec = bm.model, bm.spec
+    built = model.submodels["sigma"]
+    eta = np.einsum("np,cdp->cdn", built.X, samples["beta_sigma"])
+    for t, name in zip(built.terms, spec.sigma_model.names, strict=True):
+        if f"r_sigma_{name}" in samples:
+            r = np.asarray(samples[f"r_sigma_{name}"])
+        else:
+            sd = np.asarray(samples[f"sd_sigma_{name}"])
+            L = samples.get(f"L_sigma_{name}")
+            C = sd[..., :, None] * (np.asarray(L) if L is not None else np.eye(t.d))
+            r = np.einsum("cdmk,cdak->cdma", np.asarray(samples[f"z_sigma_{name}"]), C)
+        eta = eta + np.sum(t.z[None, None] * r[:, :, t.refs, :], axis=-1)
+    return np.exp(eta)
 
 
 def pointwise(bm, samples: dict, effects, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,15 +90,7 @@ def pointwise(bm, samples: dict, effects, seed: int) -> tuple[np.ndarray, np.nda
     if spec.sigma_model is None:
         sigma = np.asarray(samples["sigma"])[..., None]
     else:
-        built = model.submodels["sigma"]
-        eta = np.einsum("np,cdp->cdn", built.X, samples["beta_sigma"])
-        for t, name in zip(built.terms, spec.sigma_model.names, strict=True):
-            sd = np.asarray(samples[f"sd_sigma_{name}"])
-            L = samples.get(f"L_sigma_{name}")
-            C = sd[..., :, None] * (np.asarray(L) if L is not None else np.eye(t.d))
-            r = np.einsum("cdmk,cdak->cdma", np.asarray(samples[f"z_sigma_{name}"]), C)
-            eta = eta + np.sum(t.z[None, None] * r[:, :, t.refs, :], axis=-1)
-        sigma = np.exp(eta)
+        sigma = _row_sigma(bm, samples)
     resid = (y_mod - mu) / sigma
     log_lik = -0.5 * resid**2 - np.log(sigma) - 0.5 * np.log(2.0 * np.pi)
     rng = np.random.default_rng(seed)
@@ -365,6 +379,116 @@ class BayesFit:
             out[tname] = pd.DataFrame(m, index=pd.Index(t.levels, name=t.group),
                                       columns=list(t.names))  # fmt: skip
         return out
+
+    # ----------------------------------------------------------- prediction
+    def linpred_draws(self, newdata=None, *, re: str = "all", allow_new_levels: bool = True,
+                      ndraws: int | None = None, seed: int = 0):  # fmt: skip
+        """Posterior draws of the linear predictor ``X beta + Z b`` (modelling scale).
+
+        Levels the fit never saw get effects drawn from their term's
+        random-effect distribution at each draw, as brms's
+        ``sample_new_levels = "gaussian"``.
+
+        Returns
+        -------
+        mu : array (draws, n_complete)
+        complete : bool array (n_rows,)
+            Rows of ``newdata`` with every needed column (the others predict NaN).
+        index : int array (draws,)
+            Which posterior draws (flattened over chains) were used.
+        """
+        if re not in ("all", "none"):
+            raise LmmInputError(f"re must be 'all' or 'none', got {re!r}")
+        if newdata is not None and self.bm.spec.sigma_model is not None:
+            raise LmmInputError("predictions for newdata with a sigma formula are not built yet")
+        m = self.model
+        beta = self._values("beta").reshape(-1, m.p)
+        total = beta.shape[0]
+        index = np.arange(total)
+        if ndraws is not None:
+            if not isinstance(ndraws, int) or ndraws < 1:
+                raise LmmInputError(f"ndraws must be a positive integer, got {ndraws!r}")
+            index = np.linspace(0, total - 1, min(ndraws, total)).round().astype(int)
+        beta = beta[index]
+        if newdata is None:
+            complete = np.ones(m.nobs, dtype=bool)
+            X, refs, zs = m.X, [t.refs for t in m.terms], [t.z for t in m.terms]
+            labels = [None] * len(m.terms)
+        else:
+            new = m.new_design(newdata, random=re == "all", allow_new_levels=allow_new_levels)
+            complete, X, refs, zs, labels = (new.complete, new.X, new.refs, new.z,
+                                             new.new_labels)  # fmt: skip
+        mu = beta @ X.T
+        if re == "none" or len(X) == 0:
+            return mu, complete, index
+        rng = np.random.default_rng(seed)
+        for k, (name, r, z, lab) in enumerate(zip(self.bm.spec.names, refs, zs, labels,
+                                                  strict=True)):  # fmt: skip
+            b = self._values(f"r_{name}").reshape(total, *self._values(f"r_{name}").shape[2:])
+            b = b[index]
+            unseen = r < 0
+            eff = b[:, np.where(unseen, 0, r), :]  # (draws, n, d)
+            if unseen.any():
+                new_levels, which = np.unique(lab[unseen], return_inverse=True)
+                cov = self.covariance_draws(k).reshape(total, z.shape[1], z.shape[1])[index]
+                chol = np.linalg.cholesky(cov + 1e-12 * np.eye(z.shape[1]))
+                e = rng.standard_normal((len(index), len(new_levels), z.shape[1]))
+                drawn = np.einsum("sab,slb->sla", chol, e)
+                eff[:, unseen, :] = drawn[:, which, :]
+            mu = mu + np.sum(z[None] * eff, axis=-1)
+        return mu, complete, index
+
+    def _summarise(self, draws, complete, summary: bool):
+        if not summary:
+            out = np.full((draws.shape[0], len(complete)), np.nan)
+            out[:, complete] = draws
+            return out
+        lo, hi = np.quantile(draws, [0.025, 0.975], axis=0) if draws.size else (draws, draws)
+        table = pd.DataFrame(np.nan, index=range(len(complete)),
+                             columns=["Estimate", "Est.Error", "Q2.5", "Q97.5"])  # fmt: skip
+        table.loc[complete, "Estimate"] = draws.mean(axis=0)
+        table.loc[complete, "Est.Error"] = draws.std(axis=0, ddof=1) if len(draws) > 1 else 0.0
+        table.loc[complete, "Q2.5"], table.loc[complete, "Q97.5"] = lo, hi
+        return table
+
+    def fitted(self, newdata=None, *, re: str = "all", allow_new_levels: bool = True,
+               ndraws: int | None = None, summary: bool = True, seed: int = 0):  # fmt: skip
+        """Posterior of the expected response ``E[y | draw]`` (brms's ``fitted``).
+
+        ``mu`` for the Normal likelihood, ``exp(mu + sigma^2 / 2)`` for the
+        LogNormal. With ``summary`` a frame of Estimate, Est.Error, Q2.5 and
+        Q97.5 per row (as brms); otherwise the draws (draws, rows).
+        """
+        mu, complete, index = self.linpred_draws(newdata, re=re, ndraws=ndraws, seed=seed,
+                                                 allow_new_levels=allow_new_levels)  # fmt: skip
+        if self.bm.spec.likelihood == "lognormal":
+            mu = np.exp(mu + 0.5 * self._residual_sd(index, mu.shape) ** 2)
+        return self._summarise(mu, complete, summary)
+
+    def predict(self, newdata=None, *, re: str = "all", allow_new_levels: bool = True,
+                ndraws: int | None = None, summary: bool = True, seed: int = 0):  # fmt: skip
+        """Posterior predictive draws of new observations (brms's ``predict``).
+
+        The linear predictor's draws (:meth:`linpred_draws`, new levels drawn
+        from their distribution) plus residual noise at each draw's sigma.
+        """
+        mu, complete, index = self.linpred_draws(newdata, re=re, ndraws=ndraws, seed=seed,
+                                                 allow_new_levels=allow_new_levels)  # fmt: skip
+        rng = np.random.default_rng(seed + 1)
+        y = mu + self._residual_sd(index, mu.shape) * rng.standard_normal(mu.shape)
+        if self.bm.spec.likelihood == "lognormal":
+            y = np.exp(y)
+        return self._summarise(y, complete, summary)
+
+    def residuals(self) -> np.ndarray:
+        """Observed response minus the posterior mean of the expected response."""
+        return self.model.y - self.fitted()["Estimate"].to_numpy()
+
+    def _residual_sd(self, index, shape) -> np.ndarray:
+        if self.bm.spec.sigma_model is None:
+            return np.broadcast_to(self._values("sigma").reshape(-1)[index][:, None], shape)
+        samples = {k: np.asarray(v.values) for k, v in self.posterior.items()}
+        return _row_sigma(self.bm, samples).reshape(-1, self.model.nobs)[index]
 
     def covariance_draws(self, k: int) -> np.ndarray:
         """Draws (chain, draw, d, d) of term k's covariance matrix."""

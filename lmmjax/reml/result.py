@@ -11,8 +11,7 @@ import pandas as pd
 import scipy.stats
 
 from lmmjax.cache import compiled
-from lmmjax.design import Model, conform_newdata, row_labels
-from lmmjax.errors import LmmInputError
+from lmmjax.design import Model
 from lmmjax.linalg import CrossProducts, Structure, conditional_moments, make_lambdas, z_times
 from lmmjax.output import result_dict, varcorr_rows
 from lmmjax.reml.objective import Estimates
@@ -229,50 +228,15 @@ class LmmFit:
         """
         if newdata is None:
             return self.fitted() if re_form else self.model.X @ self.beta
-        m = self.model
-        if not isinstance(newdata, pd.DataFrame):
-            raise LmmInputError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
-        needed = m.fixed_variables if not re_form else m.used_variables
-        needed = [c for c in needed if c != m.response]
-        absent = [c for c in needed if c not in newdata.columns]
-        if absent:
-            raise LmmInputError(f"newdata lacks column {absent[0]!r} used by the model")
-        # rows with a missing value predict NaN, as lme4's predict(na.action = na.pass)
-        complete = newdata[needed].notna().all(axis=1).to_numpy()
-        out = np.full(len(newdata), np.nan)
-        rows = newdata.loc[complete]
-        if rows.empty:
+        new = self.model.new_design(newdata, random=re_form, allow_new_levels=allow_new_levels)
+        out = np.full(len(new.complete), np.nan)
+        if not new.complete.any():
             return out
-        data = conform_newdata(m, rows)
-        try:
-            X = np.asarray(m.fixed_spec.get_model_matrix(data, na_action="raise"), dtype=float)
-        except Exception as exc:  # formulaic raises several types for bad new data
-            raise LmmInputError(f"cannot build fixed effects for newdata: {exc}") from None
-        pred = X[:, list(m.fixed_columns)] @ self.beta
+        pred = new.X @ self.beta
         if re_form:
-            zs, refs = [], []
-            for t in m.terms:
-                z = np.asarray(t.lhs_spec.get_model_matrix(data, na_action="raise"), dtype=float)
-                zs.append(z[:, list(t.lhs_columns)])
-                refs.append(self._level_index(t, rows, allow_new_levels))
-            pred = pred + self._random_part(zs, refs)
-        out[complete] = pred
+            pred = pred + self._random_part(new.z, new.refs)
+        out[new.complete] = pred
         return out
-
-    @staticmethod
-    def _level_index(term, data: pd.DataFrame, allow_new_levels: bool) -> np.ndarray:
-        missing = [f for f in term.factors if f not in data.columns]
-        if missing:
-            raise LmmInputError(f"newdata lacks grouping column {missing[0]!r}")
-        labels = row_labels(data, term.factors)
-        lookup = {lvl: k for k, lvl in enumerate(term.levels)}
-        refs = np.array([lookup.get(v, -1) for v in labels], dtype=np.int64)
-        if not allow_new_levels and (refs < 0).any():
-            new = sorted({str(v) for v in labels[refs < 0]})
-            raise LmmInputError(
-                f"newdata has levels of {term.group!r} not in the fit: {', '.join(new[:5])}"
-            )
-        return refs
 
     # --------------------------------------------------------------- output
     def to_dict(self) -> dict:
