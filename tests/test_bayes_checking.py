@@ -111,3 +111,10 @@ def test_prediction_for_a_new_subject(fit):
         fit.predict(new, allow_new_levels=False)
     with pytest.raises(lmmjax.LmmInputError, match="re must be"):
         fit.predict(new, re="some")
+
+
+def test_prior_summary_lists_every_prior_in_force(fit):
+    table = fit.prior_summary()
+    assert "beta[Days]" in table.index and "sd_Subject[Days]" in table.index
+    assert table.loc["corr_Subject", "prior"] == "lkj(eta=2)"
+    assert table.loc["sigma", "prior"].startswith("halfnormal(scale=")

@@ -617,6 +617,31 @@ class BayesFit:
             max_r_hat=self.max_rhat(), nuts=nuts,
         )  # fmt: skip
 
+    def prior_summary(self) -> pd.DataFrame:
+        """The priors in force, defaults included, one row per parameter (as brms prints them)."""
+        rows = []
+        effect_names = {
+            f"sd_{g}": list(t.names)
+            for g, t in zip(self.bm.term_names, self.model.terms, strict=True)
+        }
+        if self.bm.spec.sigma_model is not None:
+            built = self.model.submodels["sigma"]
+            effect_names.update({f"sigma.sd_{g}": list(t.names) for g, t in zip(
+                unique_group_names(built.terms), built.terms, strict=True)})  # fmt: skip
+        for key, prior in self._priors().items():
+            names = prior.get("names") or effect_names.get(key)
+            n = len(names) if names else max(
+                (len(v) for v in prior.values() if isinstance(v, list)), default=1
+            )  # fmt: skip
+            for i in range(n):
+                args = {k: v[i] if isinstance(v, list) and len(v) == n else v
+                        for k, v in prior.items() if k not in ("dist", "names")}  # fmt: skip
+                text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                 for k, v in args.items())  # fmt: skip
+                label = f"{key}[{names[i]}]" if names else (key if n == 1 else f"{key}[{i}]")
+                rows.append({"parameter": label, "prior": f"{prior['dist']}({text})"})
+        return pd.DataFrame(rows).set_index("parameter")
+
     def _priors(self) -> dict:
         """Every prior by parameter name (the sigma formula's with a ``sigma.`` prefix)."""
         spec = self.bm.spec
