@@ -301,6 +301,20 @@ def _submodel(data: pd.DataFrame, name: str, formula: str, parsed) -> Submodel:
     return Submodel(formula, np.ascontiguousarray(X), names, tuple(terms))
 
 
+def _require_finite(values: np.ndarray, names, what: str) -> None:
+    """Refuse infinite values, naming the column and the first rows (NaN was removed before)."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        col = int(np.flatnonzero(bad.any(axis=0))[0])
+        rows = np.flatnonzero(bad[:, col])
+        shown = ", ".join(str(int(r) + 1) for r in rows[:5])
+        raise LmmInputError(
+            f"{what} {names[col]!r} has {rows.size} infinite value"
+            f"{'s' if rows.size > 1 else ''} (row{'s' if rows.size > 1 else ''} {shown}"
+            f"{', ...' if rows.size > 5 else ''} of the complete cases); remove or recode them"
+        )
+
+
 def _split_uncorrelated(bar: BarTerm) -> list[BarTerm]:
     """lme4's ``(a + b || g)``: one correlated term per term of the lhs formula.
 
@@ -324,6 +338,7 @@ def _bar_terms(data: pd.DataFrame, bar: BarTerm) -> list[Term]:
             f"({levels[0]!r}); a random effect needs at least two levels"
         )
     z, names, spec = model_matrix(bar.lhs, data, context=f"random-effect term {bar.source}:")
+    _require_finite(z, names, f"random-effect term {bar.source!r}, column")
     if z.shape[1] == 0:
         raise LmmInputError(f"random-effect term {bar.source!r} has no effects")
     cols = tuple(range(z.shape[1]))
@@ -438,7 +453,9 @@ def build_model(
     data = _as_factors(data, set(factor_columns))
 
     y = _response(data, parsed.response)
+    _require_finite(y[:, None], (parsed.response,), "response")
     X, names, spec = model_matrix(parsed.fixed, data, context="fixed-effect formula")
+    _require_finite(X, names, "fixed-effect column")
     keep = full_rank_columns(X) if drop_aliased else np.arange(X.shape[1])
     full_rank = drop_aliased or (
         X.shape[1] <= X.shape[0] and len(full_rank_columns(X)) == X.shape[1]

@@ -15,15 +15,17 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m|[\u29da\u29db]")
 _ANSI_ONLY = re.compile(r"\x1b\[[0-9;]*m")
 _LEVEL = re.compile(r"\[(?:T\.)?([^\]]*)\]")
 _I_CALL = re.compile(r"\bI\(")
+_FACTOR_CALL = re.compile(r"(?<![\w.])(?:as\.)?factor\(")
 
 
 def r_to_python(formula: str) -> tuple[str, dict[str, str]]:
-    """Translate R's ``^`` inside ``I(...)`` to Python's ``**``.
+    """Translate R's ``^`` inside ``I(...)`` to Python's ``**``, and ``factor(x)`` to ``C(x)``.
 
-    Returns the translated formula and a map from each translated ``I(...)``
-    call to the text the user wrote, so that column names read as in R.
+    Returns the translated formula and a map from each translated call to the
+    text the user wrote, so that column names read as in R (``factor(age)10``).
     """
-    out, names, i = [], {}, 0
+    formula, names = _factor_calls(formula)
+    out, i = [], 0
     for match in _I_CALL.finditer(formula):
         if match.start() < i:
             continue
@@ -35,6 +37,27 @@ def r_to_python(formula: str) -> tuple[str, dict[str, str]]:
                 break
         original = formula[match.start() : j + 1]
         translated = original.replace("^", "**")
+        out.append(formula[i : match.start()] + translated)
+        names[_canonical(translated)] = original
+        i = j + 1
+    out.append(formula[i:])
+    return "".join(out), names
+
+
+def _factor_calls(formula: str) -> tuple[str, dict[str, str]]:
+    """R's ``factor(x)`` and ``as.factor(x)`` as formulaic's categorical ``C(x)``."""
+    out, names, i = [], {}, 0
+    for match in _FACTOR_CALL.finditer(formula):
+        if match.start() < i:
+            continue
+        depth, j = 0, match.end() - 1
+        for j in range(match.end() - 1, len(formula)):
+            depth += formula[j] == "("
+            depth -= formula[j] == ")"
+            if depth == 0:
+                break
+        original = formula[match.start() : j + 1]
+        translated = "C(" + formula[match.end() : j + 1]
         out.append(formula[i : match.start()] + translated)
         names[_canonical(translated)] = original
         i = j + 1
@@ -75,6 +98,11 @@ def lme4_name(name: str, originals: dict[str, str] | None = None) -> str:
         key = _canonical(part)
         if originals and key in originals:
             parts.append(originals[key])
+            continue
+        level = _LEVEL.search(part)
+        stem = _canonical(part[: level.start()]) if level else key
+        if originals and level and stem in originals:  # factor(x)[T.a] -> factor(x)a
+            parts.append(originals[stem] + _LEVEL.sub(r"\1", part[level.start() :]))
         else:
             parts.append(_LEVEL.sub(r"\1", part))
     return ":".join(parts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,11 @@ from lmmjax.precision import float_dtype
 from lmmjax.reml.optimize import optimize_theta
 from lmmjax.reml.result import LmmFit
 
-__all__ = ["check_identifiable", "compare", "fit_reml"]
+__all__ = ["FitWarning", "check_identifiable", "compare", "fit_reml"]
+
+
+class FitWarning(UserWarning):
+    """A fit that is singular or did not converge, as lme4 warns at fit time."""
 
 
 def check_identifiable(model) -> None:
@@ -78,27 +83,40 @@ def fit_reml(model, options: RemlOptions | None = None, *, reml: bool = True, **
         model, struct, xp, theta, reml=reml, log=log, singular=singular, estimates=est
     )
     result.seconds = time.perf_counter() - start
+    if singular:
+        warnings.warn("boundary (singular) fit: a variance or correlation is at the edge of its "
+                      "range; see LmmFit.singular", FitWarning, stacklevel=2)  # fmt: skip
+    if not log.converged:
+        warnings.warn(f"model failed to converge: projected gradient {log.grad_norm:.3g} after "
+                      f"{log.iterations} L-BFGS iterations ({log.optimizer})", FitWarning,
+                      stacklevel=2)  # fmt: skip
     return result
 
 
-def compare(m0: LmmFit, m1: LmmFit) -> pd.DataFrame:
-    """Likelihood-ratio test of two nested models, as lme4's ``anova(m0, m1)``.
+def compare(*fits: LmmFit) -> pd.DataFrame:
+    """Likelihood-ratio tests of nested models, as lme4's ``anova(m0, m1, ...)``.
 
     REML fits are refitted by ML first, since REML criteria of models with
-    different fixed effects are not comparable.
+    different fixed effects are not comparable. Models are sorted by their
+    number of parameters; each row's test is against the row above.
     """
-    fits = [fit_reml(m.model, reml=False) if m.reml else m for m in (m0, m1)]
-    if fits[0].nobs != fits[1].nobs:
+    if len(fits) < 2:
+        raise LmmInputError("compare needs at least two fitted models")
+    fits = [fit_reml(m.model, reml=False) if m.reml else m for m in fits]
+    if len({f.nobs for f in fits}) > 1:
         raise LmmInputError("models were fitted to different numbers of observations")
-    fits.sort(key=lambda f: f.npar)
+    order = sorted(range(len(fits)), key=lambda k: fits[k].npar)
     rows = []
-    for k, f in enumerate(fits):
+    for pos, k in enumerate(order):
+        f = fits[k]
         row = {"npar": f.npar, "AIC": f.aic, "BIC": f.bic, "logLik": f.loglik,
                "deviance": f.objective}  # fmt: skip
         row.update({"Chisq": np.nan, "Df": np.nan, "Pr(>Chisq)": np.nan})
-        if k == 1:
-            chisq = max(fits[0].objective - f.objective, 0.0)
-            df = f.npar - fits[0].npar
-            row.update({"Chisq": chisq, "Df": df, "Pr(>Chisq)": scipy.stats.chi2.sf(chisq, df)})
+        if pos > 0:
+            prev = fits[order[pos - 1]]
+            chisq = max(prev.objective - f.objective, 0.0)
+            df = f.npar - prev.npar
+            p = scipy.stats.chi2.sf(chisq, df) if df > 0 else np.nan
+            row.update({"Chisq": chisq, "Df": df, "Pr(>Chisq)": p})
         rows.append(row)
-    return pd.DataFrame(rows, index=["m0", "m1"])
+    return pd.DataFrame(rows, index=[f"m{k}" for k in order])

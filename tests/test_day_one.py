@@ -1,0 +1,67 @@
+"""What an lme4 user reaches for on day one: R formula calls, clear data errors, fit warnings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lmmjax
+from lmmjax.datasets import load_data
+from lmmjax.reml import FitWarning
+
+
+@pytest.fixture(scope="module")
+def sleep():
+    return load_data("bundled:sleepstudy")
+
+
+def test_factor_calls_match_a_categorical_column(sleep):
+    """factor(x) / as.factor(x) fit what a categorical column fits, named as lme4 names them."""
+    a = lmmjax.lmm("Reaction ~ factor(Days) + (1 | Subject)", sleep)
+    b = lmmjax.lmm("Reaction ~ Days + (1 | Subject)", sleep, categorical=["Days"])
+    c = lmmjax.lmm("Reaction ~ as.factor(Days) + (1 | Subject)", sleep)
+    assert list(a.fixef.index) == ["(Intercept)"] + [f"factor(Days){d}" for d in range(1, 10)]
+    assert c.fixef.index[1] == "as.factor(Days)1"
+    np.testing.assert_allclose(a.fixef.to_numpy(), b.fixef.to_numpy(), rtol=1e-8)
+    assert a.objective == pytest.approx(b.objective, rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("column", "formula", "message"),
+    [
+        ("Reaction", "Reaction ~ Days + (1 | Subject)", "response 'Reaction' has 2 infinite"),
+        ("Days", "Reaction ~ Days + (1 | Subject)", "fixed-effect column 'Days' has 2 infinite"),
+        ("Days", "Reaction ~ 1 + (Days | Subject)", "column 'Days' has 2 infinite"),
+    ],
+)
+def test_infinite_values_are_refused_by_name(sleep, column, formula, message):
+    data = sleep.astype({column: float})
+    data.loc[[3, 8], column] = [np.inf, -np.inf]
+    with pytest.raises(lmmjax.LmmInputError, match=message):
+        lmmjax.lmm(formula, data)
+
+
+def test_singular_fit_warns_at_fit_time():
+    with pytest.warns(FitWarning, match="boundary \\(singular\\) fit"):
+        fit = lmmjax.lmm("Yield ~ 1 + (1 | Batch)", "bundled:Dyestuff2")
+    assert fit.singular
+
+
+def test_nonconverged_fit_warns_at_fit_time(sleep):
+    with pytest.warns(FitWarning, match="failed to converge"):
+        fit = lmmjax.lmm("Reaction ~ Days + (Days | Subject)", sleep, maxiter=1, fallback=False)
+    assert not fit.converged
+
+
+def test_compare_takes_several_models(sleep):
+    m0 = lmmjax.lmm("Reaction ~ 1 + (1 | Subject)", sleep, method="ml")
+    m2 = lmmjax.lmm("Reaction ~ Days + (Days | Subject)", sleep, method="ml")
+    m1 = lmmjax.lmm("Reaction ~ Days + (1 | Subject)", sleep, method="ml")
+    table = lmmjax.compare(m0, m2, m1)  # any order: sorted by parameters
+    assert list(table["npar"]) == [3, 4, 6]
+    assert list(table.index) == ["m0", "m2", "m1"]
+    dev = table["deviance"].to_numpy()
+    np.testing.assert_allclose(table["Chisq"].to_numpy()[1:], dev[:-1] - dev[1:], rtol=1e-12)
+    np.testing.assert_allclose(table["Df"].to_numpy()[1:], [1, 2])
+    with pytest.raises(lmmjax.LmmInputError, match="at least two"):
+        lmmjax.compare(m0)
