@@ -35,6 +35,8 @@ def lmm(
     method: str = "reml",
     *,
     categorical: Sequence[str] = (),
+    weights: str | None = None,
+    offset: str | None = None,
     **options: Any,
 ) -> Any:
     """Fit a linear mixed model, by default by REML as lme4's ``lmer``.
@@ -50,6 +52,12 @@ def lmm(
         Profiled REML (default) or ML, or Bayesian NUTS.
     categorical : str or sequence of str
         Columns to treat as factors.
+    weights : str, optional
+        Column of prior weights, as lme4's ``weights`` (residual variance
+        ``sigma^2 / w_i``).
+    offset : str, optional
+        Column added to the linear predictor with coefficient 1; ``offset(x)``
+        in the formula does the same.
     **options
         The method's options, as in its config section: for ``reml``/``ml``
         :class:`~lmmjax.options.RemlOptions` (``maxiter``, ``gtol``, ...), for
@@ -89,5 +97,7 @@ def lmm(
         categorical=categorical,
         submodels=opts.submodels(),
         drop_aliased=opts.drop_aliased(),
+        weights=weights,
+        offset=offset,
     )
     return entry.fit(model, opts)

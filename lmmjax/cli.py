@@ -64,8 +64,9 @@ def _build_model(cfg: FitConfig) -> Any:
     subs = opts.submodels() if opts is not None else {}
     drop = opts.drop_aliased() if opts is not None else True
     return build_model(
-        df, cfg.formula, categorical=cfg.categorical, submodels=subs, drop_aliased=drop
-    )
+        df, cfg.formula, categorical=cfg.categorical, submodels=subs, drop_aliased=drop,
+        weights=cfg.weights, offset=cfg.offset,
+    )  # fmt: skip
 
 
 def run(config: str | Path, check: bool = False, output: str | None = None) -> int:

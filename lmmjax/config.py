@@ -64,6 +64,10 @@ class FitConfig(BaseModel):
         lme4-style model formula.
     categorical : list of str
         Columns treated as factors.
+    weights : str, optional
+        Column of prior weights (residual variance ``sigma^2 / w``), as lme4's ``weights``.
+    offset : str, optional
+        Column added to the linear predictor with coefficient 1 (as ``offset(x)``).
     method : {"reml", "ml", "nuts", "map", "sparse"}
         Fitting method.
     output : str, optional
@@ -79,6 +83,8 @@ class FitConfig(BaseModel):
     data: str
     formula: str
     categorical: list[str] = Field(default_factory=list)
+    weights: str | None = None
+    offset: str | None = None
     method: Method = "reml"
     output: str | None = None
     precision: Literal["float64", "float32"] = "float64"

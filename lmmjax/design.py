@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -67,6 +68,13 @@ class Model:
     used_variables: tuple[str, ...] = ()
     submodels: dict = field(default_factory=dict, repr=False)
     """Linear predictors of other parameters (``{"sigma": Submodel}``), on the same rows."""
+    weights: np.ndarray | None = field(default=None, repr=False)
+    """Prior weights (residual variance ``sigma^2 / w_i``), or None."""
+    offset: np.ndarray | None = field(default=None, repr=False)
+    """Known part of the linear predictor (coefficient 1), or None."""
+    weights_column: str | None = None
+    offset_terms: tuple[str, ...] = ()
+    """The offset expressions (``offset(x)`` terms and the ``offset`` column), for new data."""
 
     def __repr__(self) -> str:
         return f"Model({self.formula!r}, nobs={self.nobs}, p={self.p}, q={self.q})"
@@ -301,6 +309,43 @@ def _submodel(data: pd.DataFrame, name: str, formula: str, parsed) -> Submodel:
     return Submodel(formula, np.ascontiguousarray(X), names, tuple(terms))
 
 
+def split_offsets(fixed: str) -> tuple[str, list[str]]:
+    """Remove R's ``offset(expr)`` terms from a fixed-effect formula; return them apart."""
+    out, found, i = [], [], 0
+    for match in re.finditer(r"(?<![\w.])offset\(", fixed):
+        if match.start() < i:
+            continue
+        depth, j = 0, match.end() - 1
+        for j in range(match.end() - 1, len(fixed)):
+            depth += fixed[j] == "("
+            depth -= fixed[j] == ")"
+            if depth == 0:
+                break
+        found.append(fixed[match.end() : j].strip())
+        out.append(fixed[i : match.start()])
+        i = j + 1
+    out.append(fixed[i:])
+    rest = re.sub(r"\+\s*\+", "+", "".join(out)).strip()
+    rest = re.sub(r"^\+|\+$", "", rest).strip()
+    return rest or "1", found
+
+
+def _weights(data: pd.DataFrame, column: str | None) -> np.ndarray | None:
+    if column is None:
+        return None
+    col = data[str(column)]
+    if not pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
+        raise LmmInputError(f"weights column {column!r} is not numeric (dtype {col.dtype})")
+    w = col.to_numpy(dtype=np.float64)
+    bad = ~(np.isfinite(w) & (w > 0))
+    if bad.any():
+        raise LmmInputError(
+            f"weights column {column!r} has {int(bad.sum())} values that are not finite and "
+            f"positive (first at row {int(np.flatnonzero(bad)[0]) + 1} of the complete cases)"
+        )
+    return w
+
+
 def _require_finite(values: np.ndarray, names, what: str) -> None:
     """Refuse infinite values, naming the column and the first rows (NaN was removed before)."""
     bad = ~np.isfinite(values)
@@ -374,6 +419,8 @@ def build_model(
     *,
     drop_aliased: bool = True,
     submodels: Mapping[str, str] | None = None,
+    weights: str | None = None,
+    offset: str | None = None,
 ) -> Model:
     """Build the structured model of an lme4 formula on a DataFrame.
 
@@ -393,6 +440,12 @@ def build_model(
         with a warning, as lme4 does (REML/ML and NUTS need a full-rank X).
         False keeps every column, for methods that select among more columns
         than observations (lme4's ``check.rankX = "ignore"``).
+    weights : str, optional
+        Column of prior weights, as lme4's ``weights``: row i has residual
+        variance ``sigma^2 / w_i`` (finite and positive).
+    offset : str, optional
+        Column added to the linear predictor with coefficient 1; ``offset(x)``
+        terms in the fixed part do the same, and several offsets add up.
     submodels : mapping of str to str, optional
         Linear predictors of other parameters, as one-sided formulas by name
         (``{"sigma": "~ c + (c | subj)"}``): built on the same rows, with their
@@ -413,6 +466,9 @@ def build_model(
     parsed = parse_formula(formula)
     if has_dot(parsed.fixed):
         parsed = replace(parsed, fixed=_expand_dot(parsed, data))
+    fixed_rhs, offsets = split_offsets(parsed.fixed)
+    parsed = replace(parsed, fixed=fixed_rhs)
+    offsets = [*offsets, *([offset] if offset is not None else [])]
     categorical = list(categorical)
     columns = set(map(str, data.columns))
     for name in categorical:
@@ -425,6 +481,11 @@ def build_model(
     fixed_vars = sorted(required_columns(parsed.fixed, context="fixed-effect formula"))
     for col in fixed_vars:
         needed.setdefault(col, "the fixed effects")
+    for expr in offsets:
+        for col in sorted(required_columns(expr, context="offset")):
+            needed.setdefault(col, "the offset")
+    if weights is not None:
+        needed.setdefault(str(weights), "the weights")
     for bar in parsed.bars:
         lhs_cols = required_columns(bar.lhs, context=f"random-effect term {bar.source}:")
         for col in sorted(lhs_cols | set(bar.factors)):
@@ -454,6 +515,14 @@ def build_model(
 
     y = _response(data, parsed.response)
     _require_finite(y[:, None], (parsed.response,), "response")
+    w = _weights(data, weights)
+    off = None
+    for expr in offsets:
+        values, _, _ = model_matrix(f"0 + {expr}", data, context="offset")
+        if values.shape[1] != 1:
+            raise LmmInputError(f"offset {expr!r} must be one numeric column")
+        _require_finite(values, (expr,), "offset")
+        off = values[:, 0] if off is None else off + values[:, 0]
     X, names, spec = model_matrix(parsed.fixed, data, context="fixed-effect formula")
     _require_finite(X, names, "fixed-effect column")
     keep = full_rank_columns(X) if drop_aliased else np.arange(X.shape[1])
@@ -499,6 +568,10 @@ def build_model(
         fixed_variables=tuple(fixed_vars),
         used_variables=tuple(used),
         submodels=subs,
+        weights=w,
+        offset=off,
+        offset_terms=tuple(offsets),
+        weights_column=None if weights is None else str(weights),
     )
 
 
@@ -558,6 +631,8 @@ class NewDesign:
         Level index per row (-1 for a level the fit never saw) and lhs columns.
     new_labels : tuple of arrays
         Per term, the labels of the rows' unseen levels (for drawing new effects).
+    offset : array (n_complete,) or 0.0
+        The model's offsets evaluated on the new rows.
     """
 
     complete: np.ndarray
@@ -565,6 +640,7 @@ class NewDesign:
     refs: tuple = ()
     z: tuple = ()
     new_labels: tuple = ()
+    offset: np.ndarray | float = 0.0
 
 
 def _level_index(term: Term, data: pd.DataFrame, allow_new_levels: bool):
@@ -595,7 +671,9 @@ def new_design(model: Model, newdata, *, random: bool = True,
     if not isinstance(newdata, pd.DataFrame):
         raise LmmInputError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
     needed = model.used_variables if random else model.fixed_variables
-    needed = [c for c in needed if c != model.response]
+    needed = [c for c in needed if c not in (model.response, model.weights_column)]
+    for expr in model.offset_terms:
+        needed += sorted(required_columns(expr, context="offset"))
     absent = [c for c in needed if c not in newdata.columns]
     if absent:
         raise LmmInputError(f"newdata lacks column {absent[0]!r} used by the model")
@@ -610,8 +688,11 @@ def new_design(model: Model, newdata, *, random: bool = True,
     except Exception as exc:  # formulaic raises several types for bad new data
         raise LmmInputError(f"cannot build fixed effects for newdata: {exc}") from None
     X = X[:, list(model.fixed_columns)]
+    off = 0.0
+    for expr in model.offset_terms:
+        off = off + model_matrix(f"0 + {expr}", data, context="offset")[0][:, 0]
     if not random:
-        return NewDesign(complete, X)
+        return NewDesign(complete, X, offset=off)
     zs, refs, labels = [], [], []
     for t in model.terms:
         z = np.asarray(t.lhs_spec.get_model_matrix(data, na_action="raise"), dtype=float)
@@ -619,4 +700,4 @@ def new_design(model: Model, newdata, *, random: bool = True,
         r, lab = _level_index(t, rows, allow_new_levels)
         refs.append(r)
         labels.append(lab)
-    return NewDesign(complete, X, tuple(refs), tuple(zs), tuple(labels))
+    return NewDesign(complete, X, tuple(refs), tuple(zs), tuple(labels), off)

@@ -34,6 +34,9 @@ class Method:
         ``"module:function"`` called as ``function(model, options, **fixed)``.
     fixed : dict
         Keyword arguments this method fixes (``ml`` is ``fit_reml`` with ``reml=False``).
+    weighted : bool
+        Whether the fitter honours prior weights and offsets; others refuse a
+        model that has them rather than ignore them.
     checker : str or None
         ``"module:function"`` called as ``function(model, options)`` by the CLI's
         ``--check``: it resolves the options against the model (prior names,
@@ -46,6 +49,7 @@ class Method:
     fitter: str | None = None
     fixed: dict = field(default_factory=dict)
     checker: str | None = None
+    weighted: bool = False
 
     @property
     def built(self) -> bool:
@@ -56,9 +60,19 @@ class Method:
         if not self.built:
             raise NotBuiltError(f"method '{self.name}' is not built yet in this version of lmmjax")
 
+    def _require_weighted(self, model: Any) -> None:
+        if self.weighted:
+            return
+        for what in ("weights", "offset"):
+            if getattr(model, what, None) is not None:
+                raise LmmInputError(
+                    f"method {self.name!r} does not take {what} yet (reml and ml do)"
+                )
+
     def check(self, model: Any, options: Options | None) -> None:
         """Fail as the fit would on options that do not fit ``model``; nothing is fitted."""
         self.require_built()
+        self._require_weighted(model)
         if self.checker is not None:
             module, func = self.checker.split(":")
             getattr(importlib.import_module(module), func)(model, options or self.options())
@@ -66,6 +80,7 @@ class Method:
     def fit(self, model: Any, options: Options | None) -> Any:
         """Fit ``model`` with validated ``options`` (defaults when None)."""
         self.require_built()
+        self._require_weighted(model)
         module, func = self.fitter.split(":")
         fitter = getattr(importlib.import_module(module), func)
         return fitter(model, options or self.options(), **self.fixed)
@@ -74,8 +89,10 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("reml", "reml", RemlOptions, "lmmjax.reml.fit:fit_reml", {"reml": True}),
-        Method("ml", "reml", RemlOptions, "lmmjax.reml.fit:fit_reml", {"reml": False}),
+        Method("reml", "reml", RemlOptions, "lmmjax.reml.fit:fit_reml", {"reml": True},
+               weighted=True),
+        Method("ml", "reml", RemlOptions, "lmmjax.reml.fit:fit_reml", {"reml": False},
+               weighted=True),  # fmt: skip
         Method("nuts", "nuts", NutsOptions, "lmmjax.bayes.fit:fit_nuts",
                checker="lmmjax.bayes.model:check_options"),  # fmt: skip
         Method("map", "map", MapOptions, "lmmjax.em.fit:fit_map"),

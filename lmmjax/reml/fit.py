@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import replace
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +24,32 @@ __all__ = ["FitWarning", "check_identifiable", "compare", "fit_reml"]
 
 class FitWarning(UserWarning):
     """A fit that is singular or did not converge, as lme4 warns at fit time."""
+
+
+def weighted_problem(model) -> tuple[list, np.ndarray, float]:
+    """The unweighted problem that prior weights and offsets reduce to, as lme4 does.
+
+    With ``W = diag(w)`` the rows of ``y - offset``, ``X`` and every ``z`` are
+    scaled by ``sqrt(w)``, which leaves an ordinary LMM; the criterion of the
+    original data is that of the scaled data minus ``sum(log w)`` (the
+    Jacobian of the scaling), for REML and ML alike.
+
+    Returns
+    -------
+    terms : list of Term
+        The (scaled) random-effect terms.
+    M : array (N, p + 1)
+        The (scaled) ``[X, y - offset]``.
+    shift : float
+        Add to the scaled problem's criterion: ``-sum(log w)``, or 0.
+    """
+    y = model.y if model.offset is None else model.y - model.offset
+    if model.weights is None:
+        return list(model.terms), np.column_stack([model.X, y]), 0.0
+    sw = np.sqrt(model.weights)
+    terms = [replace(t, z=t.z * sw[:, None]) for t in model.terms]
+    M = np.column_stack([model.X, y]) * sw[:, None]
+    return terms, M, -float(np.sum(np.log(model.weights)))
 
 
 def check_identifiable(model) -> None:
@@ -73,8 +100,9 @@ def fit_reml(model, options: RemlOptions | None = None, *, reml: bool = True, **
         raise LmmInputError(f"option 'reml' must be True or False, got {reml!r}")
     model.require_full_rank("reml" if reml else "ml")
     check_identifiable(model)
-    struct = build_structure(model.terms, dtype=float_dtype())
-    M = jnp.asarray(np.column_stack([model.X, model.y]), dtype=struct.dtype)
+    terms, M, shift = weighted_problem(model)
+    struct = build_structure(terms, dtype=float_dtype())
+    M = jnp.asarray(M, dtype=struct.dtype)
     products, _ = compiled(cross_products, struct, M)  # one program, not one per operation
     xp = products(struct, M)
     theta0 = np.concatenate([t.theta_init() for t in model.terms])
@@ -82,6 +110,7 @@ def fit_reml(model, options: RemlOptions | None = None, *, reml: bool = True, **
     result = LmmFit.from_theta(
         model, struct, xp, theta, reml=reml, log=log, singular=singular, estimates=est
     )
+    result.objective += shift
     result.seconds = time.perf_counter() - start
     if singular:
         warnings.warn("boundary (singular) fit: a variance or correlation is at the edge of its "

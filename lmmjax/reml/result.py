@@ -202,9 +202,10 @@ class LmmFit:
         return np.asarray(run(*args))
 
     def fitted(self) -> np.ndarray:
-        """Fitted values ``X beta + Z b`` at the conditional modes."""
+        """Fitted values ``offset + X beta + Z b`` at the conditional modes."""
         m = self.model
-        return m.X @ self.beta + self._random_part(
+        known = 0.0 if m.offset is None else m.offset
+        return known + m.X @ self.beta + self._random_part(
             [t.z for t in m.terms], [t.refs for t in m.terms]
         )
 
@@ -232,7 +233,7 @@ class LmmFit:
         out = np.full(len(new.complete), np.nan)
         if not new.complete.any():
             return out
-        pred = new.X @ self.beta
+        pred = new.X @ self.beta + new.offset
         if re_form:
             pred = pred + self._random_part(new.z, new.refs)
         out[new.complete] = pred
