@@ -168,12 +168,17 @@ class RemlOptions(Options):
     snap_tol : float
         Variance parameters closer than this to the boundary are snapped
         to it (a singular fit).
+    ddf : {"Satterthwaite", "none"}
+        Degrees of freedom of the fixed effects' t-tests in the summary and
+        the JSON result: Satterthwaite's, as lmerTest (default), or none (lme4's
+        plain t values, and one compiled program less).
     """
 
     maxiter: int = Field(500, gt=0, strict=True)
     gtol: float = Field(1e-6, gt=0)
     fallback: StrictBool = True
     snap_tol: float = Field(1e-5, ge=0)
+    ddf: Literal["Satterthwaite", "none"] = "Satterthwaite"
 
 
 class NutsOptions(Options):

@@ -15,7 +15,8 @@ __all__ = ["coef_table", "random_effects_table"]
 def coef_table(estimate: pd.Series, se: pd.Series, extra: dict | None = None) -> str:
     """Estimates and standard errors to 4 significant digits of the SE, as R's printCoefmat.
 
-    ``extra`` adds columns (name -> Series), printed to 3 decimals.
+    ``extra`` adds columns (name -> Series), printed to 3 decimals, p-values
+    (``Pr(...)``) to 3 significant digits.
     """
     import pandas as pd
 
@@ -26,7 +27,10 @@ def coef_table(estimate: pd.Series, se: pd.Series, extra: dict | None = None) ->
         {
             "Estimate": [f"{v:.{decimals}f}" for v in estimate],
             "Std. Error": [f"{v:.{decimals}f}" for v in se],
-            **{k: [f"{v:.3f}" for v in col] for k, col in (extra or {}).items()},
+            **{
+                k: [f"{v:.3g}" if k.startswith("Pr(") else f"{v:.3f}" for v in col]
+                for k, col in (extra or {}).items()
+            },  # fmt: skip
         },
         index=estimate.index,
     )

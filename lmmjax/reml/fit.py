@@ -111,6 +111,7 @@ def fit_reml(model, options: RemlOptions | None = None, *, reml: bool = True, **
         model, struct, xp, theta, reml=reml, log=log, singular=singular, estimates=est
     )
     result.objective += shift
+    result.ddf = opts.ddf
     result.seconds = time.perf_counter() - start
     if singular:
         warnings.warn("boundary (singular) fit: a variance or correlation is at the edge of its "

@@ -12,6 +12,7 @@ import scipy.stats
 
 from lmmjax.cache import compiled
 from lmmjax.design import Model
+from lmmjax.errors import LmmInputError
 from lmmjax.linalg import CrossProducts, Structure, conditional_moments, make_lambdas, z_times
 from lmmjax.output import result_dict, varcorr_rows
 from lmmjax.reml.objective import Estimates
@@ -49,6 +50,8 @@ class LmmFit:
     seconds: float = float("nan")
     _struct: Structure = field(default=None, repr=False)
     _xp: CrossProducts = field(default=None, repr=False)
+    ddf: str = "Satterthwaite"
+    _coef: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
     def method(self) -> str:
@@ -138,6 +141,27 @@ class LmmFit:
         variance (covariance on correlation rows), sd and corr."""
         return pd.DataFrame(varcorr_rows(self.model.terms, self.covariances(), self.sigma))
 
+    def coef_table(self, ddf: str | None = None) -> pd.DataFrame:
+        """Estimate, Std. Error, t value and, with Satterthwaite's ``ddf``, df and Pr(>|t|).
+
+        Parameters
+        ----------
+        ddf : {"Satterthwaite", "none"}, optional
+            Defaults to the fit's ``ddf`` option. Satterthwaite's degrees of
+            freedom are lmerTest's (:mod:`lmmjax.reml.inference`).
+        """
+        ddf = self.ddf if ddf is None else ddf
+        if ddf not in ("Satterthwaite", "none"):
+            raise LmmInputError(f"ddf must be 'Satterthwaite' or 'none', got {ddf!r}")
+        if ddf == "none":
+            return pd.DataFrame({"Estimate": self.fixef, "Std. Error": self.fixef_se,
+                                 "t value": self.tvalues})  # fmt: skip
+        if self._coef is None:
+            from lmmjax.reml.inference import satterthwaite
+
+            self._coef = satterthwaite(self)
+        return self._coef
+
     def confint(self, level: float = 0.95) -> pd.DataFrame:
         """Wald confidence intervals for the fixed effects."""
         z = scipy.stats.norm.ppf(0.5 + level / 2)
@@ -205,8 +229,10 @@ class LmmFit:
         """Fitted values ``offset + X beta + Z b`` at the conditional modes."""
         m = self.model
         known = 0.0 if m.offset is None else m.offset
-        return known + m.X @ self.beta + self._random_part(
-            [t.z for t in m.terms], [t.refs for t in m.terms]
+        return (
+            known
+            + m.X @ self.beta
+            + self._random_part([t.z for t in m.terms], [t.refs for t in m.terms])
         )
 
     def residuals(self) -> np.ndarray:
@@ -242,9 +268,14 @@ class LmmFit:
     # --------------------------------------------------------------- output
     def to_dict(self) -> dict:
         """The JSON result schema shared by every method (:func:`lmmjax.output.result_dict`)."""
+        table = self.coef_table()
+        coefficients = {
+            name: {k: float(v) for k, v in row.items()} for name, row in table.iterrows()
+        }
         return result_dict(
             self, objective=self.objective, loglik=self.loglik, aic=self.aic, bic=self.bic,
             singular=self.singular, optimizer=None if self.log is None else self.log.to_dict(),
+            coefficients=coefficients, ddf=self.ddf,
         )  # fmt: skip
 
     def summary(self) -> str:

@@ -12,7 +12,8 @@ def format_summary(fit) -> str:
     """lme4-style summary of an :class:`~lmmjax.reml.LmmFit`."""
     m = fit.model
     kind = "REML" if fit.reml else "maximum likelihood"
-    out = [f"Linear mixed model fit by {kind} ['lmmjax']", f"Formula: {m.formula}"]
+    tests = ". t-tests use Satterthwaite's method" if fit.ddf == "Satterthwaite" else ""
+    out = [f"Linear mixed model fit by {kind}{tests} ['lmmjax']", f"Formula: {m.formula}"]
     if m.n_dropped:
         out.append(f"  ({m.n_dropped} observations deleted due to missingness)")
     out.append("")
@@ -32,7 +33,9 @@ def format_summary(fit) -> str:
             "", "Random effects:", random_effects_table(fit.varcorr)]  # fmt: skip
     groups = "; ".join(f"{g}, {n}" for g, n in fit.ngroups.items())
     out.append(f"Number of obs: {fit.nobs}, groups:  {groups}")
-    out += ["", "Fixed effects:", coef_table(fit.fixef, fit.fixef_se, {"t value": fit.tvalues})]
+    table = fit.coef_table()
+    extra = {k: table[k] for k in table.columns if k not in ("Estimate", "Std. Error")}
+    out += ["", "Fixed effects:", coef_table(fit.fixef, fit.fixef_se, extra)]
     if m.p > 1:
         se = np.sqrt(np.diag(fit.vcov))
         corr = fit.vcov / np.outer(se, se)

@@ -1,0 +1,41 @@
+"""Satterthwaite degrees of freedom and p-values against lmerTest (``tests/reference/lmertest.R``).
+
+lmerTest differentiates numerically; lmmjax exactly, so the degrees of
+freedom agree to about 1e-3 relative, and the p-values to the precision that
+implies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lmmjax
+
+REF = json.loads((Path(__file__).parent / "reference" / "lmertest_satterthwaite.json").read_text())
+
+
+@pytest.mark.parametrize("name", list(REF["cases"]))
+def test_matches_lmertest(name):
+    case = REF["cases"][name]
+    fit = lmmjax.lmm(case["formula"], f"bundled:{case['data']}",
+                     method="reml" if case["reml"] else "ml")  # fmt: skip
+    table = fit.coef_table()
+    assert list(table.index) == list(np.atleast_1d(case["names"]))
+    np.testing.assert_allclose(table["Estimate"], np.atleast_1d(case["estimate"]), rtol=1e-5)
+    np.testing.assert_allclose(table["Std. Error"], np.atleast_1d(case["se"]), rtol=1e-4)
+    np.testing.assert_allclose(table["df"], np.atleast_1d(case["df"]), rtol=2e-3)
+    np.testing.assert_allclose(table["Pr(>|t|)"], np.atleast_1d(case["p"]), rtol=2e-2)
+
+
+def test_no_ddf_gives_lme4s_table_and_json_has_the_tests():
+    fit = lmmjax.lmm("Reaction ~ Days + (Days | Subject)", "bundled:sleepstudy", ddf="none")
+    assert list(fit.coef_table().columns) == ["Estimate", "Std. Error", "t value"]
+    assert "Satterthwaite" not in fit.summary()
+    out = lmmjax.lmm("Reaction ~ Days + (Days | Subject)", "bundled:sleepstudy").to_dict()
+    assert out["coefficients"]["Days"]["df"] == pytest.approx(17.0, rel=1e-3)
+    with pytest.raises(lmmjax.LmmInputError, match="ddf"):
+        fit.coef_table(ddf="Kenward-Roger")
