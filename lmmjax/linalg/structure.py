@@ -136,6 +136,11 @@ class Structure:
         """Floating-point type of the arrays."""
         return self.C.dtype
 
+    @property
+    def q(self) -> int:
+        """Total number of random effects (static), for sizing decisions outside linalg."""
+        return self.layout.q
+
     def tree_flatten(self):
         return tuple(getattr(self, f) for f in self._FIELDS), self.layout
 

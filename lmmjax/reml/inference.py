@@ -78,7 +78,7 @@ def satterthwaite(fit) -> pd.DataFrame:
     struct, xp = fit._struct, fit._xp
     varpar = jnp.asarray(np.append(fit.theta, fit.sigma), dtype=struct.dtype)
     nobs = jnp.asarray(float(fit.nobs), dtype=struct.dtype)
-    quick = struct.layout.q <= 2000  # compile time dominates on small problems
+    quick = struct.q <= 2000  # compile time dominates on small problems
     run, _ = compiled(_pieces, varpar, struct, xp, nobs, quick=quick, reml=fit.reml)
     H, C, G = (np.asarray(a, dtype=float) for a in run(varpar, struct, xp, nobs))
     v = np.diagonal(C)

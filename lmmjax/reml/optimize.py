@@ -157,7 +157,7 @@ class _Objective:
         self.args, self.reml, self.dtype = (struct, xp), reml, struct.dtype
         self.compile_seconds = 0.0
         # small problems: compile without LLVM optimisation, run time is negligible there
-        self.quick = struct.layout.q <= QUICK_MAX_Q
+        self.quick = struct.q <= QUICK_MAX_Q
 
     def _run(self, theta, with_estimates: bool):
         th = jnp.asarray(theta, self.dtype)
