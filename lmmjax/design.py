@@ -17,6 +17,7 @@ from lmmjax.formula import (
     has_dot,
     model_matrix,
     parse_formula,
+    quote_names,
     required_columns,
 )
 from lmmjax.formula.fixed import formula_terms
@@ -464,6 +465,12 @@ def build_model(
     if not isinstance(data, pd.DataFrame):
         raise LmmInputError(f"data must be a pandas DataFrame, got {type(data).__name__}")
     parsed = parse_formula(formula)
+    odd = [str(c) for c in data.columns if not str(c).isidentifier()]  # R's IQ.verb
+    if odd:
+        parsed = replace(
+            parsed, fixed=quote_names(parsed.fixed, odd),
+            bars=tuple(replace(b, lhs=quote_names(b.lhs, odd)) for b in parsed.bars),
+        )  # fmt: skip
     if has_dot(parsed.fixed):
         parsed = replace(parsed, fixed=_expand_dot(parsed, data))
     fixed_rhs, offsets = split_offsets(parsed.fixed)

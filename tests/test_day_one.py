@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -65,3 +68,28 @@ def test_compare_takes_several_models(sleep):
     np.testing.assert_allclose(table["Df"].to_numpy()[1:], [1, 2])
     with pytest.raises(lmmjax.LmmInputError, match="at least two"):
         lmmjax.compare(m0)
+
+
+FUNCTIONS = json.loads(
+    (Path(__file__).parent / "reference" / "lme4_formula_functions.json").read_text()
+)["cases"]
+
+
+@pytest.mark.parametrize("case", FUNCTIONS, ids=[c["formula"] for c in FUNCTIONS])
+def test_r_formula_functions_match_lme4(sleep, case):
+    """poly (orthogonal and raw), scale, log, sqrt, factor and I(): values and names as lme4."""
+    fit = lmmjax.lmm(case["formula"], sleep, ddf="none")
+    assert list(fit.fixef.index) == case["names"]
+    np.testing.assert_allclose(fit.fixef.to_numpy(), case["fixef"], rtol=1e-5, atol=1e-6)
+    assert fit.objective == pytest.approx(case["objective"], abs=1e-5)
+
+
+def test_r_names_with_dots(sleep):
+    """R's column names with dots work bare and in backticks, fixed and random."""
+    data = sleep.rename(columns={"Days": "Days.n"})
+    a = lmmjax.lmm("Reaction ~ Days.n + (Days.n | Subject)", data, ddf="none")
+    b = lmmjax.lmm("Reaction ~ `Days.n` + (`Days.n` | Subject)", data, ddf="none")
+    c = lmmjax.lmm("Reaction ~ Days + (Days | Subject)", sleep, ddf="none")
+    assert list(a.fixef.index) == ["(Intercept)", "Days.n"]
+    assert a.objective == pytest.approx(c.objective, rel=1e-10)
+    assert b.objective == pytest.approx(c.objective, rel=1e-10)

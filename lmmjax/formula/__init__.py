@@ -2,7 +2,7 @@
 
 from lmmjax.formula.bars import BarTerm, ParsedFormula, parse_formula
 from lmmjax.formula.dot import expand_dot, has_dot
-from lmmjax.formula.fixed import lme4_name, model_matrix, required_columns
+from lmmjax.formula.fixed import lme4_name, model_matrix, quote_names, required_columns
 
 __all__ = [
     "BarTerm",
@@ -12,5 +12,6 @@ __all__ = [
     "lme4_name",
     "model_matrix",
     "parse_formula",
+    "quote_names",
     "required_columns",
 ]

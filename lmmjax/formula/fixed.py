@@ -16,6 +16,12 @@ _ANSI_ONLY = re.compile(r"\x1b\[[0-9;]*m")
 _LEVEL = re.compile(r"\[(?:T\.)?([^\]]*)\]")
 _I_CALL = re.compile(r"\bI\(")
 _FACTOR_CALL = re.compile(r"(?<![\w.])(?:as\.)?factor\(")
+# R functions that formulaic knows under another name (numpy's, in its namespace as np)
+_R_CALLS = {"sqrt": "np.sqrt", "exp": "np.exp", "log": "np.log", "log10": "np.log10",
+            "log2": "np.log2", "abs": "np.abs"}  # fmt: skip
+_R_CALL = re.compile(r"(?<![\w.])(" + "|".join(_R_CALLS) + r")\(")
+_R_WORDS = re.compile(r"(?<![\w.`])(TRUE|FALSE)(?![\w.`])")
+_NAME_TOKEN = re.compile(r"`([^`]+)`|(?<![\w.`])([A-Za-z_.][\w.]*)(?![\w.`])")
 
 
 def r_to_python(formula: str) -> tuple[str, dict[str, str]]:
@@ -25,6 +31,8 @@ def r_to_python(formula: str) -> tuple[str, dict[str, str]]:
     text the user wrote, so that column names read as in R (``factor(age)10``).
     """
     formula, names = _factor_calls(formula)
+    formula, more = _renamed_calls(formula)
+    names.update(more)
     out, i = [], 0
     for match in _I_CALL.finditer(formula):
         if match.start() < i:
@@ -65,6 +73,51 @@ def _factor_calls(formula: str) -> tuple[str, dict[str, str]]:
     return "".join(out), names
 
 
+def _renamed_calls(formula: str) -> tuple[str, dict[str, str]]:
+    """``sqrt(x)`` -> ``np.sqrt(x)`` (and exp, log, ...), ``TRUE`` -> ``True``; originals kept."""
+    out, names, i = [], {}, 0
+    formula = _R_WORDS.sub(lambda m: "True" if m.group(1) == "TRUE" else "False", formula)
+    for match in _R_CALL.finditer(formula):
+        if match.start() < i:
+            continue
+        depth, j = 0, match.end() - 1
+        for j in range(match.end() - 1, len(formula)):
+            depth += formula[j] == "("
+            depth -= formula[j] == ")"
+            if depth == 0:
+                break
+        original = formula[match.start() : j + 1]
+        translated = _R_CALLS[match.group(1)] + original[len(match.group(1)) :]
+        out.append(formula[i : match.start()] + translated)
+        names[_canonical(translated)] = original
+        i = j + 1
+    out.append(formula[i:])
+    return "".join(out), names
+
+
+def quote_names(formula: str, names) -> str:
+    """Put backticks around the given column names (R's ``IQ.verb``) where they stand bare."""
+    odd = set(names)
+    if not odd:
+        return formula
+
+    def sub(match):
+        name = match.group(2)
+        return f"`{name}`" if name in odd else match.group(0)
+
+    return _NAME_TOKEN.sub(sub, formula)
+
+
+def _r_raw_poly(part: str) -> str:
+    """formulaic's ``poly(x, 2, raw=True)[0]`` is R's ``poly(x, 2, raw = TRUE)1``."""
+    match = re.match(r"^(poly\(.*raw\s*=\s*)True(.*\))\[(\d+)\]$", part)
+    if not match:
+        return part
+    return f"{match.group(1)}TRUE{match.group(2)}[{int(match.group(3)) + 1}]".replace(
+        "raw=TRUE", "raw = TRUE"
+    )
+
+
 def _canonical(expr: str) -> str:
     return re.sub(r"\s+", "", expr)
 
@@ -99,6 +152,7 @@ def lme4_name(name: str, originals: dict[str, str] | None = None) -> str:
         if originals and key in originals:
             parts.append(originals[key])
             continue
+        part = _r_raw_poly(part)
         level = _LEVEL.search(part)
         stem = _canonical(part[: level.start()]) if level else key
         if originals and level and stem in originals:  # factor(x)[T.a] -> factor(x)a
@@ -150,8 +204,30 @@ def _parse(formula: str, context: str):
 
 
 def required_columns(formula: str, *, context: str) -> set[str]:
-    """The data columns that a one-sided formula reads."""
-    return set(_parse(formula, context).required_variables)
+    """The data columns that a one-sided formula reads.
+
+    formulaic's own list, plus the names it misses inside its stateful
+    transforms (``poly(x, 2)`` reports nothing): every bare or backticked
+    name that is not a function called, a keyword argument or ``np``.
+    """
+    reported = set(_parse(formula, context).required_variables)
+    translated, _ = r_to_python(formula)
+    found, quoted = set(), set()
+    for match in _NAME_TOKEN.finditer(translated):
+        name = match.group(1) or match.group(2)
+        after = translated[match.end() :].lstrip()
+        if match.group(1) is not None:
+            quoted.add(name)
+        elif (
+            after.startswith("(") or (after.startswith("=") and not after.startswith("=="))
+            or name in ("True", "False", "None", "np") or name.startswith("np.")
+            or name.isdigit() or name == "."
+        ):  # fmt: skip
+            continue
+        found.add(name)
+    # formulaic reports `a.b` (backticked) as `a`
+    reported = {n for n in reported if n in found or not any(q.startswith(n + ".") for q in quoted)}
+    return found | reported
 
 
 def formula_terms(formula: str, *, context: str) -> list[str]:

@@ -1,0 +1,19 @@
+# lme4 fits with R formula functions, for tests/test_day_one.py.
+# Regenerate from the repository root:
+#   Rscript tests/reference/formula_functions.R > tests/reference/lme4_formula_functions.json
+suppressMessages({library(lme4); library(jsonlite)})
+s <- read.csv("lmmjax/datasets/sleepstudy.csv")
+formulas <- c(
+  "Reaction ~ poly(Days, 2) + (1 | Subject)",
+  "Reaction ~ poly(Days, 2, raw = TRUE) + (1 | Subject)",
+  "Reaction ~ scale(Days) + (1 | Subject)",
+  "Reaction ~ log(Days + 1) + sqrt(Days) + (1 | Subject)",
+  "Reaction ~ factor(Days) + (1 | Subject)",
+  "Reaction ~ Days + I(Days^2) + (Days | Subject)"
+)
+out <- lapply(formulas, function(f) {
+  m <- lmer(as.formula(f), s)
+  list(formula = f, names = names(fixef(m)), fixef = unname(fixef(m)), objective = REMLcrit(m))
+})
+cat(toJSON(list(lme4 = as.character(packageVersion("lme4")), cases = out), digits = NA,
+           auto_unbox = TRUE, pretty = TRUE))
