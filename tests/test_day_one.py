@@ -93,3 +93,37 @@ def test_r_names_with_dots(sleep):
     assert list(a.fixef.index) == ["(Intercept)", "Days.n"]
     assert a.objective == pytest.approx(c.objective, rel=1e-10)
     assert b.objective == pytest.approx(c.objective, rel=1e-10)
+
+
+def test_simulate_draws_from_the_fitted_marginal_distribution():
+    fit = lmmjax.lmm("Yield ~ 1 + (1 | Batch)", "bundled:Dyestuff", ddf="none")
+    ys = fit.simulate(6000, seed=4)
+    Z = fit.model.terms[0].dense()
+    cov = fit.sigma**2 * np.eye(fit.nobs) + fit.covariances()[0][0, 0] * (Z @ Z.T)
+    mean_se = np.sqrt(cov[0, 0] / 6000)
+    np.testing.assert_allclose(ys.mean(axis=0), fit.beta[0], atol=5 * mean_se)
+    emp = np.cov(ys, rowvar=False)
+    assert np.max(np.abs(emp - cov)) / cov[0, 0] < 0.08
+    assert np.array_equal(fit.simulate(2, seed=1), fit.simulate(2, seed=1))
+
+
+def test_parametric_bootstrap_intervals(sleep):
+    fit = lmmjax.lmm("Reaction ~ Days + (Days | Subject)", sleep, ddf="none")
+    draws = fit.bootstrap(30, seed=2)
+    assert list(draws.columns) == [
+        "(Intercept)",
+        "Days",
+        "sd_(Intercept)|Subject",
+        "sd_Days|Subject",
+        "cor_(Intercept).Days|Subject",
+        "sigma",
+    ]
+    assert len(draws) == 30 and np.isfinite(draws.to_numpy()).all()
+    # replicates centre on the estimates: fixed effects within 4 bootstrap standard errors
+    est = [fit.fixef["(Intercept)"], fit.fixef["Days"]]
+    se = draws[["(Intercept)", "Days"]].std().to_numpy() / np.sqrt(30)
+    assert np.all(np.abs(draws[["(Intercept)", "Days"]].mean().to_numpy() - est) < 4 * se)
+    ci = fit.confint(method="boot", nsim=30, seed=2)
+    np.testing.assert_allclose(ci.iloc[:, 0], draws.quantile(0.025), rtol=1e-12)
+    with pytest.raises(lmmjax.LmmInputError, match="method must be"):
+        fit.confint(method="profile")

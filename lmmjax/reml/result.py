@@ -162,13 +162,43 @@ class LmmFit:
             self._coef = satterthwaite(self)
         return self._coef
 
-    def confint(self, level: float = 0.95) -> pd.DataFrame:
-        """Wald confidence intervals for the fixed effects."""
-        z = scipy.stats.norm.ppf(0.5 + level / 2)
+    def confint(self, level: float = 0.95, method: str = "Wald", nsim: int = 200,
+                seed: int | None = None) -> pd.DataFrame:  # fmt: skip
+        """Confidence intervals, as lme4's ``confint``.
+
+        Parameters
+        ----------
+        level : float
+        method : {"Wald", "boot"}
+            Wald intervals for the fixed effects, or parametric-bootstrap
+            percentile intervals (``nsim`` refits, :meth:`bootstrap`) for every
+            parameter: fixed effects, random-effect SDs and correlations, sigma.
+        """
         lo, hi = f"{100 * (1 - level) / 2:.1f} %", f"{100 * (1 + level) / 2:.1f} %"
+        if not 0 < level < 1:
+            raise LmmInputError(f"level must be between 0 and 1, got {level!r}")
+        if method == "boot":
+            draws = self.bootstrap(nsim, seed)
+            q = draws.quantile([(1 - level) / 2, (1 + level) / 2])
+            return pd.DataFrame({lo: q.iloc[0], hi: q.iloc[1]})
+        if method != "Wald":
+            raise LmmInputError(f"method must be 'Wald' or 'boot', got {method!r}")
+        z = scipy.stats.norm.ppf(0.5 + level / 2)
         return pd.DataFrame(
             {lo: self.fixef - z * self.fixef_se, hi: self.fixef + z * self.fixef_se}
         )
+
+    def simulate(self, nsim: int = 1, seed: int | None = None) -> np.ndarray:
+        """Responses drawn from the fitted model (:func:`lmmjax.reml.bootstrap.simulate`)."""
+        from lmmjax.reml.bootstrap import simulate
+
+        return simulate(self, nsim, seed)
+
+    def bootstrap(self, nsim: int = 200, seed: int | None = None) -> pd.DataFrame:
+        """Parametric bootstrap replicates of every parameter, as lme4's ``bootMer``."""
+        from lmmjax.reml.bootstrap import bootstrap
+
+        return bootstrap(self, nsim, seed)
 
     # ------------------------------------------------------- random effects
     def _cond_var_blocks(self) -> list[np.ndarray]:
