@@ -127,3 +127,11 @@ def test_parametric_bootstrap_intervals(sleep):
     np.testing.assert_allclose(ci.iloc[:, 0], draws.quantile(0.025), rtol=1e-12)
     with pytest.raises(lmmjax.LmmInputError, match="method must be"):
         fit.confint(method="profile")
+
+
+def test_in_operator_is_the_interaction(sleep):
+    data = sleep.assign(g=sleep["Subject"].astype(str).str[-1])
+    a = lmmjax.lmm("Reaction ~ Days %in% g + (1 | Subject)", data, ddf="none")
+    b = lmmjax.lmm("Reaction ~ Days:g + (1 | Subject)", data, ddf="none")
+    assert list(a.fixef.index) == list(b.fixef.index)
+    assert a.objective == pytest.approx(b.objective, rel=1e-12)

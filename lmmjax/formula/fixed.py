@@ -74,9 +74,10 @@ def _factor_calls(formula: str) -> tuple[str, dict[str, str]]:
 
 
 def _renamed_calls(formula: str) -> tuple[str, dict[str, str]]:
-    """``sqrt(x)`` -> ``np.sqrt(x)`` (and exp, log, ...), ``TRUE`` -> ``True``; originals kept."""
+    """R spellings formulaic lacks: ``sqrt(x)`` (np.sqrt), ``TRUE``, ``a %in% b`` (``a:b``)."""
     out, names, i = [], {}, 0
     formula = _R_WORDS.sub(lambda m: "True" if m.group(1) == "TRUE" else "False", formula)
+    formula = re.sub(r"\s*%in%\s*", ":", formula)  # R's nesting a %in% b is the interaction a:b
     for match in _R_CALL.finditer(formula):
         if match.start() < i:
             continue
