@@ -20,8 +20,10 @@ from lmmjax.formula import (
     quote_names,
     required_columns,
 )
-from lmmjax.formula.fixed import formula_terms
+from lmmjax.formula.fixed import formula_terms, rewrite_calls
 from lmmjax.terms import Term
+
+_OFFSET_CALL = re.compile(r"(?<![\w.])offset\(")
 
 
 @dataclass(frozen=True, eq=False)
@@ -312,21 +314,14 @@ def _submodel(data: pd.DataFrame, name: str, formula: str, parsed) -> Submodel:
 
 def split_offsets(fixed: str) -> tuple[str, list[str]]:
     """Remove R's ``offset(expr)`` terms from a fixed-effect formula; return them apart."""
-    out, found, i = [], [], 0
-    for match in re.finditer(r"(?<![\w.])offset\(", fixed):
-        if match.start() < i:
-            continue
-        depth, j = 0, match.end() - 1
-        for j in range(match.end() - 1, len(fixed)):
-            depth += fixed[j] == "("
-            depth -= fixed[j] == ")"
-            if depth == 0:
-                break
-        found.append(fixed[match.end() : j].strip())
-        out.append(fixed[i : match.start()])
-        i = j + 1
-    out.append(fixed[i:])
-    rest = re.sub(r"\+\s*\+", "+", "".join(out)).strip()
+    found: list[str] = []
+
+    def take(call, match):
+        found.append(call[match.end() - match.start() : -1].strip())
+        return ""
+
+    rest = rewrite_calls(fixed, _OFFSET_CALL, take)
+    rest = re.sub(r"\+\s*\+", "+", rest).strip()
     rest = re.sub(r"^\+|\+$", "", rest).strip()
     return rest or "1", found
 

@@ -25,75 +25,50 @@ _NAME_TOKEN = re.compile(r"`([^`]+)`|(?<![\w.`])([A-Za-z_.][\w.]*)(?![\w.`])")
 
 
 def r_to_python(formula: str) -> tuple[str, dict[str, str]]:
-    """Translate R's ``^`` inside ``I(...)`` to Python's ``**``, and ``factor(x)`` to ``C(x)``.
+    """Translate R spellings into formulaic's, remembering what the user wrote.
 
-    Returns the translated formula and a map from each translated call to the
-    text the user wrote, so that column names read as in R (``factor(age)10``).
+    ``factor(x)`` / ``as.factor(x)`` become ``C(x)``; ``sqrt``, ``exp``, ``log``
+    ... become numpy's; ``TRUE`` / ``FALSE`` Python's; ``a %in% b`` is ``a:b``;
+    and ``^`` inside ``I(...)`` is ``**``. Returns the translated formula and a
+    map from each translated call to its original text, so that column names
+    read as in R (``factor(age)10``, ``I(x^2)``).
     """
-    formula, names = _factor_calls(formula)
-    formula, more = _renamed_calls(formula)
-    names.update(more)
-    out, i = [], 0
-    for match in _I_CALL.finditer(formula):
-        if match.start() < i:
-            continue
-        depth, j = 0, match.end() - 1
-        for j in range(match.end() - 1, len(formula)):
-            depth += formula[j] == "("
-            depth -= formula[j] == ")"
-            if depth == 0:
-                break
-        original = formula[match.start() : j + 1]
-        translated = original.replace("^", "**")
-        out.append(formula[i : match.start()] + translated)
-        names[_canonical(translated)] = original
-        i = j + 1
-    out.append(formula[i:])
-    return "".join(out), names
-
-
-def _factor_calls(formula: str) -> tuple[str, dict[str, str]]:
-    """R's ``factor(x)`` and ``as.factor(x)`` as formulaic's categorical ``C(x)``."""
-    out, names, i = [], {}, 0
-    for match in _FACTOR_CALL.finditer(formula):
-        if match.start() < i:
-            continue
-        depth, j = 0, match.end() - 1
-        for j in range(match.end() - 1, len(formula)):
-            depth += formula[j] == "("
-            depth -= formula[j] == ")"
-            if depth == 0:
-                break
-        original = formula[match.start() : j + 1]
-        translated = "C(" + formula[match.end() : j + 1]
-        out.append(formula[i : match.start()] + translated)
-        names[_canonical(translated)] = original
-        i = j + 1
-    out.append(formula[i:])
-    return "".join(out), names
-
-
-def _renamed_calls(formula: str) -> tuple[str, dict[str, str]]:
-    """R spellings formulaic lacks: ``sqrt(x)`` (np.sqrt), ``TRUE``, ``a %in% b`` (``a:b``)."""
-    out, names, i = [], {}, 0
     formula = _R_WORDS.sub(lambda m: "True" if m.group(1) == "TRUE" else "False", formula)
     formula = re.sub(r"\s*%in%\s*", ":", formula)  # R's nesting a %in% b is the interaction a:b
-    for match in _R_CALL.finditer(formula):
-        if match.start() < i:
+    names: dict[str, str] = {}
+    as_c = lambda call, m: "C(" + call[m.end() - m.start() :]  # noqa: E731
+    formula = rewrite_calls(formula, _FACTOR_CALL, as_c, names)
+    formula = rewrite_calls(
+        formula, _R_CALL, lambda call, m: _R_CALLS[m.group(1)] + call[len(m.group(1)) :], names
+    )
+    return rewrite_calls(formula, _I_CALL, lambda call, m: call.replace("^", "**"), names), names
+
+
+def rewrite_calls(text: str, pattern: re.Pattern, rewrite, originals: dict | None = None) -> str:
+    """Rewrite every call whose opening matches ``pattern`` (ending at its ``(``).
+
+    ``rewrite(call, match)`` gets the whole call text, up to its matching
+    parenthesis, and returns the replacement; ``originals`` (when given)
+    collects ``{canonical replacement: original call}``.
+    """
+    out, i = [], 0
+    for match in pattern.finditer(text):
+        if match.start() < i:  # inside a call already rewritten
             continue
         depth, j = 0, match.end() - 1
-        for j in range(match.end() - 1, len(formula)):
-            depth += formula[j] == "("
-            depth -= formula[j] == ")"
+        for j in range(match.end() - 1, len(text)):
+            depth += text[j] == "("
+            depth -= text[j] == ")"
             if depth == 0:
                 break
-        original = formula[match.start() : j + 1]
-        translated = _R_CALLS[match.group(1)] + original[len(match.group(1)) :]
-        out.append(formula[i : match.start()] + translated)
-        names[_canonical(translated)] = original
+        call = text[match.start() : j + 1]
+        new = rewrite(call, match)
+        if originals is not None:
+            originals[_canonical(new)] = originals.get(_canonical(call), call)
+        out.append(text[i : match.start()] + new)
         i = j + 1
-    out.append(formula[i:])
-    return "".join(out), names
+    out.append(text[i:])
+    return "".join(out)
 
 
 def quote_names(formula: str, names) -> str:
