@@ -25,12 +25,19 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro.infer.util import potential_energy
 
-from hmc_models import COGNITIVE, INSTEVAL, INSTEVAL_GENERAL, build, gradient_ms, markdown
+from hmc_models import (
+    COGNITIVE,
+    INSTEVAL,
+    INSTEVAL_GENERAL,
+    build,
+    gradient_ms,
+    markdown,
+    median_ms,
+)
 from paper_code import paper_gradient_ms
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bcogsci"
@@ -61,13 +68,7 @@ def written_out_ms(lmm_model, priors_scale: float, lognormal: bool, repeats: int
     params = {"beta": jnp.zeros(X.shape[1]), "sigma": jnp.zeros(())}
     params.update({f"u{k}": jnp.zeros((m, d)) for k, (_, _, m, d) in enumerate(terms)})
     vg = jax.jit(jax.value_and_grad(lambda p: potential_energy(model, (), {}, p)))
-    jax.block_until_ready(vg(params))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(vg(params))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    return median_ms(vg, params, repeats=repeats)
 
 
 def main(argv=None) -> int:

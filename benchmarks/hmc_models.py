@@ -247,17 +247,21 @@ def build(model: PaperModel, marginalize, data_dir=None, lmm_model=None):
     )  # fmt: skip
 
 
-def gradient_ms(bm, repeats: int = 20) -> float:
-    """Median wall time of one jitted value-and-gradient of the potential, in ms."""
-    p0 = jax.tree.map(lambda a: a[0], bm.init_params(jax.random.PRNGKey(0), 1))
-    vg = jax.jit(jax.value_and_grad(bm.potential))
-    jax.block_until_ready(vg(p0, bm.data))
+def median_ms(fn, *args, repeats: int = 20) -> float:
+    """Median wall time of ``fn(*args)`` in ms, after one call that compiles it."""
+    jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(vg(p0, bm.data))
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return 1e3 * float(np.median(times))
+
+
+def gradient_ms(bm, repeats: int = 20) -> float:
+    """Median wall time of one jitted value-and-gradient of the potential, in ms."""
+    p0 = jax.tree.map(lambda a: a[0], bm.init_params(jax.random.PRNGKey(0), 1))
+    return median_ms(jax.jit(jax.value_and_grad(bm.potential)), p0, bm.data, repeats=repeats)
 
 
 def split_chains(posterior):

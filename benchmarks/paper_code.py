@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pandas as pd
 
-from hmc_models import load_insteval
+from hmc_models import load_insteval, median_ms
 
 # (model, variant) -> script of the paper's repository
 SCRIPTS = {
@@ -91,11 +90,5 @@ def paper_gradient_ms(checkout, name: str, variant: str, data_dir=None, repeats:
     with numpyro.validation_enabled(False):
         info = initialize_model(jax.random.PRNGKey(0), module.model, model_args=args)
         vg = jax.jit(jax.value_and_grad(info.potential_fn))
-        z = info.param_info.z
-        jax.block_until_ready(vg(z))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(vg(z))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+        jax.block_until_ready(vg(info.param_info.z))
+    return median_ms(vg, info.param_info.z, repeats=repeats)
