@@ -52,3 +52,9 @@ def test_hmc_insteval_smoke(tmp_path):
     assert (table["ms_per_grad"] > 0).all()
     text = (tmp_path / "insteval.md").read_text()
     assert "paper s (A40)" in text and "3071" in text  # the paper's u3 seconds
+
+
+def test_bootstrap_smoke():
+    out = run("bootstrap.py", "--nsim", "20", "--skip-lme4")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "lmmjax: 20 refits" in out.stdout and "sd_Days|Subject" in out.stdout
