@@ -14,7 +14,7 @@ from lmmjax.precision import get_precision, set_precision  # noqa: I001  (sets f
 import importlib
 
 from lmmjax.cache import enable_compilation_cache
-from lmmjax.errors import LmmInputError, NotBuiltError
+from lmmjax.errors import LmmInputError, LmmWarning, NotBuiltError
 from lmmjax.terms import Term
 from lmmjax.api import lmm
 from lmmjax.methods import METHODS
@@ -50,6 +50,7 @@ __all__ = [
     "Fit",
     "LmmFit",
     "LmmInputError",
+    "LmmWarning",
     "Model",
     "NotBuiltError",
     "NutsOptions",

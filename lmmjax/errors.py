@@ -1,4 +1,4 @@
-"""Exceptions raised for bad user input."""
+"""Exceptions raised for bad user input, and the warning class of questionable fits."""
 
 
 class LmmInputError(ValueError):
@@ -11,3 +11,11 @@ class LmmInputError(ValueError):
 
 class NotBuiltError(NotImplementedError):
     """A method that this version of lmmjax does not provide yet."""
+
+
+class LmmWarning(UserWarning):
+    """A fit that lmmjax completed but that deserves a look: singular, or not converged.
+
+    Issued at fit time, as lme4 messages then; ``warnings.simplefilter("error",
+    LmmWarning)`` turns them into errors.
+    """

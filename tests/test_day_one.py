@@ -10,7 +10,6 @@ import pytest
 
 import lmmjax
 from lmmjax.datasets import load_data
-from lmmjax.reml import FitWarning
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +44,13 @@ def test_infinite_values_are_refused_by_name(sleep, column, formula, message):
 
 
 def test_singular_fit_warns_at_fit_time():
-    with pytest.warns(FitWarning, match="boundary \\(singular\\) fit"):
+    with pytest.warns(lmmjax.LmmWarning, match="boundary \\(singular\\) fit"):
         fit = lmmjax.lmm("Yield ~ 1 + (1 | Batch)", "bundled:Dyestuff2")
     assert fit.singular
 
 
 def test_nonconverged_fit_warns_at_fit_time(sleep):
-    with pytest.warns(FitWarning, match="failed to converge"):
+    with pytest.warns(lmmjax.LmmWarning, match="failed to converge"):
         fit = lmmjax.lmm("Reaction ~ Days + (Days | Subject)", sleep, maxiter=1, fallback=False)
     assert not fit.converged
 

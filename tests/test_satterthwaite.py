@@ -36,6 +36,8 @@ def test_no_ddf_gives_lme4s_table_and_json_has_the_tests():
     assert list(fit.coef_table().columns) == ["Estimate", "Std. Error", "t value"]
     assert "Satterthwaite" not in fit.summary()
     out = lmmjax.lmm("Reaction ~ Days + (Days | Subject)", "bundled:sleepstudy").to_dict()
-    assert out["coefficients"]["Days"]["df"] == pytest.approx(17.0, rel=1e-3)
+    days = out["coefficients"]["Days"]
+    assert set(days) == {"estimate", "se", "df", "t", "p"}
+    assert days["df"] == pytest.approx(17.0, rel=1e-3) and 0 < days["p"] < 1e-4
     with pytest.raises(lmmjax.LmmInputError, match="ddf"):
         fit.coef_table(ddf="Kenward-Roger")

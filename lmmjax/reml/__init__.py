@@ -6,12 +6,11 @@
 (:mod:`lmmjax.reml.optimize`) and returns an :class:`LmmFit`.
 """
 
-from lmmjax.reml.fit import FitWarning, check_identifiable, compare, fit_reml
+from lmmjax.reml.fit import check_identifiable, compare, fit_reml
 from lmmjax.reml.objective import estimates, profiled_objective
 from lmmjax.reml.result import LmmFit
 
 __all__ = [
-    "FitWarning",
     "LmmFit",
     "check_identifiable",
     "compare",

@@ -18,7 +18,7 @@ from lmmjax.errors import LmmInputError
 from lmmjax.linalg import build_structure, cross_products
 from lmmjax.output import varcorr_rows
 from lmmjax.precision import float_dtype
-from lmmjax.reml.objective import estimates, profiled_objective
+from lmmjax.reml.objective import estimates, profiled_objective, weighted_problem
 
 __all__ = ["bootstrap", "parameter_vector", "simulate"]
 
@@ -105,7 +105,6 @@ def bootstrap(fit, nsim: int = 200, seed: int | None = None, batch: int = 250) -
     pandas.DataFrame
         One row per replicate, the columns of :func:`parameter_vector`.
     """
-    from lmmjax.reml.fit import weighted_problem
     from lmmjax.reml.optimize import canonical_theta, theta_scale
 
     m = fit.model

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import replace
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,44 +11,15 @@ import pandas as pd
 import scipy.stats
 
 from lmmjax.cache import compiled
-from lmmjax.errors import LmmInputError
+from lmmjax.errors import LmmInputError, LmmWarning
 from lmmjax.linalg import build_structure, cross_products
 from lmmjax.options import RemlOptions, takes_options
 from lmmjax.precision import float_dtype
+from lmmjax.reml.objective import weighted_problem
 from lmmjax.reml.optimize import optimize_theta
 from lmmjax.reml.result import LmmFit
 
-__all__ = ["FitWarning", "check_identifiable", "compare", "fit_reml"]
-
-
-class FitWarning(UserWarning):
-    """A fit that is singular or did not converge, as lme4 warns at fit time."""
-
-
-def weighted_problem(model) -> tuple[list, np.ndarray, float]:
-    """The unweighted problem that prior weights and offsets reduce to, as lme4 does.
-
-    With ``W = diag(w)`` the rows of ``y - offset``, ``X`` and every ``z`` are
-    scaled by ``sqrt(w)``, which leaves an ordinary LMM; the criterion of the
-    original data is that of the scaled data minus ``sum(log w)`` (the
-    Jacobian of the scaling), for REML and ML alike.
-
-    Returns
-    -------
-    terms : list of Term
-        The (scaled) random-effect terms.
-    M : array (N, p + 1)
-        The (scaled) ``[X, y - offset]``.
-    shift : float
-        Add to the scaled problem's criterion: ``-sum(log w)``, or 0.
-    """
-    y = model.y if model.offset is None else model.y - model.offset
-    if model.weights is None:
-        return list(model.terms), np.column_stack([model.X, y]), 0.0
-    sw = np.sqrt(model.weights)
-    terms = [replace(t, z=t.z * sw[:, None]) for t in model.terms]
-    M = np.column_stack([model.X, y]) * sw[:, None]
-    return terms, M, -float(np.sum(np.log(model.weights)))
+__all__ = ["check_identifiable", "compare", "fit_reml"]
 
 
 def check_identifiable(model) -> None:
@@ -115,10 +85,10 @@ def fit_reml(model, options: RemlOptions | None = None, *, reml: bool = True, **
     result.seconds = time.perf_counter() - start
     if singular:
         warnings.warn("boundary (singular) fit: a variance or correlation is at the edge of its "
-                      "range; see LmmFit.singular", FitWarning, stacklevel=2)  # fmt: skip
+                      "range; see LmmFit.singular", LmmWarning, stacklevel=2)  # fmt: skip
     if not log.converged:
         warnings.warn(f"model failed to converge: projected gradient {log.grad_norm:.3g} after "
-                      f"{log.iterations} L-BFGS iterations ({log.optimizer})", FitWarning,
+                      f"{log.iterations} L-BFGS iterations ({log.optimizer})", LmmWarning,
                       stacklevel=2)  # fmt: skip
     return result
 

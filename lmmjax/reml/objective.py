@@ -11,10 +11,12 @@ squares in its last diagonal entry.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lmmjax.linalg import (
     CrossProducts,
@@ -25,7 +27,13 @@ from lmmjax.linalg import (
     tri_solve,
 )
 
-__all__ = ["Estimates", "estimates", "profiled_criterion", "profiled_objective"]
+__all__ = [
+    "Estimates",
+    "estimates",
+    "profiled_criterion",
+    "profiled_objective",
+    "weighted_problem",
+]
 
 
 def profiled_criterion(logdet_A, Lxy, n: int, p: int, reml: bool) -> jax.Array:
@@ -90,3 +98,29 @@ def estimates(
     vcov = sigma**2 * Linv.T @ Linv
     b = conditional_moments(struct, lambdas, xp.residual(beta), sigma).mean
     return Estimates(objective, beta, sigma, vcov, b)
+
+
+def weighted_problem(model) -> tuple[list, np.ndarray, float]:
+    """The unweighted problem that prior weights and offsets reduce to, as lme4 does.
+
+    With ``W = diag(w)`` the rows of ``y - offset``, ``X`` and every ``z`` are
+    scaled by ``sqrt(w)``, which leaves an ordinary LMM; the criterion of the
+    original data is that of the scaled data minus ``sum(log w)`` (the
+    Jacobian of the scaling), for REML and ML alike.
+
+    Returns
+    -------
+    terms : list of Term
+        The (scaled) random-effect terms.
+    M : array (N, p + 1)
+        The (scaled) ``[X, y - offset]``.
+    shift : float
+        Add to the scaled problem's criterion: ``-sum(log w)``, or 0.
+    """
+    y = model.y if model.offset is None else model.y - model.offset
+    if model.weights is None:
+        return list(model.terms), np.column_stack([model.X, y]), 0.0
+    sw = np.sqrt(model.weights)
+    terms = [replace(t, z=t.z * sw[:, None]) for t in model.terms]
+    M = np.column_stack([model.X, y]) * sw[:, None]
+    return terms, M, -float(np.sum(np.log(model.weights)))

@@ -299,8 +299,10 @@ class LmmFit:
     def to_dict(self) -> dict:
         """The JSON result schema shared by every method (:func:`lmmjax.output.result_dict`)."""
         table = self.coef_table()
+        keys = {"Estimate": "estimate", "Std. Error": "se", "df": "df", "t value": "t",
+                "Pr(>|t|)": "p"}  # fmt: skip
         coefficients = {
-            name: {k: float(v) for k, v in row.items()} for name, row in table.iterrows()
+            name: {keys[k]: float(v) for k, v in row.items()} for name, row in table.iterrows()
         }
         return result_dict(
             self, objective=self.objective, loglik=self.loglik, aic=self.aic, bic=self.bic,
