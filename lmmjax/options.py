@@ -193,6 +193,10 @@ class NutsOptions(Options):
         the grouping factors named in the list.
     num_warmup, num_samples, num_chains : int
         Warm-up draws, kept draws per chain, and number of chains.
+    chain_method : {"vectorized", "sharded"}
+        Chains vectorised on one device, or placed along a mesh of all local
+        devices with ``jax.sharding`` (the number of chains a multiple of the
+        device count; same draws as vectorised for the same seed).
     target_accept : float
         Target acceptance probability of step-size adaptation (0 < x < 1).
     max_tree_depth : int
@@ -232,6 +236,7 @@ class NutsOptions(Options):
     num_warmup: int = Field(1000, ge=0, strict=True)
     num_samples: int = Field(1000, gt=0, strict=True)
     num_chains: int = Field(4, gt=0, strict=True)
+    chain_method: Literal["vectorized", "sharded"] = "vectorized"
     target_accept: float = Field(0.8, gt=0, lt=1)
     max_tree_depth: int = Field(10, gt=0, strict=True)
     dense_mass: StrictBool = False
@@ -408,6 +413,12 @@ class SparseOptions(Options):
     refit : bool
         Refit the selected columns by REML, for variance components and
         standard errors.
+    stability : bool
+        Cluster-wise stability: keep only columns that the cross-validation
+        folds (each choosing by the criterion on its training clusters) select
+        in at least half of the folds, taking the best candidate by the
+        criterion whose columns all pass (default true; the folds are run
+        whatever ``a_grid`` holds).
     seed : int
         Seed of the random assignment of clusters to folds.
     """
@@ -418,6 +429,7 @@ class SparseOptions(Options):
     cv_folds: int = Field(5, ge=2, strict=True)
     criterion: Literal["bic", "cv"] = "bic"
     refit: StrictBool = True
+    stability: StrictBool = True
     seed: int = Field(0, strict=True)
 
     def drop_aliased(self) -> bool:

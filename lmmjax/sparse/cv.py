@@ -15,6 +15,14 @@ the whitened residual sum of squares alone is not (it shrinks as ``a`` grows).
 The information criterion is the extended BIC of Chen & Chen (2008) with
 ``gamma = 1``, ``n log(RSS / n) + k log n + 2 log C(p, k)``, on the whitened
 training rows (its ``log |Sigma_a|`` term does not depend on ``k``).
+
+Cluster-wise stability (``stability=True``): at the chosen ``a``, a column
+counts as stable when the folds' own choices (each fold's criterion, on its
+training clusters) select it in at least half of the folds; the final support
+is the best candidate, by the criterion, whose columns are all stable. A
+fixed effect holds in every subset of clusters, while a noise column that
+wins on the whole data rarely wins on most subsets, so this drops most false
+positives at no cost: the fold fits are already in the grid.
 """
 
 from __future__ import annotations
@@ -136,11 +144,58 @@ class Choice(NamedTuple):
     records : list of dict
         ``{a, k, loss}`` rows: with ``criterion="cv"`` one per (a, candidate),
         with ``"bic"`` one per ``a`` (its ``k`` chosen by the criterion).
+    dropped : int
+        Columns of the criterion's unrestricted choice left out as unstable
+        (0 without the stability rule).
     """
 
     a_index: int
     candidate_index: int
     records: list
+    dropped: int = 0
+
+
+def _fold_counts(index: np.ndarray, mask: np.ndarray, picks: np.ndarray, p: int) -> np.ndarray:
+    """How many folds select each column.
+
+    ``index`` and ``mask`` are ``(folds, C, K)``; ``picks`` (``(folds,)``) is each fold's candidate.
+    """
+    rows = np.arange(picks.size)
+    chosen = index[rows, picks][mask[rows, picks]]
+    return np.bincount(chosen, minlength=p)
+
+
+def _stable_choice(fits, a_i: int, picks, score, eligible, folds: int, p: int):
+    """The best eligible full-data candidate at ``a_i`` whose columns are all stable.
+
+    Parameters
+    ----------
+    fits : Candidate
+        The grid's fits as NumPy arrays, leading axes ``(A, folds + 1, C)``.
+    picks : (folds,) int
+        Each fold's own choice of candidate at ``a_i``.
+    score : (C,) float
+        The criterion of each full-data candidate at ``a_i`` (lower is better).
+    eligible : (C,) bool
+
+    Returns
+    -------
+    candidate : int
+        The choice, or the unrestricted best when no candidate is all stable.
+    dropped : int
+        Columns of the unrestricted best that the rule leaves out.
+    """
+    index, mask = fits.index[a_i], fits.mask[a_i]
+    stable = _fold_counts(index[:folds], mask[:folds], picks, p) * 2 >= folds
+    all_stable = np.array([stable[index[folds, c][mask[folds, c]]].all()
+                           for c in range(score.size)])  # fmt: skip
+    free = int(np.argmin(np.where(eligible, score, np.inf)))
+    ok = eligible & all_stable
+    if not ok.any():
+        return free, 0
+    pick = int(np.argmin(np.where(ok, score, np.inf)))
+    unstable = ~stable[index[folds, free][mask[folds, free]]]
+    return pick, int(unstable.sum())
 
 
 def _ebic(rss, n, k, p_usable, gamma):
@@ -170,6 +225,7 @@ def choose(
     p_usable: int,
     n_obs: int,
     gamma: float = 1.0,
+    stability: bool = False,
 ) -> Choice:
     """Pick ``a`` by cross-validation and the candidate by ``criterion``.
 
@@ -188,12 +244,16 @@ def choose(
         Number of observations (the loss is per observation).
     gamma : float
         The extended BIC's weight of ``log C(p, k)`` (1: Chen & Chen's choice for p > n).
+    stability : bool
+        Keep only candidates whose columns the folds select in at least half
+        of them (see the module docstring); needs folds.
 
     Returns
     -------
     Choice
     """
     g = {k: np.asarray(v, dtype=float) for k, v in grid._asdict().items() if k != "fits"}
+    fits = type(grid.fits)(*(np.asarray(v) for v in grid.fits))
     size = g["size"]
     if size.ndim == 1:  # best subset: the same k in every fold
         size = np.broadcast_to(size, g["rss_train"].shape)
@@ -210,12 +270,18 @@ def choose(
         if folds == 0:
             raise ValueError("criterion 'cv' needs folds")
         a_i, c_i = np.unravel_index(np.argmin(loss), loss.shape)
+        a_i, c_i, dropped = int(a_i), int(c_i), 0
+        if stability:
+            picks = np.full(folds, c_i)  # every fold's fit of the chosen candidate
+            c_i, dropped = _stable_choice(fits, a_i, picks, loss[a_i],
+                                          eligible[a_i, folds] & np.isfinite(loss[a_i]),
+                                          folds, p_usable)  # fmt: skip
         for i, a in enumerate(a_grid):
             for c in range(loss.shape[1]):
                 k = size[i, folds, c]
                 if np.isfinite(loss[i, c]) and eligible[i, folds, c]:
                     records.append({"a": float(a), "k": int(k), "loss": float(loss[i, c])})
-        return Choice(int(a_i), int(c_i), records)
+        return Choice(a_i, c_i, records, dropped)
     best = np.argmin(ebic, axis=2)  # (A, folds + 1)
     final = best[:, full][:, 0]
     if folds:
@@ -225,7 +291,11 @@ def choose(
     else:
         loss = np.full(len(a_grid), np.nan)
         a_i = 0
+    c_i, dropped = int(final[a_i]), 0
+    if stability and folds:
+        c_i, dropped = _stable_choice(fits, a_i, best[a_i, :folds], ebic[a_i, folds],
+                                      eligible[a_i, folds], folds, p_usable)  # fmt: skip
     for i, a in enumerate(a_grid):
         k = int(size[i, folds, final[i]])
         records.append({"a": float(a), "k": k, "loss": float(loss[i])})
-    return Choice(a_i, int(final[a_i]), records)
+    return Choice(a_i, c_i, records, dropped)

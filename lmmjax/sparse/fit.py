@@ -8,8 +8,8 @@ The steps (Li, Cai & Li 2022):
    ``k`` (or lambda), whiten by ``Sigma_a^{-1/2}`` and fit a sparse least
    squares on the training clusters, in one compiled kernel
    (:func:`lmmjax.sparse.cv.grid_kernel`);
-3. choose ``a`` by the held-out loss and ``k`` by the criterion
-   (:func:`lmmjax.sparse.cv.choose`);
+3. choose ``a`` by the held-out loss and ``k`` by the criterion, keeping
+   only columns that most folds select too (:func:`lmmjax.sparse.cv.choose`);
 4. optionally refit the intercept and the selected columns by REML, through
    the method registry (method packages do not import each other).
 """
@@ -150,7 +150,7 @@ def fit_sparse(model, options: SparseOptions | None = None, **kwargs) -> SparseF
         (:func:`lmmjax.lmm` and the CLI do so for this method).
     options : SparseOptions or mapping, optional
         Keywords (``selector``, ``k``, ``a_grid``, ``cv_folds``, ``criterion``,
-        ``refit``, ``seed``) override them.
+        ``refit``, ``stability``, ``seed``) override them.
 
     Returns
     -------
@@ -174,7 +174,7 @@ def fit_sparse(model, options: SparseOptions | None = None, **kwargs) -> SparseF
     kmin, kmax = _k_range(opts, cand.size)
     a_grid = np.asarray(opts.a_grid if opts.a_grid is not None else DEFAULT_A_GRID)
     layout = cluster_layout(refs, model.terms[0].nlevels)
-    folds = opts.cv_folds if (opts.criterion == "cv" or a_grid.size > 1) else 0
+    folds = opts.cv_folds if (opts.criterion == "cv" or a_grid.size > 1 or opts.stability) else 0
     if folds > int(np.sum(layout.sizes > 0)):
         raise LmmInputError(
             f"option 'cv_folds': {folds} folds need at least {folds} clusters, "
@@ -214,6 +214,7 @@ def fit_sparse(model, options: SparseOptions | None = None, **kwargs) -> SparseF
         f=len(kept),
         p_usable=int(cand.size),
         n_obs=model.nobs,
+        stability=opts.stability,
     )
     a_i, c_i = choice.a_index, choice.candidate_index
     pick = jax.tree.map(lambda v: np.asarray(v[a_i, -1, c_i]), grid.fits)
@@ -243,6 +244,7 @@ def fit_sparse(model, options: SparseOptions | None = None, **kwargs) -> SparseF
         working_sigma=sigma,
         working_b=None if refit is not None else working_ranef(model, beta, a),
         refit=refit,
+        unstable=choice.dropped,
         converged=bool(np.asarray(pick.converged)) and (refit is None or refit.converged),
     )
     result.seconds = time.perf_counter() - start

@@ -36,6 +36,8 @@ class SparseFit:
         The chosen working variance ratio and support size.
     cv : list of dict
         ``{a, k, loss}``: the cross-validation curve (see :func:`lmmjax.sparse.cv.choose`).
+    unstable : int
+        Columns of the criterion's own choice left out by the stability rule.
     """
 
     model: Any
@@ -49,6 +51,7 @@ class SparseFit:
     working_sigma: float
     working_b: np.ndarray | None = field(default=None, repr=False)
     refit: Any = field(default=None, repr=False)
+    unstable: int = 0
     converged: bool = True
     seconds: float = float("nan")
     method: str = "sparse"
@@ -137,7 +140,8 @@ class SparseFit:
             f"Candidates: {self.model.p - len(self.columns) + self.k}, selected k = {self.k} "
             f"(criterion {o.criterion}), a = {self.a:g} "
             f"({o.cv_folds}-fold cluster-wise CV)",
-            f"Support: {', '.join(self.support) or '(none)'}",
+            f"Support: {', '.join(self.support) or '(none)'}"
+            + (f" ({self.unstable} unstable column(s) left out)" if self.unstable else ""),
             "",
             "Cross-validation (held-out NLL per observation):",
             self.cv_table().to_string(index=False, float_format=lambda v: f"{v:.5g}"),
@@ -169,6 +173,7 @@ class SparseFit:
             a=self.a,
             k=self.k,
             cv=self.cv,
+            unstable=self.unstable,
             selector=self.options.selector,
             criterion=self.options.criterion,
             refit=r is not None,
