@@ -16,8 +16,20 @@ import lmmjax
 from lmmjax.datasets import load_data
 from lmmjax.design import build_model
 from lmmjax.em import MapFit, fit_map
-from lmmjax.em.em import make_ridge, ridge_solve
-from lmmjax.em.hyper import b_lower_bound
+from lmmjax.em.em import make_ridge, ridge_solve, run_em_at, start_params
+from lmmjax.em.fit import em_data, penalty_mask
+from lmmjax.em.hyper import (
+    _laplace_and_grad,
+    _mode,
+    b_lower_bound,
+    criterion_data,
+    laplace_at,
+    laplace_value,
+    log_marginal,
+    pack,
+)
+from lmmjax.em.objective import Hyper
+from lmmjax.options import MapOptions
 from lmmjax.output import Fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +105,95 @@ def test_ridge_solve_matches_dense(rng, p):
     got = ridge_solve(ridge, jnp.asarray(X), jnp.asarray(r), dual=dual)
     want = np.linalg.solve(X.T @ X + lam * np.diag(pen), X.T @ r)
     np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)
+
+
+def highdim_model(rng, p: int, n_ind: int = 12, m: int = 5):
+    """Experiment 4's design at a small size: ``(1 + x0 | g)`` and p fixed-effect columns
+    whose coefficients are drawn from the ridge prior (so that lambda has a finite optimum)."""
+    ind = np.repeat(np.arange(n_ind), m)
+    X = rng.normal(size=(ind.size, p))
+    gamma = rng.normal(size=(n_ind, 2)) * np.array([1.0, 0.5])
+    y = X @ rng.normal(scale=0.5, size=p) + gamma[ind, 0] + X[:, 0] * gamma[ind, 1]
+    cols = [f"x{j}" for j in range(p)]
+    df = pd.DataFrame(X, columns=cols).assign(y=y + rng.normal(size=ind.size), g=ind.astype(str))
+    return build_model(df, "y ~ " + " + ".join(cols) + " + (1 + x0 | g)", drop_aliased=False)
+
+
+def _hyper(lam: float, b: float, A) -> Hyper:
+    return Hyper(jnp.asarray(lam), (jnp.asarray(b),), (jnp.asarray(A),), jnp.asarray(1e-6))
+
+
+@pytest.mark.parametrize("p", [3, 80])  # p = 80 > N = 60: the SVD-reduced primal differs
+def test_criterion_forms_agree(rng, p):
+    """The full primal, the reduced primal and the collapsed form are one likelihood."""
+    model = highdim_model(rng, p)
+    data = em_data(model, penalty_mask(model, MapOptions()))
+    hyper = _hyper(0.7, 0.4, [1.5, 0.6])
+    forms = {f: criterion_data(data, flat=False, form=f) for f in ("full", "primal", "collapsed")}
+    assert criterion_data(data, flat=False).levels == (None if p == 3 else (12,))
+    assert forms["primal"].data.X.shape[1] == (p + 1 if p == 3 else 60)
+    for phi in rng.normal(scale=0.4, size=(3, 4)):
+        values = {
+            f: float(log_marginal(jnp.asarray(phi), c.data, hyper, levels=c.levels))
+            for f, c in forms.items()
+        }
+        np.testing.assert_allclose(values["primal"], values["full"], rtol=1e-9)
+        np.testing.assert_allclose(values["collapsed"], values["full"], rtol=1e-9)
+    # lambda fixed at 0: every column flat in both forms
+    if p == 3:
+        flat = [criterion_data(data, flat=True, form=f) for f in ("full", "collapsed")]
+        h0 = _hyper(0.0, 0.4, [1.5, 0.6])
+        v = [float(log_marginal(jnp.asarray(phi), c.data, h0, levels=c.levels)) for c in flat]
+        np.testing.assert_allclose(v[0], v[1], rtol=1e-9)
+
+
+@pytest.mark.parametrize("form", ["primal", "collapsed"])
+def test_laplace_gradient_matches_finite_differences(rng, form):
+    """The implicit-function gradient of the Laplace value, against central differences."""
+    model = highdim_model(rng, 6)
+    data = em_data(model, penalty_mask(model, MapOptions()))
+    crit = criterion_data(data, flat=False, form=form)
+    hyper = _hyper(0.8, 0.5, [1.2, 0.4])
+    trace = run_em_at(
+        data, hyper, start_params(data, [np.diag([1.2, 0.4])]), maxiter=500, tol=1e-10
+    )
+    phi, f, H = _mode(pack(trace.params), crit, hyper)
+    value, grad = _laplace_and_grad(phi, crit.data, hyper, levels=crit.levels)
+    np.testing.assert_allclose(float(value), laplace_value(phi, f, H), rtol=1e-10)
+
+    def laplace(h):
+        return laplace_value(*_mode(phi, crit, h))
+
+    eps = 1e-5
+    for name, plus, minus, got in [
+        ("lambda", _hyper(0.8 + eps, 0.5, [1.2, 0.4]), _hyper(0.8 - eps, 0.5, [1.2, 0.4]),
+         grad.lam),
+        ("b", _hyper(0.8, 0.5 + eps, [1.2, 0.4]), _hyper(0.8, 0.5 - eps, [1.2, 0.4]), grad.b[0]),
+        ("A0", _hyper(0.8, 0.5, [1.2 + eps, 0.4]), _hyper(0.8, 0.5, [1.2 - eps, 0.4]),
+         grad.A[0][0]),
+    ]:  # fmt: skip
+        fd = (laplace(plus) - laplace(minus)) / (2 * eps)
+        np.testing.assert_allclose(float(got), fd, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_more_columns_than_rows(rng):
+    """p = 120 > N = 60: EM by the dual ridge, empirical Bayes by the collapsed form."""
+    model = highdim_model(rng, 120)
+    fit = fit_map(model)
+    assert fit.search["form"] == "collapsed" and fit.converged
+    assert fit.hyper["lambda"] > 0 and 0 < fit.hyper["b"]["g"] < 1
+    assert np.all(np.diff(fit.history) >= -1e-9 * np.abs(fit.history[1:]))
+    # the value the search reports is the primal form's Laplace value at the chosen hyper
+    data = em_data(model, penalty_mask(model, MapOptions()))
+    hyper = _hyper(fit.hyper["lambda"], fit.hyper["b"]["g"], fit.hyper["A"]["g"])
+    params = start_params(data, [np.diag(fit.hyper["A"]["g"])])
+    trace = run_em_at(data, hyper, params, maxiter=2000, tol=1e-10)
+    primal = laplace_at(data, hyper, trace.params, criterion_data(data, False, form="primal"))
+    np.testing.assert_allclose(fit.laplace_log_marginal, primal, rtol=1e-7)
+    # and a local maximum: moving lambda either way lowers it
+    for lam in (0.8 * fit.hyper["lambda"], 1.25 * fit.hyper["lambda"]):
+        moved = _hyper(lam, fit.hyper["b"]["g"], fit.hyper["A"]["g"])
+        assert laplace_at(data, moved, trace.params) < fit.laplace_log_marginal
 
 
 def test_fit_protocol_and_json(em_sleep):

@@ -77,7 +77,7 @@ def fit_map(model, options: MapOptions | None = None, **kwargs) -> MapFit:
     start = time.perf_counter()
     opts = MapOptions.from_call(options, kwargs)
     pen = penalty_mask(model, opts)
-    spec: HyperSpec = resolve_hyper(model, opts)
+    spec: HyperSpec = resolve_hyper(model, opts, pen)
     if opts.lam == 0 and (model.p > model.nobs or not model.full_rank):
         raise LmmInputError(
             "option 'lambda': 0 (no ridge) needs a full-rank X; use lambda > 0 or 'auto'"
