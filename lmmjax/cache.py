@@ -51,9 +51,17 @@ def compile_seconds() -> float:
 
 
 def _signature(args) -> tuple:
+    """Shapes, dtypes and, for arrays laid out over several devices, their sharding."""
     leaves, treedef = jax.tree.flatten(args)
-    shapes = tuple((jnp.shape(leaf), str(jnp.result_type(leaf))) for leaf in leaves)
+    shapes = tuple(
+        (jnp.shape(leaf), str(jnp.result_type(leaf)), _layout(leaf)) for leaf in leaves
+    )
     return treedef, shapes
+
+
+def _layout(leaf):
+    sharding = getattr(leaf, "sharding", None)
+    return None if sharding is None or len(sharding.device_set) == 1 else sharding
 
 
 # XLA options for programs whose run time is negligible next to their compile time:

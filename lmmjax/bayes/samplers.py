@@ -147,6 +147,32 @@ def _nuts_run(state, init_params, keys, start, n, data, *, spec, num_warmup, tar
     return jax.lax.fori_loop(0, n, body, (state, out0))
 
 
+def _chain_sharding():
+    """Chains (the leading axis) split over a mesh of every local device."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.local_devices()), ("chains",))
+    return NamedSharding(mesh, PartitionSpec("chains"))
+
+
+def _shard_chains(init, keys, data, num_chains: int):
+    """Chains' starting points and keys along the device mesh; the data on every device."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from lmmjax.errors import LmmInputError
+
+    n = jax.local_device_count()
+    if num_chains % n:
+        raise LmmInputError(
+            f"chain_method 'sharded': num_chains ({num_chains}) must be a multiple of the "
+            f"{n} local devices"
+        )
+    chains = _chain_sharding()
+    replicated = NamedSharding(chains.mesh, PartitionSpec())
+    return (jax.device_put(init, chains), jax.device_put(keys, chains),
+            jax.device_put(data, replicated))  # fmt: skip
+
+
 def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
     """NumPyro's NUTS kernel with vectorised chains, driven by one compiled loop.
 
@@ -162,6 +188,8 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
     spec, data = bm.spec, bm.data
     init = bm.init_params(keys["init"], s.num_chains)
     ckeys = jax.random.split(keys["warmup"], s.num_chains)
+    if s.chain_method == "sharded":
+        init, ckeys, data = _shard_chains(init, ckeys, data, s.num_chains)
     opts = dict(spec=spec, num_warmup=s.num_warmup, target=s.target_accept,
                 depth=s.max_tree_depth, dense=s.dense_mass)  # fmt: skip
     warm_chunks = _chunks(s.num_warmup, s.progress_bar) if s.num_warmup else []
@@ -170,6 +198,8 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
     bar = tqdm(total=s.num_warmup + s.num_samples, disable=not s.progress_bar, desc="warmup")
     shapes = jax.eval_shape(partial(_nuts_init, **opts), init, ckeys, data)
     state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    if s.chain_method == "sharded":
+        state = jax.device_put(state, _chain_sharding())
     started = [False]
 
     def advance(state, n):
