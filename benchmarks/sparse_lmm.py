@@ -258,11 +258,12 @@ def cv_curve(seed: int = 1, design: str = "issue") -> None:
 
 def scaling(settings, design: str, peers: bool, peer_settings) -> None:
     """Time per data set of the larger settings; the peers on the settings the issue names."""
-    print(f"== time per data set ({design} design; lmmjax after one compiling fit, k in [1, 10])")
+    print(f"== time per data set ({design} design; lmmjax after one compiling fit, k in [1, 10];"
+          " no REML refit when q >= m: as many random effects as rows)")  # fmt: skip
     for m, n, p, q in settings:
         data = simulate(0, m=m, n=n, p=p, q=q, design=design)
-        _, first = run_lmmjax(data)
-        fit, sec = run_lmmjax(data)
+        _, first = run_lmmjax(data, refit=q < m)
+        fit, sec = run_lmmjax(data, refit=q < m)
         row = {"m": m, "n": n, "p": p, "q": q, "seconds": sec, "first_fit": first,
                "exact": set(fit.support) == data.support,
                "l2": l2(fit.fixef.to_dict(), data.beta)}  # fmt: skip
@@ -290,12 +291,16 @@ def main(argv=None):
     parser.add_argument("--mixedlm-seeds", type=int, default=20)
     parser.add_argument("--skscope-seeds", type=int, default=20)
     parser.add_argument("--cli-seeds", type=int, default=20, help="data sets run through the CLI")
+    parser.add_argument("--only-scaling", action="store_true", help="the larger settings only")
     args = parser.parse_args(argv)
     seeds = list(range(3 if args.quick else args.seeds))
-    res = recovery(seeds, args.design, not args.no_peers, args.mixedlm_seeds, args.skscope_seeds)
-    if args.cli_seeds:
-        cli_recovery(seeds[: args.cli_seeds], args.design)
-    cv_curve(design=args.design)
+    res = None
+    if not args.only_scaling:
+        res = recovery(seeds, args.design, not args.no_peers, args.mixedlm_seeds,
+                       args.skscope_seeds)  # fmt: skip
+        if args.cli_seeds:
+            cli_recovery(seeds[: args.cli_seeds], args.design)
+        cv_curve(design=args.design)
     named = [(8, 30, 300, 8), (8, 50, 2000, 4)]  # the issue's larger settings
     settings = [(8, 15, 200, 4)]
     if not args.quick:

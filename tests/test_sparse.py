@@ -242,6 +242,25 @@ def test_bad_options_name_the_option(options, word):
     assert "\n" not in str(err.value)
 
 
+def test_a_refit_reml_refuses_names_the_option():
+    # 4 rows and 4 random effects per cluster: the selection runs, REML refuses the refit
+    rng = np.random.default_rng(3)
+    n, m, p = 12, 4, 15
+    X = rng.standard_normal((n * m, p))
+    Z = rng.standard_normal((n * m, 3))
+    g = np.repeat(np.arange(n), m)
+    b = rng.standard_normal((n, 3))
+    y = 2.0 * X[:, 0] + np.sum(Z * b[g], axis=1) + rng.standard_normal(n * m)
+    df = pd.DataFrame(X, columns=[f"x{j}" for j in range(p)])
+    df = df.assign(z1=Z[:, 0], z2=Z[:, 1], z3=Z[:, 2], g=g, y=y)
+    formula = "y ~ . + (1 + z1 + z2 + z3 | g)"
+    with pytest.raises(LmmInputError, match="option 'refit'") as err:
+        lmmjax.lmm(formula, df, method="sparse", k=[1, 3], cv_folds=3)
+    assert "\n" not in str(err.value)
+    fit = lmmjax.lmm(formula, df, method="sparse", k=[1, 3], cv_folds=3, refit=False)
+    assert "x0" in fit.support and fit.refit is None
+
+
 def test_several_grouping_factors_are_refused():
     df = _strong(1).assign(h=np.arange(240) % 7)
     with pytest.raises(LmmInputError, match="single grouping factor"):

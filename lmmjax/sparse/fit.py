@@ -160,8 +160,8 @@ def fit_sparse(model, options: SparseOptions | None = None, **kwargs) -> SparseF
     ------
     LmmInputError
         For invalid options, a model with several grouping factors, no
-        candidate columns, ``k`` above the number of candidates or more folds
-        than clusters.
+        candidate columns, ``k`` above the number of candidates, more folds
+        than clusters, or a REML refit that REML refuses (``refit``).
     """
     start = time.perf_counter()
     opts = SparseOptions.from_call(options, kwargs)
@@ -230,7 +230,13 @@ def fit_sparse(model, options: SparseOptions | None = None, **kwargs) -> SparseF
     columns = sorted([*kept, *support_cols.tolist()])
     refit = None
     if opts.refit:
-        refit = get_method("reml").fit(_restricted(model, columns), None)
+        try:
+            refit = get_method("reml").fit(_restricted(model, columns), None)
+        except LmmInputError as err:  # e.g. as many random effects as observations
+            raise LmmInputError(
+                f"option 'refit': the REML refit of the selected columns is refused ({err}); "
+                "refit: false reports the working model instead"
+            ) from None
     a = float(a_grid[a_i])
     result = SparseFit(
         model=model,
