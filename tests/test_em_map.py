@@ -147,7 +147,8 @@ def test_criterion_forms_agree(rng, p):
         np.testing.assert_allclose(v[0], v[1], rtol=1e-9)
 
 
-@pytest.mark.parametrize("form", ["primal", "collapsed"])
+# primal: about 25-100 s (compiles third derivatives through the blocked factorisation)
+@pytest.mark.parametrize("form", [pytest.param("primal", marks=pytest.mark.slow), "collapsed"])
 def test_laplace_gradient_matches_finite_differences(rng, form):
     """The implicit-function gradient of the Laplace value, against central differences."""
     model = highdim_model(rng, 6)
@@ -176,6 +177,7 @@ def test_laplace_gradient_matches_finite_differences(rng, form):
         np.testing.assert_allclose(float(got), fd, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow  # about 20-70 s: a full empirical-Bayes fit plus the primal-form check
 def test_more_columns_than_rows(rng):
     """p = 120 > N = 60: EM by the dual ridge, empirical Bayes by the collapsed form."""
     model = highdim_model(rng, 120)

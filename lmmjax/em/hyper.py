@@ -33,7 +33,7 @@ makes ``p >> q`` cheap.
 
 The outer search maximises the Laplace value over the ``"auto"`` entries of
 ``(log lambda, b, log A)`` by L-BFGS-B with the exact gradient, started from
-the best two points of a small grid in ``(b, a)``
+the best point of a small grid in ``(b, a)``
 (:func:`_laplace_and_grad`: implicit differentiation through ``phi*``,
 third derivatives of ``l`` by automatic differentiation).
 
@@ -627,7 +627,7 @@ def _start_free(spec: HyperSpec) -> np.ndarray:
 START_GRID = (-2.0, 0.0, 2.0)
 """Starting values of each ``"auto"`` b's logit and log a (moved together): the criterion
 can have a maximum at small b and another at b -> 1 (``Sigma = A``), as in the issue's
-p = 500 experiment, so L-BFGS-B starts from the best two of these points."""
+p = 500 experiment, so L-BFGS-B starts from the best of these points."""
 
 
 def _start_grid(spec: HyperSpec) -> list[np.ndarray]:
@@ -664,8 +664,8 @@ def choose_hyper(data: EmData, spec: HyperSpec, s0: float, opts: MapOptions):
     """Hyperparameters: the fixed ones as given, the ``"auto"`` ones maximising the Laplace value.
 
     L-BFGS-B over the free vector (``log lambda``, a logit of each ``b`` above
-    its lower bound, ``log a``), each component in [-15, 15], from the best two
-    points of :data:`START_GRID` (the best run wins); at each point
+    its lower bound, ``log a``), each component in [-15, 15], from the best
+    point of :data:`START_GRID`; at each point
     the mode ``phi*`` comes from damped Newton steps warm-started at the last
     mode, and the gradient from :func:`_laplace_and_grad` (implicit
     differentiation through the mode). The likelihood is in the cheaper
@@ -719,15 +719,12 @@ def choose_hyper(data: EmData, spec: HyperSpec, s0: float, opts: MapOptions):
         value, _, phi, _ = laplace(x0, phi_em)
         if value is not None:
             grid.append((-value, len(grid), x0, phi))
-    best = None
-    for _, _, x0, phi in sorted(grid, key=lambda g: g[:2])[:2] or [(0, 0, free0, phi_em)]:
-        state["phi"], state["last"] = phi, 0.0
-        res = scipy.optimize.minimize(
-            objective, x0, jac=True, method="L-BFGS-B", bounds=[(-15.0, 15.0)] * free0.size,
-            options={"maxiter": 200, "ftol": 1e-10, "gtol": 1e-6},
-        )  # fmt: skip
-        if best is None or res.fun < best.fun:
-            best = res
+    _, _, x0, phi = min(grid, key=lambda g: g[:2]) if grid else (0, 0, free0, phi_em)
+    state["phi"], state["last"] = phi, 0.0
+    best = scipy.optimize.minimize(
+        objective, x0, jac=True, method="L-BFGS-B", bounds=[(-15.0, 15.0)] * free0.size,
+        options={"maxiter": 200, "ftol": 1e-10, "gtol": 1e-6},
+    )  # fmt: skip
     hyper = _to_hyper(spec, best.x, data, s0)
     search = {
         "evaluations": state["n"],
