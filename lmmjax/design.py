@@ -77,6 +77,12 @@ class Model:
     """Known part of the linear predictor (coefficient 1), or None."""
     weights_column: str | None = None
     offset_terms: tuple[str, ...] = ()
+    source: pd.DataFrame | None = field(default=None, repr=False)
+    """The DataFrame the model was built from (not copied), for ``update``."""
+    categorical: tuple[str, ...] = ()
+    """The ``categorical`` argument of the build."""
+    offset_column: str | None = None
+    """The ``offset`` argument of the build (formula ``offset()`` terms stay in the formula)."""
     """The offset expressions (``offset(x)`` terms and the ``offset`` column), for new data."""
 
     def __repr__(self) -> str:
@@ -459,6 +465,7 @@ def build_model(
     """
     if not isinstance(data, pd.DataFrame):
         raise LmmInputError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    source = data
     parsed = parse_formula(formula)
     odd = [str(c) for c in data.columns if not str(c).isidentifier()]  # R's IQ.verb
     if odd:
@@ -574,6 +581,9 @@ def build_model(
         offset=off,
         offset_terms=tuple(offsets),
         weights_column=None if weights is None else str(weights),
+        source=source,
+        categorical=tuple(categorical),
+        offset_column=offset,
     )
 
 

@@ -134,3 +134,22 @@ def test_in_operator_is_the_interaction(sleep):
     b = lmmjax.lmm("Reaction ~ Days:g + (1 | Subject)", data, ddf="none")
     assert list(a.fixef.index) == list(b.fixef.index)
     assert a.objective == pytest.approx(b.objective, rel=1e-12)
+
+
+def test_update_and_refit(sleep):
+    data = sleep.assign(w=1.0 + (np.arange(len(sleep)) % 3))
+    fit = lmmjax.lmm("Reaction ~ Days + (Days | Subject)", data, weights="w", ddf="none")
+    smaller = fit.update(". ~ . - Days")
+    direct = lmmjax.lmm("Reaction ~ 1 + (Days | Subject)", data, weights="w", ddf="none")
+    assert list(smaller.fixef.index) == ["(Intercept)"]
+    assert smaller.objective == pytest.approx(direct.objective, rel=1e-10)
+    ml = fit.update(reml=False)
+    assert not ml.reml and ml.objective == pytest.approx(
+        lmmjax.lmm("Reaction ~ Days + (Days | Subject)", data, weights="w", method="ml",
+                   ddf="none").objective, rel=1e-10)  # fmt: skip
+    other = fit.update(data=data.assign(Reaction=data["Reaction"] * 2))
+    assert other.fixef["Days"] == pytest.approx(2 * fit.fixef["Days"], rel=1e-6)
+    same = fit.refit(fit.model.y)
+    assert same.objective == pytest.approx(fit.objective, rel=1e-10)
+    with pytest.raises(lmmjax.LmmInputError, match="newresponse has shape"):
+        fit.refit(fit.model.y[:-1])

@@ -188,6 +188,40 @@ class LmmFit:
             {lo: self.fixef - z * self.fixef_se, hi: self.fixef + z * self.fixef_se}
         )
 
+    def refit(self, newresponse) -> LmmFit:
+        """The same model fitted to a new response (lme4's ``refit``), e.g. a simulated one."""
+        from dataclasses import replace
+
+        from lmmjax.reml.fit import fit_reml
+
+        y = np.asarray(newresponse, dtype=float)
+        if y.shape != self.model.y.shape:
+            raise LmmInputError(
+                f"newresponse has shape {y.shape}; the model has {self.nobs} observations"
+            )
+        if not np.all(np.isfinite(y)):
+            raise LmmInputError("newresponse has missing or infinite values")
+        return fit_reml(replace(self.model, y=y), reml=self.reml, ddf=self.ddf)
+
+    def update(self, formula: str | None = None, data=None, **options) -> LmmFit:
+        """Refit with a changed formula, data or options (lme4's ``update``).
+
+        ``formula`` may use R's ``.``: ``". ~ . - Days"`` keeps the response and
+        drops ``Days``; ``". ~ . + (1 | g)"`` adds a term. ``reml=False`` refits
+        by ML. Weights, offsets and ``categorical`` carry over.
+        """
+        from lmmjax.design import build_model
+        from lmmjax.reml.fit import fit_reml
+
+        m = self.model
+        data = m.source if data is None else data
+        new = m.formula if formula is None else _update_formula(m.formula, formula)
+        reml = options.pop("reml", self.reml)
+        model = build_model(data, new, categorical=m.categorical, weights=m.weights_column,
+                            offset=m.offset_column)  # fmt: skip
+        options.setdefault("ddf", self.ddf)
+        return fit_reml(model, reml=reml, **options)
+
     def simulate(self, nsim: int = 1, seed: int | None = None) -> np.ndarray:
         """Responses drawn from the fitted model (:func:`lmmjax.reml.bootstrap.simulate`)."""
         from lmmjax.reml.bootstrap import simulate
@@ -318,3 +352,16 @@ class LmmFit:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _update_formula(old: str, change: str) -> str:
+    """R's ``update.formula`` for the common cases: ``.`` stands for the old side."""
+    old_lhs, _, old_rhs = old.partition("~")
+    new_lhs, sep, new_rhs = change.partition("~")
+    if not sep:
+        raise LmmInputError(f"formula {change!r} has no '~'; write e.g. '. ~ . - x'")
+    lhs = new_lhs.strip().replace(".", old_lhs.strip()) if new_lhs.strip() == "." else new_lhs
+    rhs = new_rhs.strip()
+    if rhs.startswith(".") and not rhs[1:2].isalnum():
+        rhs = f"{old_rhs.strip()} {rhs[1:].strip()}"
+    return f"{lhs.strip()} ~ {rhs.strip()}"
