@@ -444,7 +444,7 @@ def _hessian(fn, data, levels):
     """The Hessian in ``phi``: forward over reverse, or reverse over reverse for the primal
     form of a model with several terms, whose dense Schur block goes through
     :func:`lmmjax.linalg.logdet_quad` (a custom reverse rule, no forward one)."""
-    if levels is None and data.struct.layout.has_rest:
+    if levels is None and len(data.struct.refs) > 1:  # several terms: a dense Schur block
         return jax.jacrev(jax.grad(fn))
     return jax.hessian(fn)
 

@@ -82,6 +82,7 @@ def fit_reml(model, options: RemlOptions | None = None, *, reml: bool = True, **
     )
     result.objective += shift
     result.ddf = opts.ddf
+    result._fitter = fit_reml
     result.seconds = time.perf_counter() - start
     if singular:
         warnings.warn("boundary (singular) fit: a variance or correlation is at the edge of its "

@@ -52,6 +52,7 @@ class LmmFit:
     _xp: CrossProducts = field(default=None, repr=False)
     ddf: str = "Satterthwaite"
     _coef: pd.DataFrame | None = field(default=None, repr=False)
+    _fitter: object = field(default=None, repr=False)  # fit_reml, for refit / update
 
     @property
     def method(self) -> str:
@@ -192,8 +193,6 @@ class LmmFit:
         """The same model fitted to a new response (lme4's ``refit``), e.g. a simulated one."""
         from dataclasses import replace
 
-        from lmmjax.reml.fit import fit_reml
-
         y = np.asarray(newresponse, dtype=float)
         if y.shape != self.model.y.shape:
             raise LmmInputError(
@@ -201,7 +200,7 @@ class LmmFit:
             )
         if not np.all(np.isfinite(y)):
             raise LmmInputError("newresponse has missing or infinite values")
-        return fit_reml(replace(self.model, y=y), reml=self.reml, ddf=self.ddf)
+        return self._fitter(replace(self.model, y=y), reml=self.reml, ddf=self.ddf)
 
     def update(self, formula: str | None = None, data=None, **options) -> LmmFit:
         """Refit with a changed formula, data or options (lme4's ``update``).
@@ -211,7 +210,6 @@ class LmmFit:
         by ML. Weights, offsets and ``categorical`` carry over.
         """
         from lmmjax.design import build_model
-        from lmmjax.reml.fit import fit_reml
 
         m = self.model
         data = m.source if data is None else data
@@ -220,7 +218,7 @@ class LmmFit:
         model = build_model(data, new, categorical=m.categorical, weights=m.weights_column,
                             offset=m.offset_column)  # fmt: skip
         options.setdefault("ddf", self.ddf)
-        return fit_reml(model, reml=reml, **options)
+        return self._fitter(model, reml=reml, **options)
 
     def simulate(self, nsim: int = 1, seed: int | None = None) -> np.ndarray:
         """Responses drawn from the fitted model (:func:`lmmjax.reml.bootstrap.simulate`)."""
