@@ -83,6 +83,14 @@ class Model:
     """The ``categorical`` argument of the build."""
     offset_column: str | None = None
     """The ``offset`` argument of the build (formula ``offset()`` terms stay in the formula)."""
+    rows: pd.Index | None = field(default=None, repr=False)
+    """Index labels, in ``source``, of the rows used (missing values removed)."""
+
+    def aligned(self, values, name: str) -> pd.Series:
+        """Per-row values as a Series on the source's index, NaN on the rows removed."""
+        if self.rows is None or self.source is None:
+            return pd.Series(values, name=name)
+        return pd.Series(values, index=self.rows, name=name).reindex(self.source.index)
     """The offset expressions (``offset(x)`` terms and the ``offset`` column), for new data."""
 
     def __repr__(self) -> str:
@@ -211,7 +219,7 @@ def _as_factors(data: pd.DataFrame, columns: set[str]) -> pd.DataFrame:
     return data
 
 
-def _drop_missing(data: pd.DataFrame, used: list[str]) -> tuple[pd.DataFrame, int]:
+def _drop_missing(data: pd.DataFrame, used: list[str]) -> tuple[pd.DataFrame, int, pd.Index]:
     missing = data[used].isna()
     keep = ~missing.any(axis=1)
     n_dropped = int((~keep).sum())
@@ -226,7 +234,7 @@ def _drop_missing(data: pd.DataFrame, used: list[str]) -> tuple[pd.DataFrame, in
             f"no rows left after removing {n_dropped} rows with missing values in "
             f"the columns used by the formula ({', '.join(used)})"
         )
-    return data.loc[keep].reset_index(drop=True), n_dropped
+    return data.loc[keep].reset_index(drop=True), n_dropped, data.index[keep]
 
 
 def _response(data: pd.DataFrame, response: str) -> np.ndarray:
@@ -516,7 +524,7 @@ def build_model(
             raise LmmInputError(f"unknown column {col!r} in {where}; the data has: {avail}")
 
     used = list(needed)
-    data, n_dropped = _drop_missing(data[used], used)
+    data, n_dropped, rows = _drop_missing(data[used], used)
     # grouping columns are factors only inside their bar (group_index); elsewhere a
     # column keeps its type unless it is listed as categorical, as in lme4
     factor_columns = tuple(sorted(set(categorical) & set(used)))
@@ -584,6 +592,7 @@ def build_model(
         source=source,
         categorical=tuple(categorical),
         offset_column=offset,
+        rows=rows,
     )
 
 

@@ -153,3 +153,18 @@ def test_update_and_refit(sleep):
     assert same.objective == pytest.approx(fit.objective, rel=1e-10)
     with pytest.raises(lmmjax.LmmInputError, match="newresponse has shape"):
         fit.refit(fit.model.y[:-1])
+
+
+def test_vcov_fitted_and_residuals_are_labelled(sleep):
+    data = sleep.set_index(sleep.index + 100)
+    data.loc[103, "Reaction"] = np.nan  # removed, with a warning
+    with pytest.warns(UserWarning, match="removed 1 of 180 rows"):
+        fit = lmmjax.lmm("Reaction ~ Days + (Days | Subject)", data, ddf="none")
+    assert list(fit.vcov.index) == ["(Intercept)", "Days"] == list(fit.vcov.columns)
+    np.testing.assert_allclose(np.sqrt(np.diag(fit.vcov)), fit.fixef_se)
+    fitted, resid = fit.fitted(), fit.residuals()
+    assert fitted.index.equals(data.index) and np.isnan(fitted[103]) and np.isnan(resid[103])
+    np.testing.assert_allclose((fitted + resid).dropna(), data["Reaction"].dropna())
+    np.testing.assert_allclose(fit.residuals(type="pearson").dropna(), resid.dropna())
+    with pytest.raises(lmmjax.LmmInputError, match="type must be"):
+        fit.residuals(type="deviance")

@@ -41,7 +41,7 @@ class LmmFit:
     theta: np.ndarray
     beta: np.ndarray
     sigma: float
-    vcov: np.ndarray
+    vcov_matrix: np.ndarray
     objective: float
     b: list = field(repr=False)
     singular: bool = False
@@ -79,7 +79,8 @@ class LmmFit:
         est = jax.tree.map(np.asarray, estimates)
         return cls(
             model=model, reml=reml, theta=theta, beta=est.beta.astype(float),
-            sigma=float(est.sigma), vcov=est.vcov.astype(float), objective=float(est.objective),
+            sigma=float(est.sigma), vcov_matrix=est.vcov.astype(float),
+            objective=float(est.objective),
             b=[np.asarray(b, dtype=float) for b in est.b], singular=singular,
             converged=True if log is None else log.converged, log=log, _struct=struct, _xp=xp,
         )  # fmt: skip
@@ -93,7 +94,13 @@ class LmmFit:
     @property
     def fixef_se(self) -> pd.Series:
         """Standard errors of the fixed effects."""
-        return pd.Series(np.sqrt(np.diag(self.vcov)), index=list(self.model.fixef_names))
+        return pd.Series(np.sqrt(np.diag(self.vcov_matrix)), index=list(self.model.fixef_names))
+
+    @property
+    def vcov(self) -> pd.DataFrame:
+        """Covariance of the fixed-effect estimates, labelled by fixed-effect name."""
+        names = list(self.model.fixef_names)
+        return pd.DataFrame(self.vcov_matrix, index=names, columns=names)
 
     @property
     def tvalues(self) -> pd.Series:
@@ -287,8 +294,7 @@ class LmmFit:
         run, _ = compiled(z_times, *args, unseen=True)  # one program, not one per operation
         return np.asarray(run(*args))
 
-    def fitted(self) -> np.ndarray:
-        """Fitted values ``offset + X beta + Z b`` at the conditional modes."""
+    def _fitted_values(self) -> np.ndarray:
         m = self.model
         known = 0.0 if m.offset is None else m.offset
         return (
@@ -297,9 +303,26 @@ class LmmFit:
             + self._random_part([t.z for t in m.terms], [t.refs for t in m.terms])
         )
 
-    def residuals(self) -> np.ndarray:
-        """Response residuals ``y - fitted``."""
-        return self.model.y - self.fitted()
+    def fitted(self) -> pd.Series:
+        """Fitted values ``offset + X beta + Z b`` at the conditional modes.
+
+        A Series on the input data's index, NaN on rows removed for missing values.
+        """
+        return self.model.aligned(self._fitted_values(), "fitted")
+
+    def residuals(self, type: str = "response") -> pd.Series:  # noqa: A002 (lme4's name)
+        """Residuals on the input data's index (NaN on removed rows), as lme4's ``residuals``.
+
+        ``type="response"``: ``y - fitted``; ``"pearson"``: times ``sqrt(w)``
+        (the same without weights), as lme4; divide by ``sigma`` for its scaled ones.
+        """
+        if type not in ("response", "pearson"):
+            raise LmmInputError(f"type must be 'response' or 'pearson', got {type!r}")
+        m = self.model
+        r = m.y - self._fitted_values()
+        if type == "pearson" and m.weights is not None:
+            r = r * np.sqrt(m.weights)
+        return m.aligned(r, "residuals")
 
     def predict(self, newdata: pd.DataFrame | None = None, *, allow_new_levels: bool = True,
                 re_form: bool = True) -> np.ndarray:  # fmt: skip
@@ -316,7 +339,7 @@ class LmmFit:
             False for population-level predictions (fixed effects only).
         """
         if newdata is None:
-            return self.fitted() if re_form else self.model.X @ self.beta
+            return self._fitted_values() if re_form else self.model.X @ self.beta
         new = self.model.new_design(newdata, random=re_form, allow_new_levels=allow_new_levels)
         out = np.full(len(new.complete), np.nan)
         if not new.complete.any():

@@ -25,7 +25,7 @@ def format_summary(fit) -> str:
             columns=["AIC", "BIC", "logLik", "deviance", "df.resid"],
         )
         out.append(stats.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
-    resid = fit.residuals() / fit.sigma
+    resid = fit.residuals(type="pearson").dropna().to_numpy() / fit.sigma
     q = np.quantile(resid, [0, 0.25, 0.5, 0.75, 1.0])
     out += ["", "Scaled residuals:",
             pd.DataFrame([q], columns=["Min", "1Q", "Median", "3Q", "Max"]).to_string(
@@ -37,8 +37,8 @@ def format_summary(fit) -> str:
     extra = {k: table[k] for k in table.columns if k not in ("Estimate", "Std. Error")}
     out += ["", "Fixed effects:", coef_table(fit.fixef, fit.fixef_se, extra)]
     if m.p > 1:
-        se = np.sqrt(np.diag(fit.vcov))
-        corr = fit.vcov / np.outer(se, se)
+        se = np.sqrt(np.diag(fit.vcov_matrix))
+        corr = fit.vcov_matrix / np.outer(se, se)
         short = [n.replace("(Intercept)", "(Intr)")[:6] for n in m.fixef_names]
         frame = pd.DataFrame(corr, index=list(m.fixef_names), columns=short)
         tri = frame.iloc[1:, :-1].copy().astype(object)
