@@ -168,3 +168,10 @@ def test_vcov_fitted_and_residuals_are_labelled(sleep):
     np.testing.assert_allclose(fit.residuals(type="pearson").dropna(), resid.dropna())
     with pytest.raises(lmmjax.LmmInputError, match="type must be"):
         fit.residuals(type="deviance")
+
+
+def test_compare_labels_models_by_keyword(sleep):
+    m0 = lmmjax.lmm("Reaction ~ Days + (1 | Subject)", sleep, method="ml")
+    m1 = lmmjax.lmm("Reaction ~ Days + (Days | Subject)", sleep, method="ml")
+    table = lmmjax.compare(full=m1, null=m0)
+    assert list(table.index) == ["null", "full"]

@@ -94,13 +94,17 @@ def fit_reml(model, options: RemlOptions | None = None, *, reml: bool = True, **
     return result
 
 
-def compare(*fits: LmmFit) -> pd.DataFrame:
+def compare(*fits: LmmFit, **named: LmmFit) -> pd.DataFrame:
     """Likelihood-ratio tests of nested models, as lme4's ``anova(m0, m1, ...)``.
 
     REML fits are refitted by ML first, since REML criteria of models with
     different fixed effects are not comparable. Models are sorted by their
-    number of parameters; each row's test is against the row above.
+    number of parameters; each row's test is against the row above. Rows are
+    labelled by keyword (``compare(null=m0, full=m1)``), or ``m0, m1, ...`` by
+    position.
     """
+    labels = [f"m{k}" for k in range(len(fits))] + list(named)
+    fits = (*fits, *named.values())
     if len(fits) < 2:
         raise LmmInputError("compare needs at least two fitted models")
     fits = [fit_reml(m.model, reml=False) if m.reml else m for m in fits]
@@ -120,4 +124,4 @@ def compare(*fits: LmmFit) -> pd.DataFrame:
             p = scipy.stats.chi2.sf(chisq, df) if df > 0 else np.nan
             row.update({"Chisq": chisq, "Df": df, "Pr(>Chisq)": p})
         rows.append(row)
-    return pd.DataFrame(rows, index=[f"m{k}" for k in order])
+    return pd.DataFrame(rows, index=[labels[k] for k in order])
