@@ -54,7 +54,8 @@ def test_offset_column_option_equals_the_formula_term(data):
 )  # fmt: skip
 def test_bad_weights_are_named(data, w, message):
     bad = data.assign(w=data["w"].where(data.index != 7, w))
-    with pytest.raises(lmmjax.LmmInputError, match=f"weights column 'w' has 1 values that are {message}"):
+    match = f"weights column 'w' has 1 values that are {message}"
+    with pytest.raises(lmmjax.LmmInputError, match=match):
         lmmjax.lmm("Reaction ~ Days + (1 | Subject)", bad, weights="w")
 
 
