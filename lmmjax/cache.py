@@ -53,9 +53,7 @@ def compile_seconds() -> float:
 def _signature(args) -> tuple:
     """Shapes, dtypes and, for arrays laid out over several devices, their sharding."""
     leaves, treedef = jax.tree.flatten(args)
-    shapes = tuple(
-        (jnp.shape(leaf), str(jnp.result_type(leaf)), _layout(leaf)) for leaf in leaves
-    )
+    shapes = tuple((jnp.shape(leaf), str(jnp.result_type(leaf)), _layout(leaf)) for leaf in leaves)
     return treedef, shapes
 
 

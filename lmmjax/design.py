@@ -91,6 +91,7 @@ class Model:
         if self.rows is None or self.source is None:
             return pd.Series(values, name=name)
         return pd.Series(values, index=self.rows, name=name).reindex(self.source.index)
+
     """The offset expressions (``offset(x)`` terms and the ``offset`` column), for new data."""
 
     def __repr__(self) -> str:

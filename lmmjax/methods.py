@@ -89,12 +89,19 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("reml", "reml", RemlOptions, "lmmjax.reml.fit:fit_reml", {"reml": True},
-               weighted=True),
-        Method("ml", "reml", RemlOptions, "lmmjax.reml.fit:fit_reml", {"reml": False},
-               weighted=True),  # fmt: skip
-        Method("nuts", "nuts", NutsOptions, "lmmjax.bayes.fit:fit_nuts",
-               checker="lmmjax.bayes.model:check_options"),  # fmt: skip
+        Method(
+            "reml", "reml", RemlOptions, "lmmjax.reml.fit:fit_reml", {"reml": True}, weighted=True
+        ),
+        Method(
+            "ml", "reml", RemlOptions, "lmmjax.reml.fit:fit_reml", {"reml": False}, weighted=True
+        ),  # fmt: skip
+        Method(
+            "nuts",
+            "nuts",
+            NutsOptions,
+            "lmmjax.bayes.fit:fit_nuts",
+            checker="lmmjax.bayes.model:check_options",
+        ),  # fmt: skip
         Method("map", "map", MapOptions, "lmmjax.em.fit:fit_map"),
         Method("sparse", "sparse", SparseOptions, "lmmjax.sparse.fit:fit_sparse"),
     )

@@ -94,8 +94,7 @@ def _as_model(model):
         model = inner
     if not hasattr(model, "terms"):
         raise LmmInputError(
-            f"fit_nuts takes a model from lmmjax.build_model (or a fit), got "
-            f"{type(model).__name__}"
+            f"fit_nuts takes a model from lmmjax.build_model (or a fit), got {type(model).__name__}"
         )
     return model
 
