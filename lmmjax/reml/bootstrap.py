@@ -10,7 +10,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pandas as pd
 
 from lmmjax.cache import compiled
@@ -18,7 +17,8 @@ from lmmjax.errors import LmmInputError
 from lmmjax.linalg import build_structure, cross_products
 from lmmjax.output import varcorr_rows
 from lmmjax.precision import float_dtype
-from lmmjax.reml.objective import estimates, profiled_objective, weighted_problem
+from lmmjax.reml.objective import weighted_problem
+from lmmjax.reml.optimize import canonical_theta, lbfgs_loop, theta_scale
 
 __all__ = ["bootstrap", "parameter_vector", "simulate"]
 
@@ -61,31 +61,11 @@ def parameter_vector(fit) -> pd.Series:
 
 
 def _refit(theta0, struct, M, scale, maxiter, gtol, reml: bool):
-    """optax L-BFGS (zoom line search) for one response, in one compiled loop; vmapped."""
-    xp = cross_products(struct, M)
-    fun = lambda phi: profiled_objective(phi / scale, struct, xp, reml)  # noqa: E731
-    opt = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(fun)
-
-    def step(carry):
-        phi, state, _, it = carry
-        value, grad = value_and_grad(phi, state=state)
-        updates, state = opt.update(grad, state, phi, value=value, grad=grad, value_fn=fun)
-        return optax.apply_updates(phi, updates), state, value, it + 1
-
-    def cond(carry):
-        _, state, prev, it = carry
-        value = optax.tree.get(state, "value")
-        size = jnp.maximum(1.0, jnp.abs(value))
-        small = jnp.max(jnp.abs(optax.tree.get(state, "grad") * scale)) <= gtol * size
-        stalled = (it > 1) & (jnp.abs(prev - value) <= 1e-14 * size)
-        return (it == 0) | ((it < maxiter) & ~small & ~stalled & jnp.isfinite(value))
-
-    phi0 = theta0 * scale
-    init = (phi0, opt.init(phi0), jnp.asarray(jnp.inf, theta0.dtype), 0)
-    phi, _, _, _ = jax.lax.while_loop(cond, step, init)
-    est = estimates(phi / scale, struct, xp, reml)
-    return phi / scale, est.beta, est.sigma
+    """The compiled L-BFGS loop for one simulated response (vmapped by :func:`_refit_all`)."""
+    theta, _, _, _, est = lbfgs_loop(
+        theta0, struct, cross_products(struct, M), scale, maxiter, gtol, reml
+    )
+    return theta, est.beta, est.sigma
 
 
 def _refit_all(theta0, struct, Ms, scale, maxiter, gtol, reml: bool):
@@ -105,7 +85,6 @@ def bootstrap(fit, nsim: int = 200, seed: int | None = None, batch: int = 250) -
     pandas.DataFrame
         One row per replicate, the columns of :func:`parameter_vector`.
     """
-    from lmmjax.reml.optimize import canonical_theta, theta_scale
 
     m = fit.model
     ys = simulate(fit, nsim, seed)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import scipy.optimize
 
 from lmmjax.cache import compiled
@@ -124,6 +125,44 @@ def _lbfgs(evaluate: _Evaluations, theta0: np.ndarray, maxiter: int, gtol: float
         value, grad_phi = evaluate(res.x)
         grad = grad_phi * scale
     return theta, value, grad, int(res.nit)
+
+
+def lbfgs_loop(theta0, struct: Structure, xp: CrossProducts, scale, maxiter, gtol, reml: bool):
+    """optax L-BFGS (zoom line search) in one compiled ``while_loop``, then the estimates.
+
+    For large problems, where an evaluation costs far more than compiling the
+    loop (InstEval: 22 evaluations here against 27 for SciPy's L-BFGS-B), and
+    for the bootstrap's vmapped refits. Runs in ``phi = theta * scale`` and
+    stops on the same criterion as :func:`_lbfgs`.
+
+    Returns
+    -------
+    theta, value, grad (with respect to theta), iterations, Estimates
+    """
+    fun = lambda phi: profiled_objective(phi / scale, struct, xp, reml)  # noqa: E731
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(fun)
+
+    def step(carry):
+        phi, state, _, it = carry
+        value, grad = value_and_grad(phi, state=state)
+        updates, state = opt.update(grad, state, phi, value=value, grad=grad, value_fn=fun)
+        return optax.apply_updates(phi, updates), state, value, it + 1
+
+    def cond(carry):
+        _, state, prev, it = carry
+        value = optax.tree.get(state, "value")
+        size = jnp.maximum(1.0, jnp.abs(value))
+        small = jnp.max(jnp.abs(optax.tree.get(state, "grad") * scale)) <= gtol * size
+        stalled = (it > 1) & (jnp.abs(prev - value) <= 1e-14 * size)
+        return (it == 0) | ((it < maxiter) & ~small & ~stalled & jnp.isfinite(value))
+
+    phi0 = theta0 * scale
+    init = (phi0, opt.init(phi0), jnp.asarray(jnp.inf, theta0.dtype), 0)
+    phi, state, _, it = jax.lax.while_loop(cond, step, init)
+    theta = phi / scale
+    value, grad = optax.tree.get(state, "value"), optax.tree.get(state, "grad") * scale
+    return theta, value, grad, it, estimates(theta, struct, xp, reml)
 
 
 def _evaluate(theta, struct, xp, with_estimates, reml):
@@ -286,7 +325,26 @@ def optimize_theta(
     gtol = options.gtol
     f = _Objective(struct, xp, reml)
     evaluate = _Evaluations(f, theta_scale(terms))
-    theta, value, grad, it = _lbfgs(evaluate, np.asarray(theta0, float), options.maxiter, gtol)
+    est = None
+    if struct.q > QUICK_MAX_Q:  # large: the compiled loop, evaluations dominate
+        dtype = struct.dtype
+        args = (struct, xp, jnp.asarray(theta_scale(terms), dtype),
+                jnp.asarray(options.maxiter), jnp.asarray(gtol, dtype))  # fmt: skip
+
+        def minimise(start):
+            th = jnp.asarray(start, dtype)
+            run, seconds = compiled(lbfgs_loop, th, *args, reml=reml)
+            f.compile_seconds += seconds
+            theta, value, grad, it, est = run(th, *args)
+            evaluate.count += int(it) + 1
+            return np.asarray(theta, float), float(value), np.asarray(grad, float), int(it), est
+
+    else:
+
+        def minimise(start):
+            return (*_lbfgs(evaluate, np.asarray(start, float), options.maxiter, gtol), None)
+
+    theta, value, grad, it, est = minimise(theta0)
     log.iterations = it
     bounded = on_bound(terms)
     # A zero diagonal entry is a stationary point of the sign-symmetric objective even
@@ -296,7 +354,7 @@ def optimize_theta(
         if probe is None:
             break
         log.messages.append("restarted L-BFGS off a stationary point at the boundary")
-        theta, value, grad, it = _lbfgs(evaluate, probe, options.maxiter, gtol)
+        theta, value, grad, it, est = minimise(probe)
         log.iterations += it
     log.fevals = evaluate.count
     theta, flips = canonical_theta(np.asarray(theta), terms)
@@ -328,8 +386,10 @@ def optimize_theta(
     if changed or not np.array_equal(snapped, theta):
         theta = snapped
         value, gnorm = check(theta)
+        est = None
     log.grad_norm, log.converged = gnorm, converged
-    est = f.estimates(theta)
+    if est is None:  # sign flips leave the estimates as they are; a changed theta does not
+        est = f.estimates(theta)
     log.compile_seconds = f.compile_seconds
     log.seconds = time.perf_counter() - start
     singular = bool(bounded.any() and np.min(np.abs(theta[bounded])) < 1e-4)
