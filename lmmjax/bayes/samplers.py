@@ -227,14 +227,7 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
     positions, div, n_steps, eps, acc, energy, pe = jax.tree.map(
         lambda *xs: np.swapaxes(np.concatenate(xs, axis=0), 0, 1), *outs
     )  # (chains, draws, ...)
-    flat = jax.tree.map(lambda a: jnp.asarray(a.reshape(-1, *a.shape[2:])), positions)
-    constrain, _ = compiled(_constrain_all, flat, data, spec=spec)
-    constrained = constrain(flat, data)
-    samples = {
-        k: np.asarray(v).reshape(s.num_chains, s.num_samples, *v.shape[1:])
-        for k, v in constrained.items()
-        if k in positions
-    }
+    samples = _constrained_samples(positions, data, spec)
     stats = {
         "diverging": np.asarray(div, dtype=bool),
         "tree_depth": _tree_depth(n_steps),
@@ -303,6 +296,18 @@ def _constrain_all(positions, data, spec):
     return jax.vmap(lambda p: constrain_fn(model, (data,), {}, p))(positions)
 
 
+def _constrained_samples(positions, data, spec) -> dict:
+    """Unconstrained positions (chains, draws, ...) -> constrained sample sites, same shape."""
+    chains, draws = jax.tree.leaves(positions)[0].shape[:2]
+    flat = jax.tree.map(lambda a: jnp.asarray(a).reshape(-1, *a.shape[2:]), positions)
+    constrain, _ = compiled(_constrain_all, flat, data, spec=spec)
+    return {
+        k: np.asarray(v).reshape(chains, draws, *v.shape[1:])
+        for k, v in constrain(flat, data).items()
+        if k in positions
+    }
+
+
 def _chunks(n: int, progress: bool) -> list[int]:
     """Chunk lengths for the sampling loop: ~10 equal chunks when showing progress."""
     if not progress or n < 20:
@@ -341,14 +346,7 @@ def run_blackjax(bm: BayesModel, s: NutsOptions) -> Draws:
     bar.close()
     out = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *outs)
     positions, div, depth, n_steps, acc, energy, lp = out
-    flat = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), positions)
-    constrain, _ = compiled(_constrain_all, flat, data, spec=spec)
-    constrained = constrain(flat, data)
-    samples = {
-        k: np.asarray(v).reshape(s.num_chains, s.num_samples, *v.shape[1:])
-        for k, v in constrained.items()
-        if k in positions
-    }
+    samples = _constrained_samples(positions, data, spec)
     stats = {
         "diverging": np.asarray(div, dtype=bool),
         "tree_depth": np.asarray(depth, dtype=np.int64),
