@@ -52,7 +52,14 @@ from lmmjax.linalg import (
     z_times,
 )
 
-__all__ = ["KernelData", "marginal_loglik", "relative_factors", "residual", "residual_products"]
+__all__ = [
+    "KernelData",
+    "marginal_loglik",
+    "relative_factors",
+    "residual",
+    "residual_products",
+    "row_scaled_products",
+]
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
 
@@ -181,16 +188,28 @@ def marginal_loglik(
     return loglik + data.log_jac
 
 
+def row_scaled_products(beta, effects, data: KernelData, log_sigma):
+    """The structure of ``diag(1 / sigma_i) Z`` and the cross products of ``r / sigma_i``.
+
+    With these, the marginalised classes are those of an LMM with unit residual
+    SD and absolute covariance factors (see the module docstring); shared by
+    the likelihood and the exact recovery.
+    """
+    s = jnp.exp(-log_sigma)
+    struct = scale_rows(data.struct, s)
+    return struct, cross_products(struct, s * residual(beta, effects, data))
+
+
 def _rowwise_loglik(beta, log_sigma, cov_factors, effects, data: KernelData, marginal):
     """``marginal_loglik`` with one residual SD per row (see the module docstring)."""
-    s = jnp.exp(-log_sigma)
-    r = residual(beta, effects, data) * s
     if any(marginal):
-        struct = scale_rows(data.struct, s)
+        struct, xp = row_scaled_products(beta, effects, data, log_sigma)
         sub = tuple(c for c, m in zip(cov_factors, marginal, strict=True) if m)
-        logdet_v, gram = gls_gram(struct, sub, cross_products(struct, r))
+        logdet_v, gram = gls_gram(struct, sub, xp)
         quad = gram[0, 0]
     else:
+        r = residual(beta, effects, data) * jnp.exp(-log_sigma)
         logdet_v, quad = 0.0, jnp.dot(r, r)
-    loglik = -0.5 * (r.shape[0] * _LOG_2PI + 2.0 * jnp.sum(log_sigma) + logdet_v + quad)
+    n = data.y.shape[0]
+    loglik = -0.5 * (n * _LOG_2PI + 2.0 * jnp.sum(log_sigma) + logdet_v + quad)
     return loglik + data.log_jac

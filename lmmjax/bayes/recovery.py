@@ -12,7 +12,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lmmjax.bayes.marginal import KernelData, relative_factors, residual, residual_products
+from lmmjax.bayes.marginal import (
+    KernelData,
+    relative_factors,
+    residual_products,
+    row_scaled_products,
+)
 from lmmjax.bayes.model import (
     BayesSpec,
     cov_factors_from_params,
@@ -22,10 +27,8 @@ from lmmjax.bayes.model import (
 from lmmjax.cache import compiled
 from lmmjax.linalg import (
     conditional_moments,
-    cross_products,
     eigen_moments,
     factor_entries,
-    scale_rows,
 )
 
 __all__ = ["draw_effects", "recover_effects"]
@@ -56,19 +59,19 @@ def draw_effects(params, data: KernelData, spec: BayesSpec, key) -> tuple:
     beta = params["beta"]
     sub = tuple(c for c, m in zip(factors, spec.marginal, strict=True) if m)
     if spec.sigma_model is not None:  # row-scaled system, absolute factors, unit SD
-        s = jnp.exp(-log_sigma_from_params(params, data, spec))
-        struct = scale_rows(data.struct, s)
-        xp = cross_products(struct, s * residual(beta, effects, data))
-        drawn = iter(conditional_moments(struct, sub, xp, 1.0, key=key).draw)
-        return tuple(next(drawn) if m else b for b, m in zip(effects, spec.marginal, strict=True))
-    sigma = params["sigma"]
-    if spec.fast:
+        log_sigma = log_sigma_from_params(params, data, spec)
+        struct, xp = row_scaled_products(beta, effects, data, log_sigma)
+        draw = conditional_moments(struct, sub, xp, 1.0, key=key).draw
+    elif spec.fast:
+        sigma = params["sigma"]
         scale = params["sd_shared"] if spec.shared_scale else 1.0
         rot = data.eig.products.residual(beta)
         return eigen_moments(data.struct, data.eig, scale / sigma, rot, sigma, key=key).draw
-    xp = residual_products(beta, effects, data)
-    moments = conditional_moments(data.struct, relative_factors(sub, sigma), xp, sigma, key=key)
-    drawn = iter(moments.draw)
+    else:
+        sigma, xp = params["sigma"], residual_products(beta, effects, data)
+        lambdas = relative_factors(sub, sigma)
+        draw = conditional_moments(data.struct, lambdas, xp, sigma, key=key).draw
+    drawn = iter(draw)
     return tuple(next(drawn) if m else b for b, m in zip(effects, spec.marginal, strict=True))
 
 
