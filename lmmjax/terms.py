@@ -101,3 +101,17 @@ def unique_group_names(terms) -> list[str]:
         out.append(t.group if k == 0 else f"{t.group}.{k}")
         seen[t.group] = k + 1
     return out
+
+
+def covariances_from_theta(terms, theta, sigma: float) -> list[np.ndarray]:
+    """Each term's covariance ``sigma^2 Lambda_l Lambda_l'`` from lme4's theta, in NumPy.
+
+    For results and bootstrap replicates: a few numbers, not worth an XLA program.
+    """
+    out, k = [], 0
+    for t in terms:
+        lam = np.zeros((t.d, t.d))
+        lam[t.theta_index()] = np.asarray(theta, dtype=float)[k : k + t.ntheta]
+        out.append(sigma**2 * lam @ lam.T)
+        k += t.ntheta
+    return out

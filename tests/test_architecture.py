@@ -29,7 +29,7 @@ ALLOWED = {
     "methods": {"errors", "options"},
     "config": {"errors", "methods", "options"},
     "output": {"terms"},
-    "reml": {"cache", "design", "errors", "linalg", "options", "output", "precision"},
+    "reml": {"cache", "design", "errors", "linalg", "options", "output", "precision", "terms"},
     "bayes": {"cache", "errors", "linalg", "options", "output", "precision", "terms"},
     "em": {"cache", "design", "errors", "linalg", "options", "output", "precision", "terms"},
     "sparse": {"cache", "errors", "methods", "options", "output", "precision"},

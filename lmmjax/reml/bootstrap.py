@@ -19,6 +19,7 @@ from lmmjax.output import varcorr_rows
 from lmmjax.precision import float_dtype
 from lmmjax.reml.objective import weighted_problem
 from lmmjax.reml.optimize import canonical_theta, lbfgs_loop, theta_scale
+from lmmjax.terms import covariances_from_theta
 
 __all__ = ["bootstrap", "parameter_vector", "simulate"]
 
@@ -113,13 +114,7 @@ def bootstrap(fit, nsim: int = 200, seed: int | None = None, batch: int = 250) -
 def _parameters(model, theta, beta, sigma) -> dict:
     """:func:`parameter_vector` from raw estimates (no fit object)."""
     values = dict(zip(model.fixef_names, beta, strict=True))
-    k = 0
-    covs = []
-    for t in model.terms:
-        lam = np.zeros((t.d, t.d))
-        lam[t.theta_index()] = theta[k : k + t.ntheta]
-        covs.append(sigma**2 * lam @ lam.T)
-        k += t.ntheta
+    covs = covariances_from_theta(model.terms, theta, sigma)
     for row in varcorr_rows(model.terms, covs, sigma):
         if row["group"] == "Residual":
             continue

@@ -17,6 +17,7 @@ from lmmjax.linalg import CrossProducts, Structure, conditional_moments, make_la
 from lmmjax.output import result_dict, varcorr_rows
 from lmmjax.reml.objective import Estimates
 from lmmjax.reml.objective import estimates as compute_estimates
+from lmmjax.terms import covariances_from_theta
 
 __all__ = ["LmmFit"]
 
@@ -135,13 +136,7 @@ class LmmFit:
 
     def covariances(self) -> list[np.ndarray]:
         """Each term's covariance ``sigma^2 Lambda Lambda'``."""
-        out, k = [], 0
-        for t in self.model.terms:  # NumPy: a few numbers, not worth an XLA program
-            lam = np.zeros((t.d, t.d))
-            lam[t.theta_index()] = self.theta[k : k + t.ntheta]
-            out.append(self.sigma**2 * lam @ lam.T)
-            k += t.ntheta
-        return out
+        return covariances_from_theta(self.model.terms, self.theta, self.sigma)
 
     @property
     def varcorr(self) -> pd.DataFrame:
