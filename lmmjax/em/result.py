@@ -12,7 +12,7 @@ from lmmjax.cache import compiled
 from lmmjax.em.objective import EmData, Hyper, Params, lambdas_of, log_posterior
 from lmmjax.linalg import conditional_moments, gls_gram, z_times
 from lmmjax.options import MapOptions
-from lmmjax.output import coef_table, random_effects_table, result_dict, varcorr_rows
+from lmmjax.output import coef_table, residuals_and_groups, result_dict, varcorr_rows
 
 __all__ = ["MapFit"]
 
@@ -191,13 +191,7 @@ class MapFit:
                   f"{self.laplace_log_marginal:.4f}")
                + f"   EM iterations: {self.em_iterations}"]  # fmt: skip
         resid = self.residuals() / self.sigma
-        q = np.quantile(resid, [0, 0.25, 0.5, 0.75, 1.0])
-        out += ["", "Scaled residuals:",
-                pd.DataFrame([q], columns=["Min", "1Q", "Median", "3Q", "Max"]).to_string(
-                    index=False, float_format=lambda v: f"{v:.4f}"),
-                "", "Random effects:", random_effects_table(self.varcorr)]  # fmt: skip
-        groups = "; ".join(f"{g}, {n}" for g, n in m.ngroups.items())
-        out.append(f"Number of obs: {self.nobs}, groups:  {groups}")
+        out += residuals_and_groups(resid, self.varcorr, self.nobs, m.ngroups)
         out += ["", "Fixed effects:", coef_table(self.fixef, self.fixef_se)]
         if not self.converged:
             out += ["", f"EM did not converge in {self.em_iterations} iterations"]

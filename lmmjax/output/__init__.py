@@ -1,7 +1,7 @@
 """What every method's result shares: the Fit protocol, VarCorr, lme4 tables, JSON."""
 
 from lmmjax.output.fit import Fit, result_dict, to_jsonable, write_json
-from lmmjax.output.tables import coef_table, random_effects_table
+from lmmjax.output.tables import coef_table, random_effects_table, residuals_and_groups
 from lmmjax.output.varcorr import varcorr_rows
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "coef_table",
     "random_effects_table",
     "result_dict",
+    "residuals_and_groups",
     "to_jsonable",
     "write_json",
     "varcorr_rows",

@@ -9,7 +9,7 @@ import numpy as np
 if TYPE_CHECKING:  # pandas loads with the first result, not with lmmjax
     import pandas as pd
 
-__all__ = ["coef_table", "random_effects_table"]
+__all__ = ["coef_table", "random_effects_table", "residuals_and_groups"]
 
 
 def coef_table(estimate: pd.Series, se: pd.Series, extra: dict | None = None) -> str:
@@ -61,3 +61,19 @@ def random_effects_table(vc: pd.DataFrame) -> str:
     for r in rows:
         lines.append(" " + " ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def residuals_and_groups(scaled_residuals, varcorr: pd.DataFrame, nobs: int,
+                         ngroups: dict) -> list[str]:  # fmt: skip
+    """lme4's summary lines from "Scaled residuals" to "Number of obs", shared by the methods."""
+    import pandas as pd
+
+    q = np.quantile(np.asarray(scaled_residuals, dtype=float), [0, 0.25, 0.5, 0.75, 1.0])
+    groups = "; ".join(f"{g}, {n}" for g, n in ngroups.items())
+    return [
+        "", "Scaled residuals:",
+        pd.DataFrame([q], columns=["Min", "1Q", "Median", "3Q", "Max"]).to_string(
+            index=False, float_format=lambda v: f"{v:.4f}"),
+        "", "Random effects:", random_effects_table(varcorr),
+        f"Number of obs: {nobs}, groups:  {groups}",
+    ]  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from lmmjax.output.tables import coef_table, random_effects_table
+from lmmjax.output.tables import coef_table, residuals_and_groups
 
 
 def format_summary(fit) -> str:
@@ -26,13 +26,7 @@ def format_summary(fit) -> str:
         )
         out.append(stats.to_string(index=False, float_format=lambda v: f"{v:.1f}"))
     resid = fit.residuals(type="pearson").dropna().to_numpy() / fit.sigma
-    q = np.quantile(resid, [0, 0.25, 0.5, 0.75, 1.0])
-    out += ["", "Scaled residuals:",
-            pd.DataFrame([q], columns=["Min", "1Q", "Median", "3Q", "Max"]).to_string(
-                index=False, float_format=lambda v: f"{v:.4f}"),
-            "", "Random effects:", random_effects_table(fit.varcorr)]  # fmt: skip
-    groups = "; ".join(f"{g}, {n}" for g, n in fit.ngroups.items())
-    out.append(f"Number of obs: {fit.nobs}, groups:  {groups}")
+    out += residuals_and_groups(resid, fit.varcorr, fit.nobs, fit.ngroups)
     table = fit.coef_table()
     extra = {k: table[k] for k in table.columns if k not in ("Estimate", "Std. Error")}
     out += ["", "Fixed effects:", coef_table(fit.fixef, fit.fixef_se, extra)]
