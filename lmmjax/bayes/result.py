@@ -50,20 +50,13 @@ POINTWISE_MAX = 2e7  # numbers per pointwise group (draws x N) computed by defau
 def _row_sigma(bm, samples: dict) -> np.ndarray:
     """Per-row residual SD draws (chains, draws, N) of a sigma formula.
 
-    Reads ``beta_sigma`` and either the effects ``r_sigma_g`` (posterior
-    variables) or the sample sites ``z_sigma_g`` with their scales.
+    Reads the posterior variables ``beta_sigma`` and ``r_sigma_g``.
     """
     model, spec = bm.model, bm.spec
     built = model.submodels["sigma"]
     eta = np.einsum("np,cdp->cdn", built.X, samples["beta_sigma"])
     for t, name in zip(built.terms, spec.sigma_model.names, strict=True):
-        if f"r_sigma_{name}" in samples:
-            r = np.asarray(samples[f"r_sigma_{name}"])
-        else:
-            sd = np.asarray(samples[f"sd_sigma_{name}"])
-            L = samples.get(f"L_sigma_{name}")
-            C = sd[..., :, None] * (np.asarray(L) if L is not None else np.eye(t.d))
-            r = np.einsum("cdmk,cdak->cdma", np.asarray(samples[f"z_sigma_{name}"]), C)
+        r = np.asarray(samples[f"r_sigma_{name}"])
         eta = eta + np.sum(t.z[None, None] * r[:, :, t.refs, :], axis=-1)
     return np.exp(eta)
 
@@ -159,7 +152,8 @@ def build_inference_data(bm, draws, effects, options=None) -> az.InferenceData:
     want = None if options is None else options.log_likelihood
     size = y.size * np.prod(np.shape(s["beta"])[:2])
     if want or (want is None and size <= POINTWISE_MAX):
-        log_lik, y_rep = pointwise(bm, s, effects, 0 if options is None else options.seed)
+        seed = 0 if options is None else options.seed
+        log_lik, y_rep = pointwise(bm, {**s, **posterior}, effects, seed)
         groups = {"log_likelihood": {"y": log_lik}, "posterior_predictive": {"y": y_rep}}
     elif want is None:
         warnings.warn(
