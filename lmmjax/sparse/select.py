@@ -171,10 +171,59 @@ def _initial(problem: Problem, prep: Prepared, K: int):
     return jax.lax.top_k(score, K)[1]
 
 
+class Normal(NamedTuple):
+    """The training problem's normal equations on the scaled, projected candidates.
+
+    Attributes
+    ----------
+    G : (p, p) ``Xn' W Xn`` (zero on unusable columns)
+    c : (p,) ``Xn' W y``
+    yy : scalar ``y' W y`` (``y`` with the kept columns projected out)
+    """
+
+    G: jax.Array
+    c: jax.Array
+    yy: jax.Array
+
+
+def normal_equations(problem: Problem, prep: Prepared) -> Normal:
+    """``Xn' W Xn``, ``Xn' W y`` and ``y' W y`` of the training rows, in ``N p^2``.
+
+    With ``cx`` the kept columns' coefficients, ``(X - F cx)' W (X - F cx) = X'WX - X'WF cx``.
+    """
+    Xw = problem.X * problem.w[:, None]
+    G = problem.X.T @ Xw
+    if problem.F.shape[1]:
+        G = G - (Xw.T @ problem.F) @ prep.cx
+    scale = jnp.where(prep.usable, 1.0 / prep.norm, 0.0)
+    G = G * jnp.outer(scale, scale)
+    c = project_t(problem, prep, prep.yr)
+    return Normal(G, c, jnp.sum(problem.w * prep.yr**2))
+
+
+def gram_pays(n: int, p: int) -> bool:
+    """Whether splicing on the normal equations beats working on the rows.
+
+    Forming ``Xn' W Xn`` costs ``N p^2`` once per training problem. A splicing
+    round on the rows costs about ``N (p + K^3)`` per candidate size (the
+    gradient, then ``K`` least-squares fits of up to ``K`` columns), against
+    ``p K + K^4`` on the Gram, and a grid runs several rounds for each of about
+    ten sizes. Measured on the issue's design (p = 200, N = 120, 9 values of
+    ``a``, 6 folds): the grid kernel takes 0.20 s on the Gram against 0.44 s
+    on the rows. Above ``p = 1000`` and ``2 N`` the Gram's ``p^2`` memory and
+    flops lose.
+    """
+    return p <= 1000 or p <= 2 * n
+
+
 def best_subset(
     problem: Problem, prep: Prepared, k: jax.Array, *, K: int, max_iter: int = 100
 ) -> Candidate:
     """Best subset of ``k <= K`` candidates by splicing.
+
+    Each round needs the gradient ``Xn' W (y - Xn_S b)`` and least-squares fits
+    of ``K`` swapped supports: from the normal equations (:func:`normal_equations`,
+    unbatched over ``k`` under ``vmap``) when :func:`gram_pays`, else from the rows.
 
     Parameters
     ----------
@@ -194,14 +243,32 @@ def best_subset(
     slots = jnp.arange(K)
     mask = slots < k
     sizes = jnp.arange(1, K + 1)
+    if gram_pays(*problem.X.shape):
+        ne = normal_equations(problem, prep)
 
-    def fit(index):
-        return least_squares(problem, prep, index, mask)
+        def fit(index):
+            sub = ne.G[index][:, index] * jnp.outer(mask, mask)
+            cs = ne.c[index] * mask
+            off = 1.0 - mask
+            chol = jnp.linalg.cholesky(sub + jnp.diag(off + _RIDGE * mask * (1.0 + jnp.diag(sub))))
+            b = jax.scipy.linalg.cho_solve((chol, True), cs) * mask
+            return b, ne.yy - 2.0 * b @ cs + b @ (sub @ b)
+
+        def gradient(index, b):
+            return ne.c - ne.G[:, index] @ b
+
+    else:
+
+        def fit(index):
+            return least_squares(problem, prep, index, mask)
+
+        def gradient(index, b):
+            cols = columns(problem, prep, index) * problem.w[:, None]
+            return project_t(problem, prep, problem.w * prep.yr - cols @ b)
 
     def step(state):
         index, b, rss, _, it = state
-        resid = problem.w * prep.yr - columns(problem, prep, index) * problem.w[:, None] @ b
-        grad = project_t(problem, prep, resid)
+        grad = gradient(index, b)
         active = jnp.zeros(grad.shape, bool).at[index].max(mask)
         forward = jnp.where(active | ~prep.usable, -jnp.inf, grad * grad)
         gain, incoming = jax.lax.top_k(forward, K)
