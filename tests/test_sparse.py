@@ -16,6 +16,7 @@ import pytest
 import lmmjax
 from lmmjax.errors import LmmInputError
 from lmmjax.output import Fit
+from lmmjax.sparse import select
 from lmmjax.sparse.cv import _stable_choice
 from lmmjax.sparse.select import Candidate, Problem, best_subset, prepare
 from lmmjax.sparse.transform import (
@@ -86,8 +87,10 @@ def test_padding_round_trip(rng):
 
 
 # ----------------------------------------------------------------- selection
+@pytest.mark.parametrize("gram", [True, False], ids=["normal-equations", "rows"])
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_best_subset_matches_exhaustive_search(rng, k):
+def test_best_subset_matches_exhaustive_search(rng, k, gram, monkeypatch):
+    monkeypatch.setattr(select, "gram_pays", lambda n, p: gram)
     N, p = 30, 8
     X = rng.standard_normal((N, p)) + 0.6 * rng.standard_normal((N, 1))  # correlated columns
     y = X[:, [1, 4, 6]] @ np.array([1.0, -0.8, 0.6]) + 0.7 * rng.standard_normal(N)
