@@ -20,7 +20,8 @@ from lmmjax.formula import (
     quote_names,
     required_columns,
 )
-from lmmjax.formula.fixed import formula_terms, rewrite_calls
+from lmmjax.formula.fixed import FixedTerm, formula_terms, rewrite_calls
+from lmmjax.formula.fixed import fixed_terms as fixed_term_list
 from lmmjax.terms import Term
 
 _OFFSET_CALL = re.compile(r"(?<![\w.])offset\(")
@@ -723,3 +724,26 @@ def new_design(model: Model, newdata, *, random: bool = True,
         refs.append(r)
         labels.append(lab)
     return NewDesign(complete, X, tuple(refs), tuple(zs), tuple(labels), off)
+
+
+def fixed_terms(model: Model) -> tuple[list[FixedTerm], tuple[str, ...], bool]:
+    """The fixed part's terms as R's ``terms()`` sees them, for anova contrasts.
+
+    Returns
+    -------
+    terms : list of FixedTerm
+        Every term but the intercept (:class:`lmmjax.formula.fixed.FixedTerm`).
+    columns : tuple of str
+        formulaic's names of X's columns (aliased ones dropped), in X's order.
+    intercept : bool
+        Whether the fixed part has an intercept.
+    """
+    if model.fixed_spec is None:
+        raise LmmInputError("the model has no fixed-effect spec to take terms from")
+    names = model.fixed_spec.column_names
+    columns = tuple(names[k] for k in (model.fixed_columns or range(len(names))))
+    return (
+        fixed_term_list(model.fixed_spec, model.data, model.formula),
+        columns,
+        ("Intercept" in names),
+    )

