@@ -37,6 +37,9 @@ def lmm(
     categorical: Sequence[str] = (),
     weights: str | None = None,
     offset: str | None = None,
+    stream: bool | str = "auto",
+    batch_rows: int = 1_000_000,
+    devices: int | str = "auto",
     **options: Any,
 ) -> Any:
     """Fit a linear mixed model, by default by REML as lme4's ``lmer``.
@@ -58,6 +61,14 @@ def lmm(
     offset : str, optional
         Column added to the linear predictor with coefficient 1; ``offset(x)``
         in the formula does the same.
+    stream : bool or "auto"
+        Fit (REML/ML) from sufficient statistics streamed from a Parquet file
+        or directory in row batches of ``batch_rows``, never holding all rows
+        (:mod:`lmmjax.stream`); ``"auto"`` streams Parquet data above 1 GiB on disk.
+    batch_rows : int
+        Rows per streamed batch.
+    devices : "auto" or int
+        Local devices over which each streamed batch's rows are split.
     **options
         The method's options, as in its config section: for ``reml``/``ml``
         :class:`~lmmjax.options.RemlOptions` (``maxiter``, ``gtol``, ...), for
@@ -78,6 +89,7 @@ def lmm(
     """
     from lmmjax.datasets import load_data
     from lmmjax.design import build_model
+    from lmmjax.stream import load_streamed
 
     entry = get_method(method)
     if "reml" in options:
@@ -91,6 +103,12 @@ def lmm(
     opts = entry.options.from_call(None, options)
     if isinstance(categorical, str):
         categorical = [categorical]
+    streamed = load_streamed(
+        data, formula, entry.name, stream=stream, categorical=categorical, weights=weights,
+        offset=offset, batch_rows=batch_rows, devices=devices,
+    )  # fmt: skip
+    if streamed is not None:
+        return entry.fit(streamed, opts)
     model = build_model(
         load_data(data),
         formula,

@@ -58,7 +58,15 @@ def _build_model(cfg: FitConfig) -> Any:
     # Imported here so that `--help` and config errors do not pay for the
     # formula and design machinery.
     from lmmjax.design import build_model
+    from lmmjax.stream import load_streamed
 
+    streamed = load_streamed(
+        cfg.data, cfg.formula, cfg.method, stream=cfg.stream, categorical=cfg.categorical,
+        weights=cfg.weights, offset=cfg.offset, batch_rows=cfg.batch_rows,
+        devices=cfg.devices, base_dir=cfg.base_dir,
+    )  # fmt: skip
+    if streamed is not None:
+        return streamed
     df = load_data(cfg.data, base_dir=cfg.base_dir)
     opts = cfg.options()
     subs = opts.submodels() if opts is not None else {}

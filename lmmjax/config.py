@@ -19,7 +19,7 @@ names the offending key path (for example ``reml.maxiter``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -68,6 +68,14 @@ class FitConfig(BaseModel):
         Column of prior weights (residual variance ``sigma^2 / w``), as lme4's ``weights``.
     offset : str, optional
         Column added to the linear predictor with coefficient 1 (as ``offset(x)``).
+    stream : bool or "auto"
+        Fit (REML/ML) from sufficient statistics streamed from a Parquet file or
+        directory in row batches, never holding all rows (:mod:`lmmjax.stream`);
+        ``auto`` streams Parquet data of more than 1 GiB on disk.
+    batch_rows : int
+        Rows per streamed batch.
+    devices : "auto" or int
+        Local devices over which each streamed batch's rows are split (``auto``: all).
     method : {"reml", "ml", "nuts", "map", "sparse"}
         Fitting method.
     output : str, optional
@@ -85,6 +93,9 @@ class FitConfig(BaseModel):
     categorical: list[str] = Field(default_factory=list)
     weights: str | None = None
     offset: str | None = None
+    stream: bool | Literal["auto"] = "auto"
+    batch_rows: int = Field(default=1_000_000, gt=0)
+    devices: Literal["auto"] | Annotated[int, Field(gt=0)] = "auto"
     method: Method = "reml"
     output: str | None = None
     precision: Literal["float64", "float32"] = "float64"

@@ -33,8 +33,19 @@ ALLOWED = {
     "bayes": {"cache", "errors", "linalg", "options", "output", "precision", "terms"},
     "em": {"cache", "design", "errors", "linalg", "options", "output", "precision", "terms"},
     "sparse": {"cache", "errors", "methods", "options", "output", "precision"},
-    "api": {"config", "datasets", "design", "errors", "methods"},
-    "cli": {"__init__", "api", "config", "datasets", "design", "errors", "methods", "output"},
+    "stream": {"cache", "design", "errors", "formula", "linalg", "precision"},
+    "api": {"config", "datasets", "design", "errors", "methods", "stream"},
+    "cli": {
+        "__init__",
+        "api",
+        "config",
+        "datasets",
+        "design",
+        "errors",
+        "methods",
+        "output",
+        "stream",
+    },
     "fit": {"cli"},
 }
 

@@ -5,6 +5,8 @@ Z-only structure, :func:`cross_products` the products with dense columns,
 :func:`gls_gram` gives ``log|V|`` and ``M' V^{-1} M`` for the likelihoods, and
 :func:`conditional_moments` the conditional distribution of the random effects;
 :func:`scale_rows` gives the structure of a row-weighted ``Z`` per evaluation.
+:func:`row_sums`, :class:`BEntries` and :func:`assemble_from_sums` build the same
+structure from sums over row batches (streamed or split across devices).
 The ``eigen_*`` functions are the fast path for covariances known up to a scale.
 """
 
@@ -40,9 +42,16 @@ from lmmjax.linalg.structure import (
     dense_gram,
     rows_scalable,
     scale_rows,
+    term_layouts,
 )
+from lmmjax.linalg.sums import BEntries, RowSums, assemble_from_sums, row_sums
 
 __all__ = [
+    "BEntries",
+    "RowSums",
+    "assemble_from_sums",
+    "row_sums",
+    "term_layouts",
     "ColumnMap",
     "CrossProducts",
     "EigenSystem",

@@ -54,13 +54,17 @@ def residual_coef(beta: jax.Array) -> jax.Array:
 
 def zt_times(struct: Structure, M: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``Z' M`` in blocked form for ``M`` of shape (N,) or (N, k)."""
+    return zt_parts(struct.layout.terms, struct.refs, struct.z, M)
+
+
+def zt_parts(layouts, refs, z, M: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``Z' M`` in blocked form from the terms' layouts, level indices and lhs columns."""
     M2 = M[:, None] if M.ndim == 1 else M
-    lay = struct.layout
     parts = [
-        jax.ops.segment_sum(z[:, :, None] * M2[:, None, :], refs, t.nlevels)
-        for t, refs, z in zip(lay.terms, struct.refs, struct.z, strict=True)
+        jax.ops.segment_sum(zl[:, :, None] * M2[:, None, :], r, t.nlevels)
+        for t, r, zl in zip(layouts, refs, z, strict=True)
     ]
-    if not lay.has_rest:
+    if len(parts) == 1:
         return parts[0], jnp.zeros((0, M2.shape[1]), dtype=M2.dtype)
     return parts[0], jnp.concatenate([p.reshape(-1, M2.shape[1]) for p in parts[1:]], axis=0)
 

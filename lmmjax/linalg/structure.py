@@ -51,6 +51,7 @@ class Layout:
     q_rest: int
     n_wgroups: int
     dense_b: bool = False  # B = Z_rest' Z_1 held dense (q_rest, M1, d1) instead of as pairs
+    nobs: int = -1  # N where the rows are not held (a streamed structure); -1: from refs
 
     @property
     def first(self) -> TermLayout:
@@ -129,7 +130,7 @@ class Structure:
     @property
     def nobs(self) -> int:
         """Number of observations N (static)."""
-        return self.refs[0].shape[0]
+        return self.layout.nobs if self.layout.nobs >= 0 else self.refs[0].shape[0]
 
     @property
     def dtype(self):
@@ -149,7 +150,8 @@ class Structure:
         return cls(*children, layout=layout)
 
 
-def _term_layouts(terms: list[Term]) -> tuple[TermLayout, ...]:
+def term_layouts(terms) -> tuple[TermLayout, ...]:
+    """The static layout of each term (its levels, width, offset and theta pattern)."""
     out, offset = [], 0
     for k, t in enumerate(terms):
         rows, cols = t.theta_index()
@@ -168,32 +170,47 @@ def _segment_outer(refs: np.ndarray, a: np.ndarray, b: np.ndarray, m: int) -> np
     return out
 
 
-def _rest_rows(terms: list[Term], layouts: tuple[TermLayout, ...]) -> tuple[np.ndarray, np.ndarray]:
+def _rest_rows(refs, z, layouts: tuple[TermLayout, ...]) -> tuple[np.ndarray, np.ndarray]:
     """For each row i and each rest column (l, c): rest-block index and z value.
 
-    Returns ``(idx, val)`` of shape (N, sum_{l>=2} d_l).
+    ``refs`` and ``z`` are every term's level indices and lhs columns (the first
+    term's are not used). Returns ``(idx, val)`` of shape (N, sum_{l>=2} d_l).
     """
     idx, val = [], []
-    for t, lay in zip(terms[1:], layouts[1:], strict=True):
-        for c in range(t.d):
-            idx.append(lay.offset + t.refs.astype(np.int64) * t.d + c)
-            val.append(t.z[:, c])
+    for r, zl, lay in zip(refs[1:], z[1:], layouts[1:], strict=True):
+        for c in range(lay.d):
+            idx.append(lay.offset + np.asarray(r, dtype=np.int64) * lay.d + c)
+            val.append(zl[:, c])
     return np.stack(idx, axis=1), np.stack(val, axis=1)
 
 
-def _b_coo(first: Term, ridx: np.ndarray, rval: np.ndarray, q_rest: int):
-    """Aggregate ``B = Z_rest' Z_1`` into COO form sorted by (level, row)."""
+def b_entries(refs, z, layouts: tuple[TermLayout, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The nonzero entries of ``B = Z_rest' Z_1`` summed over the given rows.
+
+    Parameters
+    ----------
+    refs, z : sequences of arrays
+        Every term's level indices (N,) and lhs columns (N, d_l), in term order.
+    layouts : tuple of TermLayout
+
+    Returns
+    -------
+    key : int64 array (K,)
+        ``level_1 * q_rest + rest_row``, sorted and distinct; sums over row
+        batches add up by merging equal keys.
+    val : array (K, d1)
+    """
+    q_rest = sum(t.q for t in layouts[1:])
+    ridx, rval = _rest_rows(refs, z, layouts)
     k = ridx.shape[1]
-    lev = np.repeat(first.refs.astype(np.int64), k)
-    key = lev * q_rest + ridx.reshape(-1)
+    key = np.repeat(np.asarray(refs[0], dtype=np.int64), k) * q_rest + ridx.reshape(-1)
     uniq, inv = np.unique(key, return_inverse=True)
     inv = inv.reshape(-1)
-    b_val = np.zeros((uniq.size, first.d))
-    zz = rval.reshape(-1)
-    for c in range(first.d):
-        w = zz * np.repeat(first.z[:, c], k)
-        b_val[:, c] = np.bincount(inv, weights=w, minlength=uniq.size)
-    return uniq % q_rest, uniq // q_rest, b_val
+    z1, zz = np.asarray(z[0]), rval.reshape(-1)
+    val = np.zeros((uniq.size, layouts[0].d))
+    for c in range(layouts[0].d):
+        val[:, c] = np.bincount(inv, weights=zz * np.repeat(z1[:, c], k), minlength=uniq.size)
+    return uniq, val
 
 
 def _pairs(b_row, b_lev, b_val, wgroup, n_wgroups, q_rest):
@@ -222,6 +239,50 @@ def _pairs(b_row, b_lev, b_val, wgroup, n_wgroups, q_rest):
     return uniq // n_wgroups, uniq % n_wgroups, val
 
 
+def _pairs_by_products(b_row, b_lev, b_val, wgroup, n_wgroups, q_rest, chunk_entries=2e7):
+    """The aggregated pairs of :func:`_pairs` as dense products, one Gram group at a time.
+
+    ``P_g = sum_{j in g} b_j b_j'`` over the levels j of group g (``b_j`` the
+    (q_rest, d1) block of B at level j) is one matrix product of the group's
+    columns of B, built dense ``chunk_entries`` numbers at a time; its nonzero
+    lower triangle is the group's pairs. Where every level meets many rest rows
+    (two crossed factors, each subject seeing most items) this costs
+    ``q_rest^2 M1 d1^2`` multiply-adds in BLAS instead of enumerating
+    ``sum_j k_j (k_j + 1) / 2`` pairs (4.6e8 for 1e5 x 1e3 levels and 1e7 rows).
+    The loop is over groups and level chunks, each a vectorised product.
+    """
+    d1, m1 = b_val.shape[1], wgroup.size
+    by_group = np.argsort(wgroup, kind="stable")  # levels ordered by group
+    rank = np.empty(m1, np.int64)
+    rank[by_group] = np.arange(m1)
+    order = np.argsort(rank[b_lev], kind="stable")  # B entries in that level order
+    ent_start = np.concatenate([[0], np.cumsum(np.bincount(rank[b_lev], minlength=m1))])
+    grp_start = np.concatenate([[0], np.cumsum(np.bincount(wgroup, minlength=n_wgroups))])
+    width = max(1, int(chunk_entries // (q_rest * d1)))
+    lower = np.tril(np.ones((q_rest, q_rest), dtype=bool))
+    entries, groups, vals = [], [], []
+    for g in range(n_wgroups):
+        P = np.zeros((q_rest * d1, q_rest * d1))
+        for s in range(grp_start[g], grp_start[g + 1], width):
+            e = min(s + width, grp_start[g + 1])
+            sel = order[ent_start[s] : ent_start[e]]
+            Bc = np.zeros((q_rest, d1, e - s))
+            Bc[b_row[sel], :, rank[b_lev[sel]] - s] = b_val[sel]
+            Bc = Bc.reshape(q_rest * d1, e - s)
+            P += Bc @ Bc.T
+        P = P.reshape(q_rest, d1, q_rest, d1).transpose(0, 2, 1, 3)
+        a, b = np.nonzero(lower & np.any(P != 0.0, axis=(2, 3)))
+        entries.append(a * q_rest + b)
+        groups.append(np.full(a.size, g, np.int64))
+        vals.append(P[a, b])
+    entry, group = np.concatenate(entries), np.concatenate(groups)
+    order = np.lexsort((group, entry))  # sorted by entry, then group, as _pairs
+    return entry[order], group[order], np.concatenate(vals)[order]
+
+
+ENUMERATE_MAX_PAIRS = 2e7  # above this, the pairs come from dense products per group
+
+
 def dense_b_pays(counts: np.ndarray, q_rest: int, d1: int, max_entries: float = 2.5e7) -> bool:
     """Cost model: hold ``B`` dense when its products are cheaper than the pair scatter.
 
@@ -242,6 +303,11 @@ def dense_b_pays(counts: np.ndarray, q_rest: int, d1: int, max_entries: float = 
         return False
     pairs = float(np.sum(counts * (counts + 1) / 2.0))
     return q_rest * q1 * (q_rest + d1) <= 8.0 * pairs * d1 * d1
+
+
+def _check_schur(schur: str) -> None:
+    if schur not in ("auto", "sparse", "dense"):
+        raise ValueError(f"schur must be 'auto', 'sparse' or 'dense', got {schur!r}")
 
 
 def build_structure(
@@ -266,35 +332,15 @@ def build_structure(
     terms = list(terms)
     if not terms:
         raise ValueError("the blocked factorisation needs at least one random-effect term")
-    layouts = _term_layouts(terms)
+    _check_schur(schur)
+    layouts = term_layouts(terms)
+    refs, z = [t.refs for t in terms], [t.z for t in terms]
     first = terms[0]
-    m1, d1 = first.nlevels, first.d
-    refs1 = first.refs.astype(np.int64)
+    G1 = _segment_outer(first.refs.astype(np.int64), first.z, first.z, first.nlevels)
     q_rest = sum(t.q for t in terms[1:])
-
-    G1 = _segment_outer(refs1, first.z, first.z, m1)
-    Gw, wgroup = np.unique(G1.reshape(m1, -1), axis=0, return_inverse=True)
-    Gw = Gw.reshape(-1, d1, d1)
-    wgroup = wgroup.reshape(-1)
-
-    if schur not in ("auto", "sparse", "dense"):
-        raise ValueError(f"schur must be 'auto', 'sparse' or 'dense', got {schur!r}")
-    dense_b = False
-    B = np.zeros((0, m1, d1))
     if q_rest:
-        ridx, rval = _rest_rows(terms, layouts)
-        b_row, b_lev, b_val = _b_coo(first, ridx, rval, q_rest)
-        counts = np.bincount(b_lev, minlength=m1)
-        dense_b = schur == "dense" or (schur == "auto" and dense_b_pays(counts, q_rest, d1))
-        if dense_b:
-            B = np.zeros((q_rest, m1, d1))
-            B[b_row, b_lev, :] = b_val
-            pair_entry = pair_group = np.zeros(0, np.int64)
-            pair_val = np.zeros((0, d1, d1))
-        else:
-            pair_entry, pair_group, pair_val = _pairs(
-                b_row, b_lev, b_val, wgroup, Gw.shape[0], q_rest
-            )
+        b_key, b_val = b_entries(refs, z, layouts)
+        ridx, rval = _rest_rows(refs, z, layouts)
         k = ridx.shape[1]
         ia = np.repeat(ridx, k, axis=1).reshape(-1)
         ib = np.tile(ridx, (1, k)).reshape(-1)
@@ -302,10 +348,81 @@ def build_structure(
         C = np.bincount(ia * q_rest + ib, weights=w, minlength=q_rest * q_rest)
         C = C.reshape(q_rest, q_rest)
     else:
-        b_row = b_lev = pair_entry = pair_group = np.zeros(0, np.int64)
-        b_val = np.zeros((0, d1))
-        pair_val = np.zeros((0, d1, d1))
-        C = np.zeros((0, 0))
+        b_key, b_val, C = np.zeros(0, np.int64), np.zeros((0, first.d)), np.zeros((0, 0))
+    return assemble_structure(
+        layouts, G1, b_key, b_val, C, refs=refs, z=z, dtype=dtype, schur=schur
+    )
+
+
+def assemble_structure(
+    layouts: tuple[TermLayout, ...],
+    G1: np.ndarray,
+    b_key: np.ndarray,
+    b_val: np.ndarray,
+    C: np.ndarray,
+    *,
+    refs=None,
+    z=None,
+    nobs: int = -1,
+    dtype=np.float64,
+    schur: str = "auto",
+) -> Structure:
+    """The structure from its sums over rows (the Gram groups, the Schur form of B).
+
+    The step of :func:`build_structure` after the O(N) sums, shared with a
+    streamed precompute, whose sums come from row batches (``refs`` and ``z``
+    then None: products with Z need the rows, the likelihoods do not).
+
+    Parameters
+    ----------
+    layouts : tuple of TermLayout
+        From :func:`term_layouts`.
+    G1 : array (M1, d1, d1)
+        Per-level Grams of the first term.
+    b_key, b_val : arrays (K,), (K, d1)
+        ``B``'s entries as :func:`b_entries` gives them.
+    C : array (q_rest, q_rest)
+        ``Z_rest' Z_rest``.
+    refs, z : sequences of arrays, optional
+        The rows' level indices and lhs columns, when held.
+    nobs : int
+        N, when the rows are not held.
+    dtype : numpy dtype
+    schur : {"auto", "sparse", "dense"}
+
+    Returns
+    -------
+    Structure
+    """
+    _check_schur(schur)
+    m1, d1 = layouts[0].nlevels, layouts[0].d
+    q_rest = sum(t.q for t in layouts[1:])
+    Gw, wgroup = np.unique(np.asarray(G1).reshape(m1, -1), axis=0, return_inverse=True)
+    Gw = Gw.reshape(-1, d1, d1)
+    wgroup = wgroup.reshape(-1)
+    b_row, b_lev = (b_key % q_rest, b_key // q_rest) if q_rest else (b_key, b_key)
+    dense_b = False
+    B = np.zeros((0, m1, d1))
+    pair_entry = pair_group = np.zeros(0, np.int64)
+    pair_val = np.zeros((0, d1, d1))
+    if q_rest:
+        counts = np.bincount(b_lev, minlength=m1)
+        dense_b = schur == "dense" or (schur == "auto" and dense_b_pays(counts, q_rest, d1))
+        if dense_b:
+            B = np.zeros((q_rest, m1, d1))
+            B[b_row, b_lev, :] = b_val
+        else:
+            enumerated = float(np.sum(counts * (counts + 1) / 2.0))
+            many = enumerated > ENUMERATE_MAX_PAIRS and (q_rest * d1) ** 2 <= 1e8
+            pairs = _pairs_by_products if many else _pairs
+            pair_entry, pair_group, pair_val = pairs(
+                b_row, b_lev, b_val, wgroup, Gw.shape[0], q_rest
+            )
+    if refs is None:
+        refs = [np.zeros(0, np.int32) for _ in layouts]
+        z = [np.zeros((0, t.d)) for t in layouts]
+    else:
+        nobs = -1
 
     f = lambda a: jax.numpy.asarray(a, dtype=dtype)  # noqa: E731
     i = lambda a: jax.numpy.asarray(a, dtype=jax.numpy.int32)  # noqa: E731
@@ -321,10 +438,42 @@ def build_structure(
         pair_val=f(pair_val),
         B=f(B),
         C=f(C),
-        refs=tuple(i(t.refs) for t in terms),
-        z=tuple(f(t.z) for t in terms),
-        layout=Layout(layouts, q_rest, int(Gw.shape[0]), bool(dense_b)),
+        refs=tuple(i(r) for r in refs),
+        z=tuple(f(zl) for zl in z),
+        layout=Layout(layouts, q_rest, int(Gw.shape[0]), bool(dense_b), int(nobs)),
     )
+
+
+def rest_index(layouts: tuple[TermLayout, ...], refs) -> jax.Array:
+    """Each row's index in the rest block for every rest column, (N, sum_{l>=2} d_l), in JAX."""
+    return jnp.stack(
+        [t.offset + r * t.d + c
+         for t, r in zip(layouts[1:], refs[1:], strict=True) for c in range(t.d)],
+        axis=1,
+    )  # fmt: skip
+
+
+def gram_sums(layouts: tuple[TermLayout, ...], refs, z) -> tuple[jax.Array, jax.Array]:
+    """The first term's per-level Grams ``G1`` and the dense ``C = Z_rest' Z_rest``, in JAX.
+
+    Segment sums over the rows given, jit-compatible: the per-evaluation sums of
+    :func:`scale_rows` and the per-batch sums of a streamed precompute.
+
+    Returns
+    -------
+    G1 : array (M1, d1, d1)
+    C : array (q_rest, q_rest)
+    """
+    z1 = z[0]
+    G1 = jax.ops.segment_sum(z1[:, :, None] * z1[:, None, :], refs[0], layouts[0].nlevels)
+    q = sum(t.q for t in layouts[1:])
+    if not q:
+        return G1, jnp.zeros((0, 0), G1.dtype)
+    ridx = rest_index(layouts, refs)
+    rval = jnp.concatenate(z[1:], axis=1)
+    c_idx = (ridx[:, :, None] * q + ridx[:, None, :]).reshape(-1)
+    C = jax.ops.segment_sum((rval[:, :, None] * rval[:, None, :]).reshape(-1), c_idx, q * q)
+    return G1, C.reshape(q, q)
 
 
 def rows_scalable(struct: Structure) -> bool:
@@ -366,23 +515,16 @@ def scale_rows(struct: Structure, s: jax.Array) -> Structure:
     z = tuple(zl * s[:, None] for zl in struct.z)
     refs1, z1 = struct.refs[0], z[0]
     m1, d1 = lay.first.nlevels, lay.first.d
-    G1 = jax.ops.segment_sum(z1[:, :, None] * z1[:, None, :], refs1, m1)
+    G1, C = gram_sums(lay.terms, struct.refs, z)
     dtype, ints = G1.dtype, jnp.int32
-    B, C = struct.B, struct.C
+    B = struct.B
     if lay.has_rest:
         q = lay.q_rest
-        ridx = jnp.stack(
-            [t.offset + refs * t.d + c
-             for t, refs in zip(lay.rest, struct.refs[1:], strict=True) for c in range(t.d)],
-            axis=1,
-        )  # fmt: skip
+        ridx = rest_index(lay.terms, struct.refs)
         rval = jnp.concatenate(z[1:], axis=1)
         b_vals = (rval[:, :, None] * z1[:, None, :]).reshape(-1, d1)
         B = jax.ops.segment_sum(b_vals, (ridx * m1 + refs1[:, None]).reshape(-1), q * m1)
         B = B.reshape(q, m1, d1)
-        c_idx = (ridx[:, :, None] * q + ridx[:, None, :]).reshape(-1)
-        C = jax.ops.segment_sum((rval[:, :, None] * rval[:, None, :]).reshape(-1), c_idx, q * q)
-        C = C.reshape(q, q)
     return Structure(
         G1=G1,
         Gw=G1,

@@ -70,11 +70,14 @@ def fit_reml(model, options: RemlOptions | None = None, *, reml: bool = True, **
         raise LmmInputError(f"option 'reml' must be True or False, got {reml!r}")
     model.require_full_rank("reml" if reml else "ml")
     check_identifiable(model)
-    terms, M, shift = weighted_problem(model)
-    struct = build_structure(terms, dtype=float_dtype())
-    M = jnp.asarray(M, dtype=struct.dtype)
-    products, _ = compiled(cross_products, struct, M)  # one program, not one per operation
-    xp = products(struct, M)
+    if getattr(model, "sufficient", None) is not None:  # streamed: precomputed from batches
+        (struct, xp), shift = model.sufficient, 0.0
+    else:
+        terms, M, shift = weighted_problem(model)
+        struct = build_structure(terms, dtype=float_dtype())
+        M = jnp.asarray(M, dtype=struct.dtype)
+        products, _ = compiled(cross_products, struct, M)  # one program, not one per operation
+        xp = products(struct, M)
     theta0 = np.concatenate([t.theta_init() for t in model.terms])
     theta, _, log, singular, est = optimize_theta(struct, xp, model.terms, theta0, opts, reml=reml)
     result = LmmFit.from_theta(

@@ -1,0 +1,154 @@
+"""The precompute as sums over row batches, for data streamed or split across devices.
+
+Everything the likelihoods read after the theta-free precompute is a sum over
+rows: the first term's per-level Grams ``G1``, ``B = Z_rest' Z_1``,
+``C = Z_rest' Z_rest``, and the cross products ``Z' M`` and ``M' M`` of the
+dense columns ``M = [X y]``. :func:`row_sums` computes the dense ones for one
+batch as segment sums (pure JAX, so the rows of a batch can be sharded across
+devices and the partial sums reduced); :class:`BEntries` accumulates the sparse
+``B`` on the host, merging equal entries; :func:`assemble_from_sums` turns the totals into
+the :class:`~lmmjax.linalg.structure.Structure` and
+:class:`~lmmjax.linalg.products.CrossProducts` that :func:`build_structure` and
+:func:`cross_products` would give for all rows at once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from lmmjax.linalg.products import CrossProducts, zt_parts
+from lmmjax.linalg.structure import (
+    Structure,
+    TermLayout,
+    assemble_structure,
+    b_entries,
+    gram_sums,
+)
+
+
+class RowSums(NamedTuple):
+    """Dense sums over rows; two of them add up entry by entry.
+
+    Attributes
+    ----------
+    G1 : array (M1, d1, d1)
+        Per-level Grams of the first term.
+    C : array (q_rest, q_rest)
+        ``Z_rest' Z_rest``.
+    first, rest : arrays (M1, d1, k), (q_rest, k)
+        ``Z' M`` in blocked form.
+    gram : array (k, k)
+        ``M' M``.
+    """
+
+    G1: jax.Array
+    C: jax.Array
+    first: jax.Array
+    rest: jax.Array
+    gram: jax.Array
+
+
+def row_sums(refs, z, M: jax.Array, *, layouts: tuple[TermLayout, ...]) -> RowSums:
+    """The dense sums of one batch of rows (jit-compatible; rows of zeros add nothing).
+
+    Parameters
+    ----------
+    refs, z : tuples of arrays
+        Every term's level index (n,) and lhs columns (n, d_l), in term order.
+    M : array (n, k)
+    layouts : tuple of TermLayout (static)
+        From :func:`lmmjax.linalg.structure.term_layouts`.
+
+    Returns
+    -------
+    RowSums
+    """
+    G1, C = gram_sums(layouts, refs, z)
+    first, rest = zt_parts(layouts, refs, z, M)
+    return RowSums(G1, C, first, rest, M.T @ M)
+
+
+class BEntries:
+    """The entries of ``B = Z_rest' Z_1`` summed over row batches, on the host.
+
+    Held as a dense (q_rest M1, d1) array when that has at most ``dense_limit``
+    numbers (800 MB for 1e5 x 1e3 levels, whatever N), else as sorted distinct
+    keys merged whenever the batches waiting to merge are as many as those held
+    (memory of order the number of distinct (level, rest row) pairs).
+
+    Parameters
+    ----------
+    layouts : tuple of TermLayout
+    dense_limit : float
+    """
+
+    def __init__(self, layouts: tuple[TermLayout, ...], dense_limit: float = 1.5e8):
+        self.layouts = layouts
+        self.d1 = layouts[0].d
+        size = sum(t.q for t in layouts[1:]) * layouts[0].nlevels
+        self.dense = np.zeros((size, self.d1)) if 0 < size * self.d1 <= dense_limit else None
+        self.key = np.zeros(0, np.int64)
+        self.val = np.zeros((0, self.d1))
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def add(self, refs, z) -> None:
+        """Add one batch of rows (every term's level indices and lhs columns, NumPy)."""
+        if len(self.layouts) < 2:
+            return
+        key, val = b_entries(refs, z, self.layouts)
+        self.add_entries(key, val)
+
+    def add_entries(self, key: np.ndarray, val: np.ndarray) -> None:
+        """Add entries given as distinct keys and values (another accumulator's)."""
+        if self.dense is not None:
+            self.dense[key] += val  # keys are distinct: no lost updates
+            return
+        self._pending.append((key, val))
+        if sum(k.size for k, _ in self._pending) >= max(self.key.size, 1 << 22):
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        keys = np.concatenate([self.key, *(k for k, _ in self._pending)])
+        vals = np.concatenate([self.val, *(v for _, v in self._pending)])
+        self._pending = []
+        self.key, inv = np.unique(keys, return_inverse=True)
+        self.val = np.zeros((self.key.size, self.d1))
+        for c in range(self.d1):
+            self.val[:, c] = np.bincount(inv, weights=vals[:, c], minlength=self.key.size)
+
+    def entries(self) -> tuple[np.ndarray, np.ndarray]:
+        """The sorted distinct keys (``level_1 * q_rest + rest_row``) and their values."""
+        if self.dense is not None:
+            key = np.flatnonzero(np.any(self.dense != 0.0, axis=1))
+            return key, self.dense[key]
+        self._merge()
+        return self.key, self.val
+
+
+def assemble_from_sums(
+    layouts: tuple[TermLayout, ...],
+    sums: RowSums,
+    b: BEntries,
+    nobs: int,
+    *,
+    dtype=np.float64,
+    schur: str = "auto",
+) -> tuple[Structure, CrossProducts]:
+    """The structure and the cross products of ``M`` from the totals over all rows.
+
+    The structure holds no rows (``Structure.nobs`` is ``nobs``): the profiled
+    likelihoods and the conditional modes run on it as on one built in memory;
+    products with ``Z`` (fitted values, residuals) need the rows again.
+    """
+    host = jax.tree.map(np.asarray, sums)
+    b_key, b_val = b.entries()
+    struct = assemble_structure(
+        layouts, host.G1, b_key, b_val, host.C, nobs=nobs, dtype=dtype, schur=schur
+    )
+    f = lambda a: jax.numpy.asarray(a, dtype=dtype)  # noqa: E731
+    return struct, CrossProducts(f(host.first), f(host.rest), f(host.gram))
