@@ -61,3 +61,20 @@ def test_anova_type1_and_bad_input():
         fit.anova(type=2)
     with pytest.raises(lmmjax.LmmInputError, match="ddf"):
         fit.anova(ddf="Satterthwaite's")
+
+
+@pytest.mark.parametrize("name", _cases("profile", {"penicillin"}))
+def test_profile_intervals_match_lme4(name):
+    case = REF["profile"][name]
+    fit = _fit(case, ddf="none")
+    ci = fit.confint(method="profile")
+    assert list(ci.columns) == ["2.5 %", "97.5 %"]
+    # lme4 names correlations cor_<second>.<first>|g; ours as bootstrap's parameter_vector
+    ref_names = [n.replace("cor_Days.(Intercept)", "cor_(Intercept).Days") for n in
+                 np.atleast_1d(case["names"])]  # fmt: skip
+    assert sorted(ci.index) == sorted(ref_names)
+    got = ci.loc[ref_names].to_numpy()
+    ref = np.column_stack([np.atleast_1d(case["lower"]), np.atleast_1d(case["upper"])])
+    np.testing.assert_allclose(got, ref, rtol=1e-3)
+    with pytest.raises(lmmjax.LmmInputError, match="method"):
+        fit.confint(method="profil")

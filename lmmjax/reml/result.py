@@ -195,10 +195,12 @@ class LmmFit:
         Parameters
         ----------
         level : float
-        method : {"Wald", "boot"}
-            Wald intervals for the fixed effects, or parametric-bootstrap
-            percentile intervals (``nsim`` refits, :meth:`bootstrap`) for every
-            parameter: fixed effects, random-effect SDs and correlations, sigma.
+        method : {"Wald", "profile", "boot"}
+            Wald intervals for the fixed effects; profile-likelihood intervals
+            (lme4's, on the ML deviance: :mod:`lmmjax.reml.profile`) or
+            parametric-bootstrap percentile intervals (``nsim`` refits,
+            :meth:`bootstrap`) for every parameter: fixed effects, random-effect
+            SDs and correlations, sigma.
         """
         lo, hi = f"{100 * (1 - level) / 2:.1f} %", f"{100 * (1 + level) / 2:.1f} %"
         if not 0 < level < 1:
@@ -207,8 +209,12 @@ class LmmFit:
             draws = self.bootstrap(nsim, seed)
             q = draws.quantile([(1 - level) / 2, (1 + level) / 2])
             return pd.DataFrame({lo: q.iloc[0], hi: q.iloc[1]})
+        if method == "profile":
+            from lmmjax.reml.profile import profile_confint
+
+            return profile_confint(self, level)
         if method != "Wald":
-            raise LmmInputError(f"method must be 'Wald' or 'boot', got {method!r}")
+            raise LmmInputError(f"method must be 'Wald', 'profile' or 'boot', got {method!r}")
         z = scipy.stats.norm.ppf(0.5 + level / 2)
         return pd.DataFrame(
             {lo: self.fixef - z * self.fixef_se, hi: self.fixef + z * self.fixef_se}
