@@ -75,7 +75,7 @@ def test_defaults(tmp_path):
     assert cfg.precision == "float64"
     assert cfg.reml == RemlOptions()
     assert cfg.nuts == NutsOptions()
-    assert cfg.nuts.marginalize == "all" and cfg.nuts.num_chains == 4
+    assert cfg.nuts.marginalize == "auto" and cfg.nuts.num_chains == 4
     assert cfg.map == MapOptions() and cfg.sparse == SparseOptions()
 
 

@@ -5,7 +5,8 @@ of :mod:`lmmjax.linalg` (or its eigendecomposition fast path when every
 class is marginalised with known covariances); the marginalised effects are
 then drawn exactly from their Gaussian conditional for every posterior draw.
 
-Modules: ``priors`` (defaults and overrides), ``marginal`` (the likelihood),
+Modules: ``priors`` (defaults and overrides), ``auto`` (``marginalize: auto``),
+``marginal`` (the likelihood),
 ``model`` (NumPyro model and potential), ``samplers`` (NumPyro and BlackJAX
 NUTS), ``recovery`` (exact draws of the marginalised effects), ``result``
 (:class:`BayesFit`) and ``fit`` (:func:`fit_nuts`).

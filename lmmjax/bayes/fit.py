@@ -109,8 +109,9 @@ def fit_nuts(model, options: NutsOptions | None = None, **kwargs) -> BayesFit:
         From :func:`lmmjax.design.build_model`, or any fit of one (its ``model``).
     options : NutsOptions or mapping, optional
         Sampler and model options; keywords override them. The main ones:
-        ``marginalize`` ("none", "all" or grouping factors integrated out of the
-        potential, their effects recovered exactly afterwards), ``backend``
+        ``marginalize`` ("auto", the default, chooses by the rule of
+        :mod:`lmmjax.bayes.auto`; "none", "all" or grouping factors integrated out
+        of the potential, their effects recovered exactly afterwards), ``backend``
         ("numpyro" or "blackjax"), ``num_warmup``, ``num_samples``,
         ``num_chains``, ``target_accept``, ``seed``, ``likelihood``, ``priors``
         and ``fixed_scales``; see :class:`~lmmjax.options.NutsOptions`.

@@ -37,6 +37,7 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.infer.util import potential_energy
 
+from lmmjax.bayes.auto import AutoChoice, choose_marginal
 from lmmjax.bayes.marginal import KernelData, marginal_loglik
 from lmmjax.bayes.priors import (
     SIGMA_PREFIX,
@@ -285,12 +286,15 @@ class BayesModel:
     data : KernelData
     term_names : tuple of str
         lme4-style unique term names (``Subject``, ``Subject.1``).
+    auto : AutoChoice or None
+        How ``marginalize: auto`` chose ``spec.marginal`` (None when it was given).
     """
 
     model: object
     spec: BayesSpec
     data: KernelData
     term_names: tuple[str, ...]
+    auto: AutoChoice | None = None
 
     @property
     def numpyro_model(self):
@@ -449,11 +453,15 @@ class _Resolved(NamedTuple):
     log_jac: float
     sub: object  # the sigma formula's Submodel, or None
     names: tuple[str, ...]
+    auto: AutoChoice | None = None  # the outcome of marginalize: auto
 
 
 def _resolve(model, *, marginalize, likelihood, priors, fixed_scales, shared_scale, fast_path,
              sigma) -> _Resolved:  # fmt: skip
-    """Every option checked against the model and turned into a static spec; no array work."""
+    """Every option checked against the model and turned into a static spec.
+
+    The only array work is ``marginalize: auto``'s rule, O(N d^2) in NumPy.
+    """
     model.require_full_rank("nuts")
     terms = list(model.terms)
     if not terms:
@@ -471,7 +479,6 @@ def _resolve(model, *, marginalize, likelihood, priors, fixed_scales, shared_sca
             raise LmmInputError("the lognormal likelihood needs a strictly positive response")
         log_jac = -float(np.sum(np.log(y)))
         y = np.log(y)
-    marginal = _resolve_marginal(marginalize, terms, names)
     fixed = _resolve_fixed(fixed_scales, terms, names)
     correlated = tuple(t.d > 1 for t in terms)
     if shared_scale:
@@ -483,10 +490,24 @@ def _resolve(model, *, marginalize, likelihood, priors, fixed_scales, shared_sca
     sub = _sigma_submodel(model, sigma)
     if sub is not None and fast_path:
         raise LmmInputError("the eigendecomposition fast path needs a constant sigma")
-    eligible = (
-        all(marginal) and all(f is not None for f in fixed) and not any(correlated)
-        and sub is None
-    )  # fmt: skip
+
+    def fast_eligible(marg) -> bool:
+        return (
+            all(marg) and all(f is not None for f in fixed) and not any(correlated)
+            and sub is None
+        )  # fmt: skip
+
+    auto = None
+    if isinstance(marginalize, str) and marginalize == "auto":
+        auto = choose_marginal(
+            y, model.X, terms, names, fixed_sd=None if shared_scale else fixed,
+            fast_eligible=lambda m: fast_path is not False and fast_eligible(m),
+            row_sigma=sub is not None, max_dense_b=_MAX_DENSE_B,
+        )  # fmt: skip
+        marginal = auto.marginal
+    else:
+        marginal = _resolve_marginal(marginalize, terms, names)
+    eligible = fast_eligible(marginal)
     if fast_path and not eligible:
         raise LmmInputError(
             "the eigendecomposition fast path needs every class marginalised and every "
@@ -515,7 +536,7 @@ def _resolve(model, *, marginalize, likelihood, priors, fixed_scales, shared_sca
         fixed_sd=fixed, shared_scale=bool(shared_scale), fast=fast, priors=pri,
         sigma_model=sigma_spec,
     )  # fmt: skip
-    return _Resolved(spec, y, log_jac, sub, tuple(names))
+    return _Resolved(spec, y, log_jac, sub, tuple(names), auto)
 
 
 def check_options(model, options) -> BayesSpec:
@@ -548,8 +569,10 @@ def build_bayes_model(
     ----------
     model : lmmjax.design.Model
         From :func:`lmmjax.design.build_model`.
-    marginalize : "none", "all" or sequence of str
-        Grouping factors whose random effects are integrated out of the potential.
+    marginalize : "auto", "none", "all" or sequence of str
+        Grouping factors whose random effects are integrated out of the potential;
+        "auto" chooses by the rule of :mod:`lmmjax.bayes.auto` (the builder's
+        default stays "all"; :func:`~lmmjax.bayes.fit_nuts` defaults to "auto").
     likelihood : {"normal", "lognormal"}
         LogNormal models ``log y`` as Normal and adds the Jacobian ``-sum(log y)``.
     priors : mapping, optional
@@ -573,7 +596,7 @@ def build_bayes_model(
     -------
     BayesModel
     """
-    spec, y, log_jac, sub, names = _resolve(
+    spec, y, log_jac, sub, names, auto = _resolve(
         model, marginalize=marginalize, likelihood=likelihood, priors=priors,
         fixed_scales=fixed_scales, shared_scale=shared_scale, fast_path=fast_path, sigma=sigma,
     )  # fmt: skip
@@ -605,4 +628,4 @@ def build_bayes_model(
         cols=jnp.asarray(cols, dtype),
         cmap=cmap,
     )
-    return BayesModel(model=model, spec=spec, data=data, term_names=names)
+    return BayesModel(model=model, spec=spec, data=data, term_names=names, auto=auto)

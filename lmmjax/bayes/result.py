@@ -600,6 +600,8 @@ class BayesFit:
             likelihood=spec.likelihood, fixed_scales=fixed, shared_scale=spec.shared_scale,
             fast_path=spec.fast,
             marginalize=[g for g, m in zip(self.bm.term_names, spec.marginal, strict=True) if m],
+            marginalize_auto=None if self.bm.auto is None else self.bm.auto.to_dict(
+                self.bm.term_names),
             eigen_fast_path=spec.fast, warmup_seconds=self.warmup_seconds,
             sampling_seconds=self.sampling_seconds, recovery_seconds=self.recovery_seconds,
             compile_seconds=self.compile_seconds, grad_evals=self.grad_evals,
@@ -671,7 +673,7 @@ class BayesFit:
         lines = [
             f"Bayesian linear mixed model (NUTS, {s.backend}): {self.model.formula}",
             f"  likelihood {spec.likelihood}; N = {self.model.nobs}; "
-            f"marginalised: {', '.join(marg) or 'none'}"
+            f"marginalised: {', '.join(marg) or 'none'}{self._auto_note()}"
             + ("; eigendecomposition fast path" if spec.fast else "")
             + (f"; sigma {self.model.submodels['sigma'].formula}" if spec.sigma_model else ""),
             f"  {s.num_chains} chains x {s.num_samples} draws after {s.num_warmup} warm-up; "
@@ -679,6 +681,15 @@ class BayesFit:
             f"  divergences: {self.divergences}; max r_hat: {max_rhat}; {self._per_gradient()}",
         ]
         return "\n".join(lines)
+
+    def _auto_note(self) -> str:
+        """`` (auto: ...)`` when ``marginalize: auto`` chose: the funnel depths behind it."""
+        auto = self.bm.auto
+        if auto is None:
+            return ""
+        depths = ", ".join(f"{g} {d:.3g}" for g, d in zip(self.bm.term_names, auto.depths,
+                                                            strict=True))  # fmt: skip
+        return f" (marginalize auto; funnel depth {depths})"
 
     def seconds_per_gradient(self) -> float:
         """Sampling seconds per gradient evaluation (per chain, chains run together)."""
