@@ -126,7 +126,7 @@ def fit_nuts(model, options: NutsOptions | None = None, **kwargs) -> BayesFit:
     bm = build_bayes_model(
         model, marginalize=opts.marginalize, likelihood=opts.likelihood, priors=opts.priors,
         fixed_scales=opts.fixed_scales, shared_scale=opts.shared_scale, fast_path=opts.fast_path,
-        sigma=opts.sigma,
+        sigma=opts.sigma, center=opts.center,
     )  # fmt: skip
     fit = sample_model(bm, opts)
     if opts.netcdf:

@@ -92,6 +92,9 @@ class KernelData(NamedTuple):
     cols, cmap : array (N, K) and ColumnMap
         The distinct columns of ``X`` and the ``z`` (:func:`lmmjax.linalg.column_map`),
         for the linear predictor of the sampled classes.
+    x_shift : array (p,) or None
+        With centred sampling (``BayesSpec.intercept >= 0``): the column means of
+        ``X``, zero at the intercept (see :func:`lmmjax.bayes.model.user_beta`).
     """
 
     y: jax.Array
@@ -107,6 +110,7 @@ class KernelData(NamedTuple):
     sigma_z: tuple = ()
     cols: jax.Array | None = None
     cmap: ColumnMap | None = None
+    x_shift: jax.Array | None = None
 
 
 def residual(beta, effects, data: KernelData) -> jax.Array:

@@ -3,7 +3,15 @@
 Parameters (NumPyro sample sites; "g" is a term's unique name made safe for
 file formats, e.g. ``Subject``, ``Subject_1``, ``cask_batch``):
 
-* ``beta`` (p,): fixed effects;
+* ``beta`` (p,): fixed effects; with ``center`` (a model with an intercept),
+  the sampler's coordinates are those of centred predictors, as brms and
+  bambi sample them: ``beta`` holds the intercept at the predictors' means
+  ``beta_0 + sum_k mean(x_k) beta_k`` and the other coefficients unchanged
+  (:func:`user_beta` maps back exactly, ``_constrain_all`` does it for every
+  draw, and every output is on the user's scale). The prior stays on the
+  user's coefficients, the intercept's included (brms instead puts the
+  intercept's prior on the centred intercept): centring changes the sampler's
+  geometry, not the model;
 * ``sigma``: residual SD;
 * ``sd_g`` (d_g,): random-effect SDs, absent when fixed by ``fixed_scales``
   (or replaced by one ``sd_shared`` scalar in the shared-scale setting);
@@ -64,6 +72,7 @@ __all__ = [
     "BayesSpec",
     "SigmaSpec",
     "build_bayes_model",
+    "centred_beta",
     "check_options",
     "cov_factors_from_params",
     "effects_from_params",
@@ -71,6 +80,7 @@ __all__ = [
     "log_sigma_from_params",
     "loglik_from_params",
     "safe_name",
+    "user_beta",
 ]
 
 
@@ -130,6 +140,9 @@ class BayesSpec:
     priors : PriorSet
     sigma_model : SigmaSpec or None
         The linear predictor of ``log sigma``, when sigma has one.
+    intercept : int
+        The intercept's column when the sampler uses centred coordinates
+        (``center``); -1 otherwise.
     """
 
     likelihood: str
@@ -144,6 +157,22 @@ class BayesSpec:
     fast: bool
     priors: PriorSet
     sigma_model: SigmaSpec | None = None
+    intercept: int = -1
+
+
+def user_beta(gamma, x_shift, intercept: int):
+    """Fixed effects on the user's scale from the centred coordinates (any leading axes).
+
+    ``beta = gamma`` except ``beta_0 = gamma_0 - sum_k mean(x_k) gamma_k``
+    (``x_shift`` holds the means, zero at the intercept ``0``): ``X beta =
+    X_c gamma`` with ``X_c`` the design whose other columns are centred.
+    """
+    return gamma.at[..., intercept].add(-(gamma @ x_shift))
+
+
+def centred_beta(beta, x_shift, intercept: int):
+    """The inverse of :func:`user_beta`: ``gamma_0 = beta_0 + sum_k mean(x_k) beta_k``."""
+    return beta.at[..., intercept].add(beta @ x_shift)
 
 
 def _factors(params: Mapping, names, correlated, prefix: str) -> tuple:
@@ -230,7 +259,14 @@ def lmm_model(data: KernelData, spec: BayesSpec) -> None:
     """
     pri = spec.priors
     dtype = data.y.dtype
-    params = {"beta": numpyro.sample("beta", to_distribution(pri.beta, dtype).to_event(1))}
+    prior_beta = to_distribution(pri.beta, dtype).to_event(1)
+    if spec.intercept < 0:
+        params = {"beta": numpyro.sample("beta", prior_beta)}
+    else:  # centred coordinates, the prior on the user's scale (the Jacobian is 1)
+        flat = dist.ImproperUniform(dist.constraints.real_vector, (), (spec.p,))
+        beta = user_beta(numpyro.sample("beta", flat), data.x_shift, spec.intercept)
+        numpyro.factor("beta_prior", prior_beta.log_prob(beta))
+        params = {"beta": beta}
     if spec.sigma_model is None:
         params["sigma"] = numpyro.sample("sigma", to_distribution(pri.sigma, dtype, scalar=True))
     else:
@@ -352,6 +388,8 @@ class BayesModel:
             u = np.asarray(jax.random.uniform(k_, (num_chains, *shape), minval=-1, maxval=1))
             if site == "beta":
                 val = beta0 + 0.1 * np.asarray(pri.beta.scale) * u
+                if s.intercept >= 0:
+                    val = centred_beta(jnp.asarray(val), self.data.x_shift, s.intercept)
             elif site == "sigma":
                 val = np.log(0.5 * resid_sd) + u
             elif site == "beta_sigma":
@@ -456,8 +494,17 @@ class _Resolved(NamedTuple):
     auto: AutoChoice | None = None  # the outcome of marginalize: auto
 
 
+def _intercept_column(model, center: bool) -> int:
+    """The column of a constant-one intercept to centre around, or -1 (none, or not asked)."""
+    X = np.asarray(model.X)
+    if not center or X.shape[1] < 2 or "(Intercept)" not in model.fixef_names:
+        return -1
+    k = list(model.fixef_names).index("(Intercept)")
+    return k if np.all(X[:, k] == 1.0) else -1
+
+
 def _resolve(model, *, marginalize, likelihood, priors, fixed_scales, shared_scale, fast_path,
-             sigma) -> _Resolved:  # fmt: skip
+             sigma, center=False) -> _Resolved:  # fmt: skip
     """Every option checked against the model and turned into a static spec.
 
     The only array work is ``marginalize: auto``'s rule, O(N d^2) in NumPy.
@@ -534,9 +581,16 @@ def _resolve(model, *, marginalize, likelihood, priors, fixed_scales, shared_sca
         likelihood=likelihood, p=model.X.shape[1], names=safe, d=tuple(t.d for t in terms),
         nlevels=tuple(t.nlevels for t in terms), correlated=correlated, marginal=marginal,
         fixed_sd=fixed, shared_scale=bool(shared_scale), fast=fast, priors=pri,
-        sigma_model=sigma_spec,
+        sigma_model=sigma_spec, intercept=_intercept_column(model, center),
     )  # fmt: skip
     return _Resolved(spec, y, log_jac, sub, tuple(names), auto)
+
+
+def _column_means(X, spec: BayesSpec) -> np.ndarray:
+    """The means of ``X``'s columns, zero at the intercept (``KernelData.x_shift``)."""
+    shift = np.asarray(X, dtype=float).mean(axis=0)
+    shift[spec.intercept] = 0.0
+    return shift
 
 
 def check_options(model, options) -> BayesSpec:
@@ -549,6 +603,7 @@ def check_options(model, options) -> BayesSpec:
         model, marginalize=options.marginalize, likelihood=options.likelihood,
         priors=options.priors, fixed_scales=options.fixed_scales,
         shared_scale=options.shared_scale, fast_path=options.fast_path, sigma=options.sigma,
+        center=options.center,
     ).spec  # fmt: skip
 
 
@@ -562,6 +617,7 @@ def build_bayes_model(
     shared_scale: bool = False,
     fast_path: bool | None = None,
     sigma: str | None = None,
+    center: bool = False,
 ) -> BayesModel:
     """Build the Bayesian version of a structured model.
 
@@ -591,6 +647,10 @@ def build_bayes_model(
         {"sigma": formula})``, as :func:`lmmjax.lmm` does). The marginalised
         classes then need the row-weighted Grams ``Z' W Z`` per evaluation
         (:func:`lmmjax.linalg.scale_rows`), still O(N) each.
+    center : bool
+        Sample the fixed effects in the coordinates of centred predictors when
+        the model has an intercept (see the module docstring); the builder's
+        default is False, :func:`~lmmjax.bayes.fit_nuts`'s True.
 
     Returns
     -------
@@ -599,6 +659,7 @@ def build_bayes_model(
     spec, y, log_jac, sub, names, auto = _resolve(
         model, marginalize=marginalize, likelihood=likelihood, priors=priors,
         fixed_scales=fixed_scales, shared_scale=shared_scale, fast_path=fast_path, sigma=sigma,
+        center=center,
     )  # fmt: skip
     terms, marginal, fixed, fast = list(model.terms), spec.marginal, spec.fixed_sd, spec.fast
     dtype = float_dtype()
@@ -627,5 +688,6 @@ def build_bayes_model(
         sigma_z=() if sub is None else tuple(jnp.asarray(t.z, dtype) for t in sub.terms),
         cols=jnp.asarray(cols, dtype),
         cmap=cmap,
+        x_shift=None if spec.intercept < 0 else jnp.asarray(_column_means(model.X, spec), dtype),
     )
     return BayesModel(model=model, spec=spec, data=data, term_names=names, auto=auto)

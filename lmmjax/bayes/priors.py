@@ -22,6 +22,10 @@ Overrides are keyed by parameter name (the API's ``priors=`` and the YAML's
 
 Missing keys of an override keep the default's values.
 
+Every prior on a fixed effect is on the user's coefficient, also when the
+sampler uses centred coordinates (``nuts.center``): the intercept's prior is
+on the uncentred intercept ``beta[(Intercept)]`` (brms puts it on the centred one).
+
 With a linear predictor for the residual SD (``nuts.sigma``, brms'
 ``sigma ~ x + (x | g)``) there is no ``sigma`` parameter; its coefficients are
 on the log scale, with defaults

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.infer.util import constrain_fn, potential_energy
 
-from lmmjax.bayes.model import BayesModel, BayesSpec, lmm_model
+from lmmjax.bayes.model import BayesModel, BayesSpec, lmm_model, user_beta
 from lmmjax.cache import compile_seconds, compiled
 from lmmjax.options import NutsOptions
 
@@ -292,8 +292,12 @@ def _bj_sample(keys, states, step_size, inv_mass, data, *, spec, num_steps, dept
 
 
 def _constrain_all(positions, data, spec):
+    """Constrained sites of every draw; fixed effects on the user's scale when centred."""
     model = partial(lmm_model, spec=spec)
-    return jax.vmap(lambda p: constrain_fn(model, (data,), {}, p))(positions)
+    out = jax.vmap(lambda p: constrain_fn(model, (data,), {}, p))(positions)
+    if spec.intercept >= 0:
+        out["beta"] = user_beta(out["beta"], data.x_shift, spec.intercept)
+    return out
 
 
 def _constrained_samples(positions, data, spec) -> dict:
