@@ -325,14 +325,15 @@ def test_eigen_fast_path_matches_blocked(name):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("schur", ["sparse", "dense"])
+@pytest.mark.parametrize("schur", ["sparse", "dense", "grouped"])
 @pytest.mark.parametrize("name", [n for n in CASES if len(CASES[n][1]) > 1])
 def test_both_schur_forms_match_dense(name, schur):
-    """B held as aggregated pairs or dense gives the same factorisation."""
+    """B held as aggregated pairs, dense, or as dense per-group products: one factorisation."""
     case = computed(name)
     Z, Lam, A, M, r = case["Z"], case["Lam"], case["A"], case["M"], case["r"]
     struct = build_structure(case["terms"], schur=schur)
     assert struct.layout.dense_b == (schur == "dense")
+    assert struct.layout.dense_pairs == (schur == "grouped")
     out = blocked_quantities(jnp.asarray(case["theta"]), struct, *case["args"][1:])
     V = np.eye(Z.shape[0]) + Z @ Lam @ Lam.T @ Z.T
     assert rel(out["gls"][1], M.T @ np.linalg.solve(V, M)) <= RTOL

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -12,7 +15,7 @@ import lmmjax
 from lmmjax.design import build_model
 from lmmjax.errors import LmmInputError
 from lmmjax.linalg import build_structure, cross_products
-from lmmjax.linalg.structure import _pairs, _pairs_by_products
+from lmmjax.linalg.structure import _group_products, _pairs
 from lmmjax.reml import fit_reml
 from lmmjax.stream import StreamedModel, should_stream, stream_model
 
@@ -105,22 +108,25 @@ def test_lmm_streams_a_parquet_path(parquet, fits):
     assert rel(fit.beta, b.beta) < 1e-8
 
 
-def test_pairs_by_products_equal_enumerated_pairs():
+def test_group_products_equal_enumerated_pairs():
+    """Each Gram group's B_g B_g' held dense holds the enumerated pairs (both triangles)."""
     rng = np.random.default_rng(5)
     n = 4000
     g1, g2 = rng.integers(0, 60, n), rng.integers(0, 25, n)
-    x = rng.normal(size=n)
-    df = pd.DataFrame({"y": rng.normal(size=n), "x": x, "g1": g1, "g2": g2})
+    df = pd.DataFrame({"y": rng.normal(size=n), "x": rng.normal(size=n), "g1": g1, "g2": g2})
     for form in ("y ~ x + (1 | g1) + (1 | g2)", "y ~ x + (x | g1) + (x | g2)"):
         struct = build_structure(build_model(df, form).terms, schur="sparse")
+        lay = struct.layout
         args = (np.asarray(struct.b_row, np.int64), np.asarray(struct.b_lev, np.int64),
                 np.asarray(struct.b_val), np.asarray(struct.wgroup, np.int64),
-                struct.layout.n_wgroups, struct.layout.q_rest)  # fmt: skip
-        want = _pairs(*args)
-        got = _pairs_by_products(*args, chunk_entries=500)  # several chunks per group
-        np.testing.assert_array_equal(got[0], want[0])
-        np.testing.assert_array_equal(got[1], want[1])
-        np.testing.assert_allclose(got[2], want[2], rtol=1e-12, atol=1e-12)
+                lay.n_wgroups, lay.q_rest)  # fmt: skip
+        entry, group, val = _pairs(*args)
+        got = np.asarray(_group_products(*args, np.float64, chunk_entries=500))  # chunked
+        want = np.zeros_like(got)
+        a, b = entry // lay.q_rest, entry % lay.q_rest
+        want[a, b, group] = val
+        want[b, a, group] = val.transpose(0, 2, 1)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_refusals(parquet, tmp_path):
@@ -160,3 +166,52 @@ def test_config_keys(parquet, tmp_path, capsys):
         warnings.simplefilter("ignore")
         assert run(cfg, check=True) == 0
     assert "observations N = 29990 (10 rows with missing values removed)" in capsys.readouterr().out
+
+
+def test_b_entries_accumulate_sparse_or_dense():
+    """Merged keys, or the dense array they switch to, give B of all rows at once."""
+    from lmmjax.linalg import BEntries, term_layouts
+    from lmmjax.linalg.structure import b_entries
+
+    rng = np.random.default_rng(2)
+    n = 6000
+    df = pd.DataFrame({"y": rng.normal(size=n), "x": rng.normal(size=n),
+                       "g1": rng.integers(0, 40, n), "g2": rng.integers(0, 30, n)})  # fmt: skip
+    terms = build_model(df, "y ~ 1 + (x | g1) + (1 | g2)").terms
+    layouts = term_layouts(terms)
+    refs, z = [t.refs for t in terms], [t.z for t in terms]
+    want_key, want_val = b_entries(refs, z, layouts)
+    for limit in (0.0, 1e9):  # never dense; dense once half the entries are seen
+        acc = BEntries(layouts, dense_limit=limit)
+        for rows in np.array_split(np.arange(n), 7):
+            acc.add([r[rows] for r in refs], [zl[rows] for zl in z])
+            acc._merge()
+        assert (acc.dense is not None) == (limit > 0)
+        key, val = acc.entries()
+        np.testing.assert_array_equal(key, want_key)
+        np.testing.assert_allclose(val, want_val, rtol=1e-13, atol=1e-13)
+
+
+DEVICES = """
+import sys, warnings
+import jax, numpy as np
+from lmmjax.reml import fit_reml
+from lmmjax.stream import stream_model
+warnings.simplefilter("ignore")
+assert jax.local_device_count() == 4
+out = {}
+for devices in (1, 4):
+    model = stream_model(sys.argv[1], sys.argv[2], batch_rows=4001, devices=devices)
+    fit = fit_reml(model)
+    out[devices] = np.concatenate([[fit.objective, fit.sigma], fit.beta, fit.theta])
+print("reldiff", np.max(np.abs(out[1] - out[4]) / np.abs(out[1])))
+"""
+
+
+def test_rows_sharded_over_devices_give_the_same_fit(parquet):
+    """Each batch's rows split over 4 (simulated) devices, partial sums reduced: the same fit."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    out = subprocess.run([sys.executable, "-c", DEVICES, str(parquet[0]), FORMULA],
+                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split("reldiff")[1].split()[0]) < 1e-10

@@ -52,6 +52,7 @@ class Layout:
     n_wgroups: int
     dense_b: bool = False  # B = Z_rest' Z_1 held dense (q_rest, M1, d1) instead of as pairs
     nobs: int = -1  # N where the rows are not held (a streamed structure); -1: from refs
+    dense_pairs: bool = False  # pair_val holds each Gram group's B_g B_g' dense (q, q, G, d1, d1)
 
     @property
     def first(self) -> TermLayout:
@@ -97,7 +98,11 @@ class Structure:
     pair_group : int array (P,)
         Which ``Gw`` group the pair's level belongs to.
     pair_val : array (P, d1, d1)
-        Summed outer products ``v_a v_b'`` over the levels of that group.
+        Summed outer products ``v_a v_b'`` over the levels of that group; when
+        ``layout.dense_pairs``, the (q_rest, q_rest, n_wgroups, d1, d1) array of
+        every group's ``sum_j b_j b_j'`` held dense (then ``pair_entry`` and
+        ``pair_group`` are empty); groups innermost, so that the Schur
+        complement is one matrix-vector product that XLA does not transpose.
     B : array (q_rest, M1, d1)
         ``B`` held dense, when ``layout.dense_b`` (then the pair arrays are
         empty); empty otherwise. See :func:`build_structure` for the choice.
@@ -239,28 +244,28 @@ def _pairs(b_row, b_lev, b_val, wgroup, n_wgroups, q_rest):
     return uniq // n_wgroups, uniq % n_wgroups, val
 
 
-def _pairs_by_products(b_row, b_lev, b_val, wgroup, n_wgroups, q_rest, chunk_entries=2e7):
-    """The aggregated pairs of :func:`_pairs` as dense products, one Gram group at a time.
+def _group_products(b_row, b_lev, b_val, wgroup, n_wgroups, q_rest, dtype, chunk_entries=2e7):
+    """Each Gram group's ``P_g = sum_{j in g} b_j b_j'`` held dense, (q_rest, q_rest, G, d1, d1).
 
-    ``P_g = sum_{j in g} b_j b_j'`` over the levels j of group g (``b_j`` the
-    (q_rest, d1) block of B at level j) is one matrix product of the group's
-    columns of B, built dense ``chunk_entries`` numbers at a time; its nonzero
-    lower triangle is the group's pairs. Where every level meets many rest rows
-    (two crossed factors, each subject seeing most items) this costs
-    ``q_rest^2 M1 d1^2`` multiply-adds in BLAS instead of enumerating
-    ``sum_j k_j (k_j + 1) / 2`` pairs (4.6e8 for 1e5 x 1e3 levels and 1e7 rows).
-    The loop is over groups and level chunks, each a vectorised product.
+    ``b_j`` is the (q_rest, d1) block of ``B`` at level j of the first term.
+    Each ``P_g`` is one matrix product of the group's columns of B, built dense
+    ``chunk_entries`` numbers at a time, and written into the result in place
+    (a donated buffer: the result is never held twice). Where every level meets
+    many rest rows (two crossed factors, each subject seeing most items) this
+    costs ``q_rest^2 M1 d1^2`` multiply-adds in BLAS where the pairs of
+    :func:`_pairs` would be enumerated one by one (``sum_j k_j (k_j + 1) / 2``:
+    4.6e8 for 1e5 x 1e3 levels and 1e7 rows), and holds no indices. The loop is
+    over groups and level chunks, each a vectorised product.
     """
     d1, m1 = b_val.shape[1], wgroup.size
-    by_group = np.argsort(wgroup, kind="stable")  # levels ordered by group
     rank = np.empty(m1, np.int64)
-    rank[by_group] = np.arange(m1)
+    rank[np.argsort(wgroup, kind="stable")] = np.arange(m1)  # levels ordered by group
     order = np.argsort(rank[b_lev], kind="stable")  # B entries in that level order
     ent_start = np.concatenate([[0], np.cumsum(np.bincount(rank[b_lev], minlength=m1))])
     grp_start = np.concatenate([[0], np.cumsum(np.bincount(wgroup, minlength=n_wgroups))])
     width = max(1, int(chunk_entries // (q_rest * d1)))
-    lower = np.tril(np.ones((q_rest, q_rest), dtype=bool))
-    entries, groups, vals = [], [], []
+    put = jax.jit(lambda out, x, g: out.at[:, :, g].set(x), donate_argnums=0)
+    out = jnp.zeros((q_rest, q_rest, n_wgroups, d1, d1), dtype)
     for g in range(n_wgroups):
         P = np.zeros((q_rest * d1, q_rest * d1))
         for s in range(grp_start[g], grp_start[g + 1], width):
@@ -270,17 +275,33 @@ def _pairs_by_products(b_row, b_lev, b_val, wgroup, n_wgroups, q_rest, chunk_ent
             Bc[b_row[sel], :, rank[b_lev[sel]] - s] = b_val[sel]
             Bc = Bc.reshape(q_rest * d1, e - s)
             P += Bc @ Bc.T
-        P = P.reshape(q_rest, d1, q_rest, d1).transpose(0, 2, 1, 3)
-        a, b = np.nonzero(lower & np.any(P != 0.0, axis=(2, 3)))
-        entries.append(a * q_rest + b)
-        groups.append(np.full(a.size, g, np.int64))
-        vals.append(P[a, b])
-    entry, group = np.concatenate(entries), np.concatenate(groups)
-    order = np.lexsort((group, entry))  # sorted by entry, then group, as _pairs
-    return entry[order], group[order], np.concatenate(vals)[order]
+        out = put(out, P.reshape(q_rest, d1, q_rest, d1).transpose(0, 2, 1, 3), g)
+    return out
 
 
-ENUMERATE_MAX_PAIRS = 2e7  # above this, the pairs come from dense products per group
+def schur_form(counts: np.ndarray, q_rest: int, d1: int, n_groups: int, schur: str) -> str:
+    """How ``B W B'`` is assembled: ``"dense_b"``, ``"pairs"`` or ``"dense_pairs"``.
+
+    ``schur`` ("auto", "sparse", "dense" or "grouped") forces a form unless
+    "auto". ``dense_b`` by :func:`dense_b_pays`. Otherwise the
+    aggregated pairs, unless enumerating them would give a quarter as many
+    numbers as every group's ``B_g B_g'`` held dense (a pair costs two indices
+    and about 100 bytes while it is built), or more than ``ENUMERATE_MAX_PAIRS``,
+    while that dense array has at most ``DENSE_PAIRS_MAX`` numbers: then
+    ``dense_pairs`` (:func:`_group_products`).
+    """
+    if schur == "dense" or (schur == "auto" and dense_b_pays(counts, q_rest, d1)):
+        return "dense_b"
+    if schur != "auto":
+        return "dense_pairs" if schur == "grouped" else "pairs"
+    enumerated = float(np.sum(counts * (counts + 1) / 2.0)) * d1 * d1
+    dense = float(n_groups) * (q_rest * d1) ** 2
+    many = enumerated > ENUMERATE_MAX_PAIRS or 4.0 * enumerated >= dense
+    return "dense_pairs" if many and dense <= DENSE_PAIRS_MAX else "pairs"
+
+
+ENUMERATE_MAX_PAIRS = 5e6  # pairs of B rows enumerated at most (about 100 bytes each at build)
+DENSE_PAIRS_MAX = 3e8  # numbers in the dense per-group products (2.4 GB in float64)
 
 
 def dense_b_pays(counts: np.ndarray, q_rest: int, d1: int, max_entries: float = 2.5e7) -> bool:
@@ -306,8 +327,8 @@ def dense_b_pays(counts: np.ndarray, q_rest: int, d1: int, max_entries: float = 
 
 
 def _check_schur(schur: str) -> None:
-    if schur not in ("auto", "sparse", "dense"):
-        raise ValueError(f"schur must be 'auto', 'sparse' or 'dense', got {schur!r}")
+    if schur not in ("auto", "sparse", "dense", "grouped"):
+        raise ValueError(f"schur must be 'auto', 'sparse', 'dense' or 'grouped', got {schur!r}")
 
 
 def build_structure(
@@ -321,9 +342,10 @@ def build_structure(
         Random-effect terms, first term the one with most levels.
     dtype : numpy dtype
         Floating-point type of the arrays.
-    schur : {"auto", "sparse", "dense"}
+    schur : {"auto", "sparse", "dense", "grouped"}
         How ``B = Z_rest' Z_1`` enters the Schur complement: as aggregated
-        pairs, dense, or chosen by :func:`dense_b_pays`.
+        pairs, dense, as every Gram group's ``B_g B_g'`` dense, or chosen by
+        :func:`schur_form`.
 
     Returns
     -------
@@ -388,7 +410,7 @@ def assemble_structure(
     nobs : int
         N, when the rows are not held.
     dtype : numpy dtype
-    schur : {"auto", "sparse", "dense"}
+    schur : {"auto", "sparse", "dense", "grouped"}
 
     Returns
     -------
@@ -401,21 +423,20 @@ def assemble_structure(
     Gw = Gw.reshape(-1, d1, d1)
     wgroup = wgroup.reshape(-1)
     b_row, b_lev = (b_key % q_rest, b_key // q_rest) if q_rest else (b_key, b_key)
-    dense_b = False
+    form = "pairs"
     B = np.zeros((0, m1, d1))
     pair_entry = pair_group = np.zeros(0, np.int64)
     pair_val = np.zeros((0, d1, d1))
     if q_rest:
         counts = np.bincount(b_lev, minlength=m1)
-        dense_b = schur == "dense" or (schur == "auto" and dense_b_pays(counts, q_rest, d1))
-        if dense_b:
+        form = schur_form(counts, q_rest, d1, Gw.shape[0], schur)
+        if form == "dense_b":
             B = np.zeros((q_rest, m1, d1))
             B[b_row, b_lev, :] = b_val
+        elif form == "dense_pairs":
+            pair_val = _group_products(b_row, b_lev, b_val, wgroup, Gw.shape[0], q_rest, dtype)
         else:
-            enumerated = float(np.sum(counts * (counts + 1) / 2.0))
-            many = enumerated > ENUMERATE_MAX_PAIRS and (q_rest * d1) ** 2 <= 1e8
-            pairs = _pairs_by_products if many else _pairs
-            pair_entry, pair_group, pair_val = pairs(
+            pair_entry, pair_group, pair_val = _pairs(
                 b_row, b_lev, b_val, wgroup, Gw.shape[0], q_rest
             )
     if refs is None:
@@ -440,7 +461,14 @@ def assemble_structure(
         C=f(C),
         refs=tuple(i(r) for r in refs),
         z=tuple(f(zl) for zl in z),
-        layout=Layout(layouts, q_rest, int(Gw.shape[0]), bool(dense_b), int(nobs)),
+        layout=Layout(
+            layouts,
+            q_rest,
+            int(Gw.shape[0]),
+            form == "dense_b",
+            int(nobs),
+            dense_pairs=form == "dense_pairs",
+        ),  # fmt: skip
     )
 
 

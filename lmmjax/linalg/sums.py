@@ -74,10 +74,11 @@ def row_sums(refs, z, M: jax.Array, *, layouts: tuple[TermLayout, ...]) -> RowSu
 class BEntries:
     """The entries of ``B = Z_rest' Z_1`` summed over row batches, on the host.
 
-    Held as a dense (q_rest M1, d1) array when that has at most ``dense_limit``
-    numbers (800 MB for 1e5 x 1e3 levels, whatever N), else as sorted distinct
-    keys merged whenever the batches waiting to merge are as many as those held
-    (memory of order the number of distinct (level, rest row) pairs).
+    Held as sorted distinct keys, merged whenever the batches waiting to merge
+    are as many as those held (memory of order the distinct (level, rest row)
+    pairs seen), until those fill half of the dense (q_rest M1, d1) array; from
+    then on, when that has at most ``dense_limit`` numbers, as that dense array
+    (800 MB for 1e5 x 1e3 levels, whatever N).
 
     Parameters
     ----------
@@ -88,8 +89,9 @@ class BEntries:
     def __init__(self, layouts: tuple[TermLayout, ...], dense_limit: float = 1.5e8):
         self.layouts = layouts
         self.d1 = layouts[0].d
-        size = sum(t.q for t in layouts[1:]) * layouts[0].nlevels
-        self.dense = np.zeros((size, self.d1)) if 0 < size * self.d1 <= dense_limit else None
+        self.size = sum(t.q for t in layouts[1:]) * layouts[0].nlevels
+        self.dense_limit = dense_limit
+        self.dense: np.ndarray | None = None
         self.key = np.zeros(0, np.int64)
         self.val = np.zeros((0, self.d1))
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
@@ -111,22 +113,26 @@ class BEntries:
             self._merge()
 
     def _merge(self) -> None:
-        if not self._pending:
-            return
-        keys = np.concatenate([self.key, *(k for k, _ in self._pending)])
-        vals = np.concatenate([self.val, *(v for _, v in self._pending)])
-        self._pending = []
-        self.key, inv = np.unique(keys, return_inverse=True)
-        self.val = np.zeros((self.key.size, self.d1))
-        for c in range(self.d1):
-            self.val[:, c] = np.bincount(inv, weights=vals[:, c], minlength=self.key.size)
+        if self._pending:
+            keys = np.concatenate([self.key, *(k for k, _ in self._pending)])
+            vals = np.concatenate([self.val, *(v for _, v in self._pending)])
+            self._pending = []
+            self.key, inv = np.unique(keys, return_inverse=True)
+            self.val = np.zeros((self.key.size, self.d1))
+            for c in range(self.d1):
+                self.val[:, c] = np.bincount(inv, weights=vals[:, c], minlength=self.key.size)
+        if 2 * self.key.size >= self.size and self.size * self.d1 <= self.dense_limit:
+            self.dense = np.zeros((self.size, self.d1))
+            self.dense[self.key] = self.val
+            self.key, self.val = np.zeros(0, np.int64), np.zeros((0, self.d1))
 
     def entries(self) -> tuple[np.ndarray, np.ndarray]:
         """The sorted distinct keys (``level_1 * q_rest + rest_row``) and their values."""
+        if self.dense is None:
+            self._merge()
         if self.dense is not None:
             key = np.flatnonzero(np.any(self.dense != 0.0, axis=1))
             return key, self.dense[key]
-        self._merge()
         return self.key, self.val
 
 

@@ -1,0 +1,177 @@
+"""REML on N rows streamed from Parquet: precompute and fit time, peak memory, truth.
+
+The model is ``y ~ x1 + x2 + (1 | g1) + (1 | g2)`` with crossed factors of
+1e5 and 1e3 levels, simulated once and written to ``--dir`` as one Parquet
+file per million rows (reused when present). The fit streams the files
+(:mod:`lmmjax.stream`) and reports the wall time of the precompute and of the
+fit, the peak resident memory of the process (``resource.getrusage``; the data
+are written by a child process, so its memory is not counted) and the
+estimates against the simulated truth. With ``--compare`` (default up to
+N = 1e7) the same model is then fitted in memory from the same files and the
+two fits compared.
+
+Usage::
+
+    python benchmarks/scale.py --n 1e6
+    python benchmarks/scale.py --n 1e7            # streamed, then in memory
+    python benchmarks/scale.py --n 1e8 --no-compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+M1, M2 = 100_000, 1_000
+BETA = (1.0, 0.5, -0.3)  # intercept, x1, x2
+SD1, SD2, SIGMA = 0.6, 0.4, 1.0
+CHUNK = 1_000_000
+FORMULA = "y ~ x1 + x2 + (1 | g1) + (1 | g2)"
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def generate(n: int, folder: Path, seed: int = 2026) -> None:
+    """Write ``n`` rows to ``folder`` in files of ``CHUNK`` rows (skipped when done)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    done = folder / "_done"
+    if done.exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    effects = np.random.default_rng(seed)
+    b1, b2 = SD1 * effects.normal(size=M1), SD2 * effects.normal(size=M2)
+    for k, start in enumerate(range(0, n, CHUNK)):
+        m = min(CHUNK, n - start)
+        rng = np.random.default_rng([seed, k])
+        g1 = rng.integers(0, M1, m, dtype=np.int32)
+        g2 = rng.integers(0, M2, m, dtype=np.int32)
+        x1, x2 = rng.normal(size=m), rng.normal(size=m)
+        y = BETA[0] + BETA[1] * x1 + BETA[2] * x2 + b1[g1] + b2[g2] + SIGMA * rng.normal(size=m)
+        table = pa.table({"y": y, "x1": x1, "x2": x2, "g1": g1, "g2": g2})
+        pq.write_table(table, folder / f"part-{k:05d}.parquet", row_group_size=CHUNK)
+    done.write_text(str(n))
+
+
+def summary(fit) -> dict:
+    sd = [float(np.sqrt(c[0, 0])) for c in fit.covariances()]
+    names = [t.group for t in fit.model.terms]
+    return {
+        "objective": float(fit.objective),
+        "beta": [float(b) for b in fit.beta],
+        "theta": [float(t) for t in fit.theta],
+        "sigma": float(fit.sigma),
+        "sd": dict(zip(names, sd, strict=True)),
+        "converged": bool(fit.converged),
+    }
+
+
+def rel(a, b) -> float:
+    a, b = np.atleast_1d(np.asarray(a, float)), np.atleast_1d(np.asarray(b, float))
+    return float(np.max(np.abs(a - b) / np.abs(b)))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=float, default=1e6, help="rows (1e6, 1e7, 1e8, ...)")
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/lmmjax_scale"),
+                        help="where the data are written once and reused")  # fmt: skip
+    parser.add_argument("--batch-rows", type=int, default=1_000_000)
+    parser.add_argument("--devices", default="auto")
+    parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
+                        help="also fit in memory (default: when N <= 1e7)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    n = int(args.n)
+    folder = args.dir / f"n{n}"
+    if args.generate_only:
+        generate(n, folder)
+        return 0
+    start = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--n", str(n), "--dir", str(args.dir),
+                    "--generate-only"], check=True)  # fmt: skip
+    gen_s = time.perf_counter() - start
+
+    import lmmjax
+    from lmmjax.reml import fit_reml
+    from lmmjax.stream import stream_model
+
+    devices = args.devices if args.devices == "auto" else int(args.devices)
+    rss0 = peak_rss_gib()
+    start = time.perf_counter()
+    model = stream_model(folder, FORMULA, batch_rows=args.batch_rows, devices=devices)
+    pre_s = time.perf_counter() - start
+    rss_pre = peak_rss_gib()
+    start = time.perf_counter()
+    fit = fit_reml(model)
+    fit_s = time.perf_counter() - start
+    rss_fit = peak_rss_gib()
+    struct = model.sufficient[0]
+    held = ("b_row", "b_lev", "b_val", "pair_entry", "pair_group", "pair_val", "C", "G1")
+    stored = sum(np.asarray(getattr(struct, name)).nbytes for name in held)
+    res = {
+        "n": n, "batch_rows": args.batch_rows, "devices": str(devices),
+        "generate_s": gen_s, "precompute_s": pre_s, "fit_s": fit_s,
+        "peak_rss_gib": {"after_import": rss0, "after_precompute": rss_pre, "after_fit": rss_fit},
+        "structure_gib": stored / 2**30,
+        "schur_numbers": int(struct.pair_val.size), "gram_groups": struct.layout.n_wgroups,
+        "lbfgs_evaluations": fit.log.fevals,
+        "truth": {"beta": list(BETA), "sd": {"g1": SD1, "g2": SD2}, "sigma": SIGMA},
+        "streamed": summary(fit), "lmmjax": lmmjax.__version__,
+    }  # fmt: skip
+    print(f"N = {n:.0e}: data {gen_s:.1f} s (written once, reused), precompute {pre_s:.1f} s, "
+          f"fit {fit_s:.1f} s ({fit.log.fevals} evaluations), peak RSS {rss_fit:.2f} GiB "
+          f"(after import {rss0:.2f}, after precompute {rss_pre:.2f})")  # fmt: skip
+    lay = struct.layout
+    form = "dense B" if lay.dense_b else "per-group products" if lay.dense_pairs else "pairs"
+    print(f"  Schur complement from {form} ({lay.n_wgroups} Gram groups, "
+          f"{struct.pair_val.size:,} numbers); level-sized structure "
+          f"{stored / 2**30:.2f} GiB")  # fmt: skip
+    s = res["streamed"]
+    print(f"  beta {np.round(s['beta'], 4)} (truth {BETA}); sd g1 {s['sd']['g1']:.4f} "
+          f"({SD1}), g2 {s['sd']['g2']:.4f} ({SD2}); sigma {s['sigma']:.4f} ({SIGMA})")  # fmt: skip
+    compare = args.compare if args.compare is not None else n <= 10_000_000
+    if compare:
+        import pandas as pd
+
+        from lmmjax.design import build_model
+
+        start = time.perf_counter()
+        frame = pd.read_parquet(folder)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            memory = fit_reml(build_model(frame, FORMULA))
+        mem_s = time.perf_counter() - start
+        m = summary(memory)
+        res["in_memory"] = {**m, "seconds": mem_s, "peak_rss_gib": peak_rss_gib()}
+        res["agreement"] = {
+            "objective": rel(s["objective"], m["objective"]),
+            "beta": rel(s["beta"], m["beta"]),
+            "theta": rel(s["theta"], m["theta"]),
+            "sigma": rel(s["sigma"], m["sigma"]),
+        }
+        print(f"  in memory: {mem_s:.1f} s, peak RSS {peak_rss_gib():.2f} GiB; max relative "
+              "difference streamed vs in memory: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in res["agreement"].items()))  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"scale_n{n:.0e}.json".replace("+", "")
+    path.write_text(json.dumps(res, indent=2))
+    print(f"  written {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
