@@ -13,6 +13,7 @@ method that is not built yet, with one ``lmmjax: error: ...`` line on stderr;
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -94,6 +95,10 @@ def run(config: str | Path, check: bool = False, output: str | None = None) -> i
     int
         Exit status (0).
     """
+    if os.environ.get("LMMJAX_COORDINATOR"):  # one of several processes (lmmjax.distributed)
+        from lmmjax.distributed import initialize
+
+        initialize()
     cfg = load_config(config)
     if output is not None:
         cfg = cfg.model_copy(update={"output": output})
@@ -106,10 +111,17 @@ def run(config: str | Path, check: bool = False, output: str | None = None) -> i
         return 0
     result = api.fit_model(model, cfg)
     print(result.summary())
-    if cfg.output:
+    if cfg.output and _first_process():
         written = write_json(result.to_dict(), cfg.output)
         print(f"results written to {written}")
     return 0
+
+
+def _first_process() -> bool:
+    """Whether this is process 0 (the only one that writes files when several fit together)."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

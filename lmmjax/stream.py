@@ -31,6 +31,7 @@ are interactions (``(1 | a:b)``, ``(1 | a/b)``), prior weights and offsets.
 
 from __future__ import annotations
 
+import pickle
 import re
 import warnings
 from dataclasses import dataclass, field, replace
@@ -342,6 +343,42 @@ def _full_rank(gram: np.ndarray, names, tol: float = 1e-7) -> list[int]:
     return keep
 
 
+def _allgather_objects(obj) -> list:
+    """Every process's ``obj`` (pickled, sent as bytes through JAX's collectives), in order."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(obj), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size]))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[: data.size] = data
+    every = np.asarray(multihost_utils.process_allgather(buf)).reshape(sizes.size, -1)
+    return [pickle.loads(every[k, : sizes[k]].tobytes()) for k in range(sizes.size)]
+
+
+def _combine_first_passes(parts: list) -> tuple:
+    """The first pass of all rows from each process's: counts summed, levels united."""
+    total = sum(p[0] for p in parts)
+    n_used = sum(p[1] for p in parts)
+    missing = {c: sum(p[2][c] for p in parts) for c in parts[0][2]}
+    levels: dict = {}
+    for p in parts:
+        for name, vals in p[3].items():
+            levels[name] = vals if name not in levels else np.union1d(levels[name], vals)
+    sample = next((p[4] for p in parts if p[4] is not None), None)
+    return total, n_used, missing, levels, sample
+
+
+def _sum_across_processes(sums: RowSums, bent: BEntries, layouts) -> tuple:
+    """Totals over every process's rows, the same (same order of sums) in each process."""
+    from jax.experimental import multihost_utils
+
+    sums = jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a)).sum(0), sums)
+    total = BEntries(layouts)
+    for key, val in _allgather_objects(bent.entries()):
+        total.add_entries(key, val)
+    return sums, total
+
+
 def stream_model(
     source,
     formula: str,
@@ -349,8 +386,7 @@ def stream_model(
     categorical=(),
     batch_rows: int = 1_000_000,
     devices="auto",
-    part: tuple[int, int] = (0, 1),
-    reduce=None,
+    part: tuple[int, int] | None = None,
     base_dir=None,
 ) -> StreamedModel:
     """Stream a Parquet file or directory into the sufficient statistics of a model.
@@ -368,12 +404,11 @@ def stream_model(
         the number of columns used, times 8 bytes, a few times over.
     devices : "auto" or int
         Local devices over which each batch's rows are split (``"auto"``: all).
-    part : (int, int)
-        ``(k, n)``: read only the k-th of n contiguous shares of the row groups
-        (one process of several, :mod:`lmmjax.distributed`).
-    reduce : callable, optional
-        Applied to the per-process totals before they are assembled (sums
-        across processes); None for one process.
+    part : (int, int), optional
+        ``(k, n)``: read only the k-th of n contiguous shares of the row groups.
+        Default: this process's share when JAX runs several processes
+        (:mod:`lmmjax.distributed`), whose totals are then summed across
+        processes before the structure is assembled; all rows otherwise.
     base_dir : path-like, optional
         Directory against which a relative ``source`` resolves first.
 
@@ -388,12 +423,15 @@ def stream_model(
     if not _is_parquet(path):
         raise LmmInputError(f"streamed data must be a Parquet file or directory, got {str(path)!r}")
     ndev = len(_local_devices(devices))
+    across = jax.process_count() > 1
+    if part is None:
+        part = (jax.process_index(), jax.process_count())
     schema, frags = _fragments(path, part)
     used, groups, factor_like = _formula_columns(formula, categorical, set(schema.names))
     total, n_used, missing, levels, sample = _first_pass(frags, used, factor_like, batch_rows)
-    if reduce is not None:
-        total, n_used, missing, levels, sample = reduce.first_pass(
-            total, n_used, missing, levels, sample
+    if across:
+        total, n_used, missing, levels, sample = _combine_first_passes(
+            _allgather_objects((total, n_used, missing, levels, sample))
         )
     if n_used == 0:
         raise LmmInputError(
@@ -430,8 +468,8 @@ def stream_model(
         m1, d1, q = layouts[0].nlevels, layouts[0].d, sum(t.q for t in layouts[1:])
         sums = RowSums(zeros(m1, d1, d1), zeros(q, q), zeros(m1, d1, k), zeros(q, k), zeros(k, k))
     sums = jax.tree.map(np.asarray, sums)
-    if reduce is not None:
-        sums, bent = reduce.sums(sums, bent)
+    if across:
+        sums, bent = _sum_across_processes(sums, bent, layouts)
     keep = _full_rank(sums.gram[:-1, :-1], proto.fixef_names)
     cols = [*keep, k - 1]
     sums = sums._replace(

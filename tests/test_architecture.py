@@ -34,6 +34,7 @@ ALLOWED = {
     "em": {"cache", "design", "errors", "linalg", "options", "output", "precision", "terms"},
     "sparse": {"cache", "errors", "methods", "options", "output", "precision"},
     "stream": {"cache", "design", "errors", "formula", "linalg", "precision"},
+    "distributed": {"errors"},
     "api": {"config", "datasets", "design", "errors", "methods", "stream"},
     "cli": {
         "__init__",
@@ -45,6 +46,7 @@ ALLOWED = {
         "methods",
         "output",
         "stream",
+        "distributed",
     },
     "fit": {"cli"},
 }

@@ -215,3 +215,60 @@ def test_rows_sharded_over_devices_give_the_same_fit(parquet):
                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.split("reldiff")[1].split()[0]) < 1e-10
+
+
+PROCESS = """
+import json, sys, warnings
+import lmmjax.distributed
+lmmjax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]))
+import jax, lmmjax
+warnings.simplefilter("ignore")
+from lmmjax.stream import _fragments
+fit = lmmjax.lmm(sys.argv[4], sys.argv[3], stream=True, batch_rows=4000)
+frags = _fragments(sys.argv[3], (jax.process_index(), 2))[1]
+mine = sum(b.num_rows for f in frags for b in f.to_batches(columns=["y"]))
+print("fit", json.dumps([fit.objective, fit.sigma, *fit.beta, *fit.theta, mine, fit.nobs,
+                         jax.process_count(), fit.model.n_dropped]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_each_reading_half_give_the_same_fit(parquet, fits):
+    """jax.distributed on localhost: each process reads half the row groups; sums are reduced."""
+    import json
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    procs = [
+        subprocess.Popen([sys.executable, "-c", PROCESS, port, str(k), str(parquet[0]), FORMULA],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for k in range(2)
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    one = fits[2]  # streamed by one process
+    want = np.array([one.objective, one.sigma, *one.beta, *one.theta])
+    read = []
+    for out, _ in outs:
+        got = json.loads(out.split("fit", 1)[1])
+        assert got[-3:] == [one.nobs, 2, one.model.n_dropped]
+        assert np.max(np.abs(np.array(got[:-4]) - want) / np.abs(want)) < 1e-10
+        read.append(got[-4])
+    assert read == [16_000, 14_000]  # two row groups of 8,000 and 8,000 + 6,000 rows
+
+
+def test_summary_of_a_streamed_fit(fits):
+    text = fits[2].summary()
+    assert "(not available: the rows were streamed, not held)" in text
+    assert f"Number of obs: {fits[3].nobs}, groups:  g1, 1500; g2, 60" in text
+
+
+def test_distributed_environment_must_hold_integers(monkeypatch):
+    from lmmjax.distributed import initialize
+
+    monkeypatch.setenv("LMMJAX_NUM_PROCESSES", "two")
+    with pytest.raises(LmmInputError, match="LMMJAX_NUM_PROCESSES must be an integer"):
+        initialize("127.0.0.1:1")

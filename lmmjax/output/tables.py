@@ -68,12 +68,16 @@ def residuals_and_groups(scaled_residuals, varcorr: pd.DataFrame, nobs: int,
     """lme4's summary lines from "Scaled residuals" to "Number of obs", shared by the methods."""
     import pandas as pd
 
-    q = np.quantile(np.asarray(scaled_residuals, dtype=float), [0, 0.25, 0.5, 0.75, 1.0])
+    scaled = np.asarray(scaled_residuals, dtype=float)
     groups = "; ".join(f"{g}, {n}" for g, n in ngroups.items())
+    if scaled.size:
+        q = np.quantile(scaled, [0, 0.25, 0.5, 0.75, 1.0])
+        table = pd.DataFrame([q], columns=["Min", "1Q", "Median", "3Q", "Max"]).to_string(
+            index=False, float_format=lambda v: f"{v:.4f}")  # fmt: skip
+    else:  # a fit from streamed sufficient statistics holds no rows
+        table = "(not available: the rows were streamed, not held)"
     return [
-        "", "Scaled residuals:",
-        pd.DataFrame([q], columns=["Min", "1Q", "Median", "3Q", "Max"]).to_string(
-            index=False, float_format=lambda v: f"{v:.4f}"),
+        "", "Scaled residuals:", table,
         "", "Random effects:", random_effects_table(varcorr),
         f"Number of obs: {nobs}, groups:  {groups}",
     ]  # fmt: skip
