@@ -26,6 +26,7 @@ __all__ = [
     "Options",
     "RemlOptions",
     "SparseOptions",
+    "ddf_name",
     "format_validation_error",
     "takes_options",
 ]
@@ -168,17 +169,45 @@ class RemlOptions(Options):
     snap_tol : float
         Variance parameters closer than this to the boundary are snapped
         to it (a singular fit).
-    ddf : {"Satterthwaite", "none"}
+    ddf : {"Satterthwaite", "Kenward-Roger", "none"}
         Degrees of freedom of the fixed effects' t-tests in the summary and
-        the JSON result: Satterthwaite's, as lmerTest (default), or none (lme4's
-        plain t values, and one compiled program less).
+        the JSON result: Satterthwaite's, as lmerTest (default);
+        Kenward-Roger's, as lmerTest's ``ddf = "Kenward-Roger"`` (pbkrtest's
+        adjusted standard errors; REML only); or none (lme4's plain t values,
+        and one compiled program less). Any case; ``KR`` is Kenward-Roger.
     """
 
     maxiter: int = Field(500, gt=0, strict=True)
     gtol: float = Field(1e-6, gt=0)
     fallback: StrictBool = True
     snap_tol: float = Field(1e-5, ge=0)
-    ddf: Literal["Satterthwaite", "none"] = "Satterthwaite"
+    ddf: Literal["Satterthwaite", "Kenward-Roger", "none"] = "Satterthwaite"
+
+    @field_validator("ddf", mode="before")
+    @classmethod
+    def _ddf_spelling(cls, value):
+        return ddf_name(value, strict=False)
+
+
+_DDF = {"satterthwaite": "Satterthwaite", "kenward-roger": "Kenward-Roger",
+        "kr": "Kenward-Roger", "none": "none"}  # fmt: skip
+
+
+def ddf_name(value, *, strict: bool = True) -> str:
+    """The canonical spelling of a ``ddf`` option (``"kr"`` -> ``"Kenward-Roger"``).
+
+    Raises
+    ------
+    LmmInputError
+        For an unknown name when ``strict`` (otherwise it is returned as given,
+        for pydantic to refuse).
+    """
+    name = _DDF.get(value.strip().lower()) if isinstance(value, str) else None
+    if name is None and strict:
+        raise LmmInputError(
+            f"ddf must be 'Satterthwaite', 'Kenward-Roger' or 'none', got {value!r}"
+        )
+    return value if name is None else name
 
 
 class NutsOptions(Options):

@@ -125,7 +125,7 @@ def test_parametric_bootstrap_intervals(sleep):
     ci = fit.confint(method="boot", nsim=30, seed=2)
     np.testing.assert_allclose(ci.iloc[:, 0], draws.quantile(0.025), rtol=1e-12)
     with pytest.raises(lmmjax.LmmInputError, match="method must be"):
-        fit.confint(method="profile")
+        fit.confint(method="likelihood")
 
 
 def test_in_operator_is_the_interaction(sleep):

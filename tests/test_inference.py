@@ -78,3 +78,44 @@ def test_profile_intervals_match_lme4(name):
     np.testing.assert_allclose(got, ref, rtol=1e-3)
     with pytest.raises(lmmjax.LmmInputError, match="method"):
         fit.confint(method="profil")
+
+
+@pytest.mark.parametrize(
+    "name", _cases("kenward_roger", {"sleep", "penicillin", "pastes", "pastes_unbalanced"})
+)
+def test_kenward_roger_matches_pbkrtest(name):
+    case = REF["kenward_roger"][name]
+    fit = _fit(case, ddf="KR")
+    table = fit.coef_table()
+    assert list(table.index) == list(np.atleast_1d(case["names"]))
+    np.testing.assert_allclose(table["df"], np.atleast_1d(case["df"]), rtol=1e-4)
+    np.testing.assert_allclose(table["Std. Error"], np.atleast_1d(case["se"]), rtol=1e-4)
+    np.testing.assert_allclose(table["Pr(>|t|)"], np.atleast_1d(case["p"]), rtol=1e-3)
+    # the JSON result and the summary report the same tests
+    out = fit.to_dict()
+    assert out["ddf"] == "Kenward-Roger"
+    first = out["coefficients"][table.index[0]]
+    assert first["se"] == pytest.approx(table["Std. Error"].iloc[0], rel=1e-12)
+    assert first["df"] == pytest.approx(table["df"].iloc[0], rel=1e-12)
+    assert "t-tests use Kenward-Roger's method" in fit.summary()
+
+
+@pytest.mark.parametrize("name", ["orthodont", pytest.param("cake", marks=pytest.mark.slow),
+                                  "cake_unbalanced"])  # fmt: skip
+def test_kenward_roger_anova_matches_lmertest(name):
+    case = REF["anova"][name]
+    table = _fit(case).anova(ddf="kenward-roger")
+    ref = case["kenward_roger"]
+    for col, key in [("F value", "f"), ("Sum Sq", "sum_sq"), ("DenDF", "den_df")]:
+        np.testing.assert_allclose(table[col], np.atleast_1d(ref[key]), rtol=1e-4, err_msg=col)
+    assert "Kenward-Roger" in table.attrs["heading"]
+
+
+def test_kenward_roger_needs_reml_and_spellings():
+    case = REF["kenward_roger"]["orthodont"]
+    with pytest.raises(lmmjax.LmmInputError, match="ddf.*REML"):
+        lmmjax.lmm(case["formula"], _data(case["data"]), method="ml", ddf="Kenward-Roger")
+    for spelling in ("kenward-roger", "KR", "Kenward-Roger"):
+        assert lmmjax.RemlOptions(ddf=spelling).ddf == "Kenward-Roger"
+    with pytest.raises(lmmjax.LmmInputError, match="ddf"):
+        lmmjax.lmm(case["formula"], _data(case["data"]), ddf="Welch")

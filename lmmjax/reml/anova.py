@@ -29,6 +29,7 @@ import scipy.stats
 
 from lmmjax.design import fixed_terms
 from lmmjax.errors import LmmInputError
+from lmmjax.options import ddf_name
 from lmmjax.reml.inference import VcovDerivatives, contrast_df, vcov_derivatives
 
 __all__ = ["anova", "contrasts_type1", "contrasts_type3", "f_test", "zapsmall"]
@@ -129,19 +130,24 @@ def _ddf_of_f(nu: np.ndarray) -> float:
 def f_test(L: np.ndarray, beta: np.ndarray, parts: VcovDerivatives, sigma: float) -> dict:
     """The F test of ``L beta = 0`` with Satterthwaite's df, one anova row (lmerTest's)."""
     if L.shape[0] == 0:
-        return dict.fromkeys(_COLUMNS, np.nan)
+        return _empty()
     d, P = np.linalg.eigh(L @ parts.vcov @ L.T)
     d, P = d[::-1], P[:, ::-1]  # decreasing, as R's eigen
     q = int(np.sum(d > max(np.sqrt(np.finfo(float).eps) * d[0], 0.0)))
     if q == 0:
-        return dict.fromkeys(_COLUMNS, np.nan)
+        return _empty()
     PtL = P[:, :q].T @ L
     F = float(np.sum((PtL @ beta) ** 2 / d[:q]) / q)
     ddf = _ddf_of_f(contrast_df(PtL, parts))
     return _row(F, q, ddf, sigma)
 
 
+def _empty() -> dict:
+    return dict.fromkeys(_COLUMNS, np.nan)
+
+
 def _row(F: float, q: int, ddf: float, sigma: float, scale: float = 1.0) -> dict:
+    """An anova row as lmerTest's: ``Mean Sq = F sigma^2`` before ``F`` is scaled."""
     ms = F * sigma**2
     F = F * scale
     p = scipy.stats.f.sf(F, q, ddf) if np.isfinite(ddf) else np.nan
@@ -169,7 +175,9 @@ def anova(fit, type: int | str = 3, ddf: str = "Satterthwaite") -> pd.DataFrame:
     kinds = {3: 3, "3": 3, "III": 3, 1: 1, "1": 1, "I": 1}
     if type not in kinds:
         raise LmmInputError(f"anova type must be 3 ('III') or 1 ('I'), got {type!r}")
-    method = _ddf_method(ddf)
+    method = ddf_name(ddf)
+    if method == "none":
+        raise LmmInputError("anova needs ddf 'Satterthwaite' or 'Kenward-Roger', got 'none'")
     terms, columns, intercept = fixed_terms(fit.model)
     X = fit.model.X
     if kinds[type] == 1 or X.shape[1] <= 1 or len(terms) <= 1:
@@ -180,7 +188,13 @@ def anova(fit, type: int | str = 3, ddf: str = "Satterthwaite") -> pd.DataFrame:
         from lmmjax.reml.kenward_roger import kr_f_test, kr_parts
 
         kr = kr_parts(fit)
-        rows = [kr_f_test(L, fit.beta, kr, fit.sigma) for L in hypotheses.values()]
+        rows = []
+        for L in hypotheses.values():
+            if L.shape[0] == 0:
+                rows.append(_empty())
+                continue
+            F, q, df, scale = kr_f_test(L, fit.beta, kr)
+            rows.append(_row(F, q, df, fit.sigma, scale))
     else:
         parts = vcov_derivatives(fit)
         rows = [f_test(L, fit.beta, parts, fit.sigma) for L in hypotheses.values()]
@@ -189,13 +203,3 @@ def anova(fit, type: int | str = 3, ddf: str = "Satterthwaite") -> pd.DataFrame:
     table.attrs["heading"] = f"{heading} Analysis of Variance Table with {method}'s method"
     table.attrs["hypotheses"] = hypotheses
     return table
-
-
-def _ddf_method(ddf: str) -> str:
-    """``"Satterthwaite"`` or ``"Kenward-Roger"`` from lmerTest's spellings, any case."""
-    key = str(ddf).lower().replace("_", "-")
-    if key in ("satterthwaite", "s"):
-        return "Satterthwaite"
-    if key in ("kenward-roger", "kr", "kenwardroger"):
-        return "Kenward-Roger"
-    raise LmmInputError(f"ddf must be 'Satterthwaite' or 'Kenward-Roger', got {ddf!r}")

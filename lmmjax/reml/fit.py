@@ -68,6 +68,8 @@ def fit_reml(model, options: RemlOptions | None = None, *, reml: bool = True, **
     opts = RemlOptions.from_call(options, kwargs)
     if not isinstance(reml, bool):
         raise LmmInputError(f"option 'reml' must be True or False, got {reml!r}")
+    if opts.ddf == "Kenward-Roger" and not reml:
+        raise LmmInputError("option 'ddf': Kenward-Roger needs a REML fit (method: reml)")
     model.require_full_rank("reml" if reml else "ml")
     check_identifiable(model)
     if getattr(model, "sufficient", None) is not None:  # streamed: precomputed from batches

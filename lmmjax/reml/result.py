@@ -14,6 +14,7 @@ from lmmjax.cache import compiled
 from lmmjax.design import Model
 from lmmjax.errors import LmmInputError
 from lmmjax.linalg import CrossProducts, Structure, conditional_moments, make_lambdas, z_times
+from lmmjax.options import ddf_name
 from lmmjax.output import result_dict, varcorr_rows
 from lmmjax.reml.objective import Estimates
 from lmmjax.reml.objective import estimates as compute_estimates
@@ -52,7 +53,7 @@ class LmmFit:
     _struct: Structure = field(default=None, repr=False)
     _xp: CrossProducts = field(default=None, repr=False)
     ddf: str = "Satterthwaite"
-    _coef: pd.DataFrame | None = field(default=None, repr=False)
+    _coef: dict | None = field(default=None, repr=False)  # coefficient tables by ddf
     _fitter: object = field(default=None, repr=False)  # fit_reml, for refit / update
 
     @property
@@ -145,25 +146,35 @@ class LmmFit:
         return pd.DataFrame(varcorr_rows(self.model.terms, self.covariances(), self.sigma))
 
     def coef_table(self, ddf: str | None = None) -> pd.DataFrame:
-        """Estimate, Std. Error, t value and, with Satterthwaite's ``ddf``, df and Pr(>|t|).
+        """Estimate, Std. Error, t value and, with a ``ddf`` method, df and Pr(>|t|).
 
         Parameters
         ----------
-        ddf : {"Satterthwaite", "none"}, optional
-            Defaults to the fit's ``ddf`` option. Satterthwaite's degrees of
-            freedom are lmerTest's (:mod:`lmmjax.reml.inference`).
+        ddf : {"Satterthwaite", "Kenward-Roger", "none"}, optional
+            Defaults to the fit's ``ddf`` option (any case; ``"KR"`` is
+            Kenward-Roger). Satterthwaite's degrees of freedom are lmerTest's
+            (:mod:`lmmjax.reml.inference`); Kenward-Roger's are pbkrtest's, with
+            standard errors from its adjusted covariance
+            (:mod:`lmmjax.reml.kenward_roger`, REML fits only).
         """
-        ddf = self.ddf if ddf is None else ddf
-        if ddf not in ("Satterthwaite", "none"):
-            raise LmmInputError(f"ddf must be 'Satterthwaite' or 'none', got {ddf!r}")
+        ddf = ddf_name(self.ddf if ddf is None else ddf)
         if ddf == "none":
             return pd.DataFrame({"Estimate": self.fixef, "Std. Error": self.fixef_se,
                                  "t value": self.tvalues})  # fmt: skip
         if self._coef is None:
-            from lmmjax.reml.inference import satterthwaite
+            self._coef = {}
+        if ddf not in self._coef:
+            from lmmjax.reml.inference import satterthwaite, t_table
 
-            self._coef = satterthwaite(self)
-        return self._coef
+            if ddf == "Kenward-Roger":
+                from lmmjax.reml.kenward_roger import kr_ddf, kr_parts
+
+                kr = kr_parts(self)
+                se = np.sqrt(np.diagonal(kr.vcov_adj))
+                self._coef[ddf] = t_table(self, se, kr_ddf(np.eye(se.size), kr))
+            else:
+                self._coef[ddf] = satterthwaite(self)
+        return self._coef[ddf]
 
     def anova(self, type: int | str = 3, ddf: str | None = None) -> pd.DataFrame:  # noqa: A002
         """F tests of the fixed-effect terms, as lmerTest's ``anova(m)``.
@@ -248,7 +259,8 @@ class LmmFit:
         reml = options.pop("reml", self.reml)
         model = build_model(data, new, categorical=m.categorical, weights=m.weights_column,
                             offset=m.offset_column)  # fmt: skip
-        options.setdefault("ddf", self.ddf)
+        keep = reml or self.ddf != "Kenward-Roger"  # Kenward-Roger is for REML only
+        options.setdefault("ddf", self.ddf if keep else "Satterthwaite")
         return self._fitter(model, reml=reml, **options)
 
     def simulate(self, nsim: int = 1, seed: int | None = None) -> np.ndarray:

@@ -12,7 +12,7 @@ def format_summary(fit) -> str:
     """lme4-style summary of an :class:`~lmmjax.reml.LmmFit`."""
     m = fit.model
     kind = "REML" if fit.reml else "maximum likelihood"
-    tests = ". t-tests use Satterthwaite's method" if fit.ddf == "Satterthwaite" else ""
+    tests = f". t-tests use {fit.ddf}'s method" if fit.ddf != "none" else ""
     out = [f"Linear mixed model fit by {kind}{tests} ['lmmjax']", f"Formula: {m.formula}"]
     if m.n_dropped:
         out.append(f"  ({m.n_dropped} observations deleted due to missingness)")
