@@ -36,7 +36,7 @@ from jax import lax
 
 from lmmjax.linalg.dense import logdet_quad, tri_solve
 from lmmjax.linalg.products import CrossProducts
-from lmmjax.linalg.structure import Layout, Structure
+from lmmjax.linalg.structure import Layout, Structure, packed_index
 
 
 class Factor(NamedTuple):
@@ -136,7 +136,8 @@ def schur_blocks(struct: Structure, lambdas: tuple) -> tuple[jax.Array, jax.Arra
         BW = jnp.einsum("rma,mab->rmb", struct.B, W[struct.wgroup])
         S = BW.reshape(q, -1) @ struct.B.reshape(q, -1).T
     elif layout.dense_pairs:  # S = sum_g <W_g, B_g B_g'> over the Gram groups, held dense
-        S = (struct.pair_val.reshape(q * q, -1) @ W.reshape(-1)).reshape(q, q)
+        tri = struct.pair_val.reshape(struct.pair_val.shape[0], -1) @ W.reshape(-1)
+        S = tri[packed_index(q)]
     else:  # S from the aggregated pairs of B rows that share a level
         vals = jnp.einsum("pab,pab->p", struct.pair_val, W[struct.pair_group])
         S = jax.ops.segment_sum(vals, struct.pair_entry, q * q, indices_are_sorted=True)

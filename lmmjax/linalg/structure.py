@@ -52,7 +52,7 @@ class Layout:
     n_wgroups: int
     dense_b: bool = False  # B = Z_rest' Z_1 held dense (q_rest, M1, d1) instead of as pairs
     nobs: int = -1  # N where the rows are not held (a streamed structure); -1: from refs
-    dense_pairs: bool = False  # pair_val holds each Gram group's B_g B_g' dense (q, q, G, d1, d1)
+    dense_pairs: bool = False  # pair_val: each Gram group's B_g B_g', packed lower triangles
 
     @property
     def first(self) -> TermLayout:
@@ -99,10 +99,9 @@ class Structure:
         Which ``Gw`` group the pair's level belongs to.
     pair_val : array (P, d1, d1)
         Summed outer products ``v_a v_b'`` over the levels of that group; when
-        ``layout.dense_pairs``, the (q_rest, q_rest, n_wgroups, d1, d1) array of
-        every group's ``sum_j b_j b_j'`` held dense (then ``pair_entry`` and
-        ``pair_group`` are empty); groups innermost, so that the Schur
-        complement is one matrix-vector product that XLA does not transpose.
+        ``layout.dense_pairs``, the (q_rest (q_rest + 1) / 2, n_wgroups, d1, d1)
+        array of every group's ``sum_j b_j b_j'``, lower triangles packed
+        (then ``pair_entry`` and ``pair_group`` are empty).
     B : array (q_rest, M1, d1)
         ``B`` held dense, when ``layout.dense_b`` (then the pair arrays are
         empty); empty otherwise. See :func:`build_structure` for the choice.
@@ -245,38 +244,54 @@ def _pairs(b_row, b_lev, b_val, wgroup, n_wgroups, q_rest):
 
 
 def _group_products(b_row, b_lev, b_val, wgroup, n_wgroups, q_rest, dtype, chunk_entries=2e7):
-    """Each Gram group's ``P_g = sum_{j in g} b_j b_j'`` held dense, (q_rest, q_rest, G, d1, d1).
+    """Each Gram group's ``P_g = sum_{j in g} b_j b_j'``, lower triangles packed, dense.
 
     ``b_j`` is the (q_rest, d1) block of ``B`` at level j of the first term.
     Each ``P_g`` is one matrix product of the group's columns of B, built dense
-    ``chunk_entries`` numbers at a time, and written into the result in place
-    (a donated buffer: the result is never held twice). Where every level meets
-    many rest rows (two crossed factors, each subject seeing most items) this
-    costs ``q_rest^2 M1 d1^2`` multiply-adds in BLAS where the pairs of
+    ``chunk_entries`` numbers at a time; its lower triangle (rest rows
+    ``a >= b`` in ``numpy.tril_indices`` order) is written into the result in
+    place (a donated buffer: the result is never held twice). Where every level
+    meets many rest rows (two crossed factors, each subject seeing most items)
+    this costs ``q_rest^2 M1 d1^2`` multiply-adds in BLAS where the pairs of
     :func:`_pairs` would be enumerated one by one (``sum_j k_j (k_j + 1) / 2``:
     4.6e8 for 1e5 x 1e3 levels and 1e7 rows), and holds no indices. The loop is
     over groups and level chunks, each a vectorised product.
+
+    Returns
+    -------
+    array (q_rest (q_rest + 1) / 2, G, d1, d1)
+        Groups next to the innermost axes, so that the Schur complement is one
+        matrix-vector product that XLA does not transpose.
     """
     d1, m1 = b_val.shape[1], wgroup.size
-    rank = np.empty(m1, np.int64)
-    rank[np.argsort(wgroup, kind="stable")] = np.arange(m1)  # levels ordered by group
-    order = np.argsort(rank[b_lev], kind="stable")  # B entries in that level order
-    ent_start = np.concatenate([[0], np.cumsum(np.bincount(rank[b_lev], minlength=m1))])
+    counts = np.bincount(b_lev, minlength=m1)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # B's entries are sorted by level
+    by_group = np.argsort(wgroup, kind="stable")  # levels ordered by group
     grp_start = np.concatenate([[0], np.cumsum(np.bincount(wgroup, minlength=n_wgroups))])
     width = max(1, int(chunk_entries // (q_rest * d1)))
-    put = jax.jit(lambda out, x, g: out.at[:, :, g].set(x), donate_argnums=0)
-    out = jnp.zeros((q_rest, q_rest, n_wgroups, d1, d1), dtype)
+    lower_a, lower_b = np.tril_indices(q_rest)
+    put = jax.jit(lambda out, x, g: out.at[:, g].set(x), donate_argnums=0)
+    out = jnp.zeros((lower_a.size, n_wgroups, d1, d1), dtype)
     for g in range(n_wgroups):
         P = np.zeros((q_rest * d1, q_rest * d1))
         for s in range(grp_start[g], grp_start[g + 1], width):
-            e = min(s + width, grp_start[g + 1])
-            sel = order[ent_start[s] : ent_start[e]]
-            Bc = np.zeros((q_rest, d1, e - s))
-            Bc[b_row[sel], :, rank[b_lev[sel]] - s] = b_val[sel]
-            Bc = Bc.reshape(q_rest * d1, e - s)
+            levels = by_group[s : min(s + width, grp_start[g + 1])]
+            k = counts[levels]
+            col = np.repeat(np.arange(levels.size), k)  # each entry's column in the chunk
+            idx = np.repeat(first[levels] - np.cumsum(k) + k, k) + np.arange(k.sum())
+            Bc = np.zeros((q_rest, d1, levels.size))
+            Bc[b_row[idx], :, col] = b_val[idx]
+            Bc = Bc.reshape(q_rest * d1, levels.size)
             P += Bc @ Bc.T
-        out = put(out, P.reshape(q_rest, d1, q_rest, d1).transpose(0, 2, 1, 3), g)
+        out = put(out, P.reshape(q_rest, d1, q_rest, d1)[lower_a, :, lower_b, :], g)
     return out
+
+
+def packed_index(q: int) -> jax.Array:
+    """(q, q) positions of ``S[a, b]`` in a packed lower triangle (``numpy.tril_indices``)."""
+    i = jnp.arange(q)
+    hi, lo = jnp.maximum(i[:, None], i[None, :]), jnp.minimum(i[:, None], i[None, :])
+    return hi * (hi + 1) // 2 + lo
 
 
 def schur_form(counts: np.ndarray, q_rest: int, d1: int, n_groups: int, schur: str) -> str:
@@ -295,7 +310,7 @@ def schur_form(counts: np.ndarray, q_rest: int, d1: int, n_groups: int, schur: s
     if schur != "auto":
         return "dense_pairs" if schur == "grouped" else "pairs"
     enumerated = float(np.sum(counts * (counts + 1) / 2.0)) * d1 * d1
-    dense = float(n_groups) * (q_rest * d1) ** 2
+    dense = float(n_groups) * q_rest * (q_rest + 1) / 2.0 * d1 * d1
     many = enumerated > ENUMERATE_MAX_PAIRS or 4.0 * enumerated >= dense
     return "dense_pairs" if many and dense <= DENSE_PAIRS_MAX else "pairs"
 
@@ -422,7 +437,8 @@ def assemble_structure(
     Gw, wgroup = np.unique(np.asarray(G1).reshape(m1, -1), axis=0, return_inverse=True)
     Gw = Gw.reshape(-1, d1, d1)
     wgroup = wgroup.reshape(-1)
-    b_row, b_lev = (b_key % q_rest, b_key // q_rest) if q_rest else (b_key, b_key)
+    b_row = (b_key % q_rest if q_rest else b_key).astype(np.int32)
+    b_lev = (b_key // q_rest if q_rest else b_key).astype(np.int32)
     form = "pairs"
     B = np.zeros((0, m1, d1))
     pair_entry = pair_group = np.zeros(0, np.int64)

@@ -76,8 +76,9 @@ class BEntries:
 
     Held as sorted distinct keys, merged whenever the batches waiting to merge
     are as many as those held (memory of order the distinct (level, rest row)
-    pairs seen), until those fill half of the dense (q_rest M1, d1) array; from
-    then on, when that has at most ``dense_limit`` numbers, as that dense array
+    pairs seen), until the distinct entries reach a tenth of the dense
+    (q_rest M1, d1) array (a merge needs about 80 bytes per entry); from then
+    on, when that has at most ``dense_limit`` numbers, as that dense array
     (800 MB for 1e5 x 1e3 levels, whatever N).
 
     Parameters
@@ -112,6 +113,9 @@ class BEntries:
         if sum(k.size for k, _ in self._pending) >= max(self.key.size, 1 << 22):
             self._merge()
 
+    def _dense_pays(self) -> bool:
+        return 10 * self.key.size >= self.size and self.size * self.d1 <= self.dense_limit
+
     def _merge(self) -> None:
         if self._pending:
             keys = np.concatenate([self.key, *(k for k, _ in self._pending)])
@@ -121,7 +125,7 @@ class BEntries:
             self.val = np.zeros((self.key.size, self.d1))
             for c in range(self.d1):
                 self.val[:, c] = np.bincount(inv, weights=vals[:, c], minlength=self.key.size)
-        if 2 * self.key.size >= self.size and self.size * self.d1 <= self.dense_limit:
+        if self._dense_pays():
             self.dense = np.zeros((self.size, self.d1))
             self.dense[self.key] = self.val
             self.key, self.val = np.zeros(0, np.int64), np.zeros((0, self.d1))
@@ -134,6 +138,12 @@ class BEntries:
             key = np.flatnonzero(np.any(self.dense != 0.0, axis=1))
             return key, self.dense[key]
         return self.key, self.val
+
+    def take(self) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`entries`, letting go of what this accumulator holds (it is then empty)."""
+        out = self.entries()
+        self.dense, self.key, self.val = None, np.zeros(0, np.int64), np.zeros((0, self.d1))
+        return out
 
 
 def assemble_from_sums(
@@ -152,7 +162,7 @@ def assemble_from_sums(
     products with ``Z`` (fitted values, residuals) need the rows again.
     """
     host = jax.tree.map(np.asarray, sums)
-    b_key, b_val = b.entries()
+    b_key, b_val = b.take()
     struct = assemble_structure(
         layouts, host.G1, b_key, b_val, host.C, nobs=nobs, dtype=dtype, schur=schur
     )
