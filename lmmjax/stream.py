@@ -374,7 +374,7 @@ def _sum_across_processes(sums: RowSums, bent: BEntries, layouts) -> tuple:
 
     sums = jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a)).sum(0), sums)
     total = BEntries(layouts)
-    for key, val in _allgather_objects(bent.take()):
+    for key, val in _allgather_objects(bent.entries()):
         total.add_entries(key, val)
     return sums, total
 

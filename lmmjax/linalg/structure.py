@@ -386,16 +386,18 @@ def build_structure(
         C = C.reshape(q_rest, q_rest)
     else:
         b_key, b_val, C = np.zeros(0, np.int64), np.zeros((0, first.d)), np.zeros((0, 0))
+    b_row, b_lev = (b_key % q_rest, b_key // q_rest) if q_rest else (b_key, b_key)
     return assemble_structure(
-        layouts, G1, b_key, b_val, C, refs=refs, z=z, dtype=dtype, schur=schur
+        layouts, G1, b_row, b_lev, b_val, C, refs=refs, z=z, dtype=dtype, schur=schur
     )
 
 
 def assemble_structure(
     layouts: tuple[TermLayout, ...],
     G1: np.ndarray,
-    b_key: np.ndarray,
-    b_val: np.ndarray,
+    b_row,
+    b_lev,
+    b_val,
     C: np.ndarray,
     *,
     refs=None,
@@ -416,8 +418,10 @@ def assemble_structure(
         From :func:`term_layouts`.
     G1 : array (M1, d1, d1)
         Per-level Grams of the first term.
-    b_key, b_val : arrays (K,), (K, d1)
-        ``B``'s entries as :func:`b_entries` gives them.
+    b_row, b_lev, b_val : arrays (K,), (K,), (K, d1)
+        ``B``'s nonzero entries (rest row, level of the first term, value),
+        sorted by level then row, as :func:`b_entries` gives them (NumPy, or
+        JAX arrays, which are then not copied).
     C : array (q_rest, q_rest)
         ``Z_rest' Z_rest``.
     refs, z : sequences of arrays, optional
@@ -437,8 +441,10 @@ def assemble_structure(
     Gw, wgroup = np.unique(np.asarray(G1).reshape(m1, -1), axis=0, return_inverse=True)
     Gw = Gw.reshape(-1, d1, d1)
     wgroup = wgroup.reshape(-1)
-    b_row = (b_key % q_rest if q_rest else b_key).astype(np.int32)
-    b_lev = (b_key // q_rest if q_rest else b_key).astype(np.int32)
+    f = lambda a: jax.numpy.asarray(a, dtype=dtype)  # noqa: E731
+    i = lambda a: jax.numpy.asarray(a, dtype=jax.numpy.int32)  # noqa: E731
+    b_row_j, b_lev_j, b_val_j = i(b_row), i(b_lev), f(b_val)
+    b_row, b_lev, b_val = np.asarray(b_row_j), np.asarray(b_lev_j), np.asarray(b_val_j)
     form = "pairs"
     B = np.zeros((0, m1, d1))
     pair_entry = pair_group = np.zeros(0, np.int64)
@@ -461,15 +467,13 @@ def assemble_structure(
     else:
         nobs = -1
 
-    f = lambda a: jax.numpy.asarray(a, dtype=dtype)  # noqa: E731
-    i = lambda a: jax.numpy.asarray(a, dtype=jax.numpy.int32)  # noqa: E731
     return Structure(
         G1=f(G1),
         Gw=f(Gw),
         wgroup=i(wgroup),
-        b_row=i(b_row),
-        b_lev=i(b_lev),
-        b_val=f(b_val),
+        b_row=b_row_j,
+        b_lev=b_lev_j,
+        b_val=b_val_j,
         pair_entry=i(pair_entry),
         pair_group=i(pair_group),
         pair_val=f(pair_val),

@@ -139,11 +139,20 @@ class BEntries:
             return key, self.dense[key]
         return self.key, self.val
 
-    def take(self) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`entries`, letting go of what this accumulator holds (it is then empty)."""
-        out = self.entries()
+    def take(self, dtype=np.float64) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The entries as JAX arrays (rest row, level, value), letting go of what is held.
+
+        The accumulator is then empty; each host copy is dropped as soon as its
+        JAX array exists, so that ``B`` is held about twice at most (1 GB per
+        copy for 6e7 entries).
+        """
+        key, val = self.entries()
         self.dense, self.key, self.val = None, np.zeros(0, np.int64), np.zeros((0, self.d1))
-        return out
+        q_rest = max(1, sum(t.q for t in self.layouts[1:]))
+        row = jax.numpy.asarray((key % q_rest).astype(np.int32))
+        lev = jax.numpy.asarray((key // q_rest).astype(np.int32))
+        del key
+        return row, lev, jax.numpy.asarray(val, dtype=dtype)
 
 
 def assemble_from_sums(
@@ -162,9 +171,9 @@ def assemble_from_sums(
     products with ``Z`` (fitted values, residuals) need the rows again.
     """
     host = jax.tree.map(np.asarray, sums)
-    b_key, b_val = b.take()
+    b_row, b_lev, b_val = b.take(dtype)
     struct = assemble_structure(
-        layouts, host.G1, b_key, b_val, host.C, nobs=nobs, dtype=dtype, schur=schur
+        layouts, host.G1, b_row, b_lev, b_val, host.C, nobs=nobs, dtype=dtype, schur=schur
     )
     f = lambda a: jax.numpy.asarray(a, dtype=dtype)  # noqa: E731
     return struct, CrossProducts(f(host.first), f(host.rest), f(host.gram))
