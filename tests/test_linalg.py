@@ -19,6 +19,7 @@ import scipy.linalg
 
 from lmmjax.linalg import (
     build_structure,
+    cholesky,
     column_map,
     conditional_moments,
     cross_products,
@@ -34,6 +35,7 @@ from lmmjax.linalg import (
     make_lambdas,
     rows_scalable,
     scale_rows,
+    tri_solve,
     z_times,
 )
 from lmmjax.reml.objective import profiled_objective
@@ -410,8 +412,9 @@ def test_no_terms_is_an_error():
         build_structure([])
 
 
-def test_logdet_quad_gradient_matches_autodiff_through_cholesky(rng):
-    q, k = 12, 3
+@pytest.mark.parametrize("q", [3, 12])  # unrolled (<= dense.SMALL) and LAPACK factors
+def test_logdet_quad_gradient_matches_autodiff_through_cholesky(rng, q):
+    k = 3
     B = rng.normal(size=(q, q))
     A = jnp.asarray(B @ B.T / q + np.eye(q))
     R = jnp.asarray(rng.normal(size=(q, k)))
@@ -431,6 +434,37 @@ def test_logdet_quad_gradient_matches_autodiff_through_cholesky(rng):
         jax.grad(custom, (0, 1))(A, R), jax.grad(plain, (0, 1))(A, R), strict=True
     ):
         np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5])
+def test_small_cholesky_and_solves_match_lapack(rng, d):
+    B = jnp.asarray(rng.normal(size=(7, d, d)))
+    rhs = jnp.asarray(rng.normal(size=(7, d, 3)))
+
+    def spd(B):
+        return B @ jnp.swapaxes(B, -1, -2) / d + jnp.eye(d)
+
+    L = cholesky(spd(B))
+    np.testing.assert_allclose(L, np.linalg.cholesky(np.asarray(spd(B))), rtol=1e-12, atol=1e-14)
+    for transpose in (False, True):
+        pairs = zip(np.asarray(L), np.asarray(rhs), strict=True)
+        ref = np.stack([scipy.linalg.solve_triangular(a, b, lower=True, trans=int(transpose))
+                        for a, b in pairs])  # fmt: skip
+        np.testing.assert_allclose(tri_solve(L, rhs, transpose=transpose), ref, rtol=1e-11)
+
+    def ours(B):  # log-determinant and a quadratic form through the factor
+        L = cholesky(spd(B))
+        w = tri_solve(L, rhs)
+        return jnp.sum(jnp.log(jnp.diagonal(L, axis1=1, axis2=2))) + jnp.sum(w**2)
+
+    def lapack(B):
+        L = jnp.linalg.cholesky(spd(B))
+        w = jax.scipy.linalg.solve_triangular(L, rhs, lower=True)
+        return jnp.sum(jnp.log(jnp.diagonal(L, axis1=1, axis2=2))) + jnp.sum(w**2)
+
+    np.testing.assert_allclose(jax.grad(ours)(B), jax.grad(lapack)(B), rtol=1e-10, atol=1e-12)
+    bad = jnp.asarray(np.diag(np.r_[1.0, -1.0, np.ones(d)][:d])) if d > 1 else -jnp.eye(1)
+    assert np.isnan(np.asarray(cholesky(bad))).any()  # not positive definite: NaN, as LAPACK
 
 
 def test_cost_model_picks_the_cheaper_schur_form():

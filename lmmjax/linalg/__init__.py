@@ -20,7 +20,7 @@ from lmmjax.linalg.blocked import (
     logdet,
     make_lambdas,
 )
-from lmmjax.linalg.dense import logdet_quad, tri_solve
+from lmmjax.linalg.dense import cholesky, logdet_quad, tri_solve
 from lmmjax.linalg.eigen import (
     EigenSystem,
     Rotated,
@@ -60,6 +60,7 @@ __all__ = [
     "Rotated",
     "Structure",
     "build_structure",
+    "cholesky",
     "column_map",
     "conditional_moments",
     "cross_products",

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lmmjax.linalg.dense import logdet_quad, tri_solve
+from lmmjax.linalg.dense import cholesky, logdet_quad, tri_solve
 from lmmjax.linalg.products import CrossProducts
 from lmmjax.linalg.structure import Layout, Structure, packed_index
 
@@ -110,7 +110,7 @@ def schur_weights(struct: Structure, lam1: jax.Array) -> jax.Array:
     Aw = first_left(first_left(struct.Gw, lam1).transpose(0, 2, 1), lam1) + jnp.eye(
         d1, dtype=lam1.dtype
     )
-    Lw = jnp.linalg.cholesky(Aw)
+    Lw = cholesky(Aw)
     Y = tri_solve(Lw, jnp.broadcast_to(lam1.T, Aw.shape))
     return jnp.einsum("gka,gkb->gab", Y, Y)
 
@@ -127,7 +127,7 @@ def schur_blocks(struct: Structure, lambdas: tuple) -> tuple[jax.Array, jax.Arra
     A11 = first_left(first_left(struct.G1, lam1).transpose(0, 2, 1), lam1) + jnp.eye(
         d1, dtype=lam1.dtype
     )
-    L11 = jnp.linalg.cholesky(A11)
+    L11 = cholesky(A11)
     if not layout.has_rest:
         return L11, jnp.zeros((0, 0), dtype=L11.dtype)
     q = layout.q_rest
@@ -163,7 +163,7 @@ def factorize(struct: Structure, lambdas: tuple) -> Factor:
     Factor
     """
     L11, A22 = schur_blocks(struct, lambdas)
-    L22 = jnp.linalg.cholesky(A22) if struct.layout.has_rest else A22
+    L22 = cholesky(A22) if struct.layout.has_rest else A22
     return Factor(lambdas, L11, L22)
 
 

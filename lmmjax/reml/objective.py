@@ -21,6 +21,7 @@ import numpy as np
 from lmmjax.linalg import (
     CrossProducts,
     Structure,
+    cholesky,
     conditional_moments,
     gls_gram,
     make_lambdas,
@@ -60,7 +61,7 @@ def profiled_criterion(logdet_A, Lxy, n: int, p: int, reml: bool) -> jax.Array:
 def _profiled(theta, struct: Structure, xp: CrossProducts, reml: bool):
     lambdas = make_lambdas(theta, struct)
     logdet_A, gram = gls_gram(struct, lambdas, xp)
-    Lxy = jnp.linalg.cholesky(gram)
+    Lxy = cholesky(gram)
     p = gram.shape[0] - 1
     return lambdas, Lxy, profiled_criterion(logdet_A, Lxy, struct.nobs, p, reml)
 
