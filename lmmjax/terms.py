@@ -106,7 +106,7 @@ def unique_group_names(terms) -> list[str]:
 def covariances_from_theta(terms, theta, sigma: float) -> list[np.ndarray]:
     """Each term's covariance ``sigma^2 Lambda_l Lambda_l'`` from lme4's theta, in NumPy.
 
-    For results and bootstrap replicates: a few numbers, not worth an XLA program.
+    For results: a few numbers, not worth an XLA program.
     """
     out, k = [], 0
     for t in terms:

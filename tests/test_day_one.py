@@ -124,6 +124,13 @@ def test_parametric_bootstrap_intervals(sleep):
     assert np.all(np.abs(draws[["(Intercept)", "Days"]].mean().to_numpy() - est) < 4 * se)
     ci = fit.confint(method="boot", nsim=30, seed=2)
     np.testing.assert_allclose(ci.iloc[:, 0], draws.quantile(0.025), rtol=1e-12)
+    # each replicate is the ordinary fit of its simulated response
+    from lmmjax.reml.bootstrap import parameter_vector
+
+    ys = fit.simulate(30, seed=2)
+    for r in (0, 17):
+        one = parameter_vector(fit.refit(ys[r]))
+        np.testing.assert_allclose(draws.iloc[r], one[draws.columns], rtol=2e-4, atol=1e-6)
     with pytest.raises(lmmjax.LmmInputError, match="method must be"):
         fit.confint(method="likelihood")
 

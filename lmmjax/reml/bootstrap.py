@@ -15,11 +15,10 @@ import pandas as pd
 from lmmjax.cache import compiled
 from lmmjax.errors import LmmInputError
 from lmmjax.linalg import build_structure, cross_products
-from lmmjax.output import varcorr_rows
 from lmmjax.precision import float_dtype
 from lmmjax.reml.objective import weighted_problem
-from lmmjax.reml.optimize import canonical_theta, lbfgs_loop, theta_scale
-from lmmjax.terms import covariances_from_theta
+from lmmjax.reml.optimize import lbfgs_loop, theta_scale
+from lmmjax.terms import unique_group_names
 
 __all__ = ["bootstrap", "parameter_vector", "simulate"]
 
@@ -58,7 +57,7 @@ def parameter_vector(fit) -> pd.Series:
 
     SDs are ``sd_<effect>|<group>``, correlations ``cor_<effect>.<effect>|<group>``.
     """
-    return pd.Series(_parameters(fit.model, fit.theta, fit.beta, fit.sigma), dtype=float)
+    return _parameter_table(fit.model, fit.theta, fit.beta, fit.sigma).iloc[0].rename(None)
 
 
 def _refit(theta0, struct, M, scale, maxiter, gtol, reml: bool):
@@ -106,21 +105,33 @@ def bootstrap(fit, nsim: int = 200, seed: int | None = None, batch: int = 250) -
                           jnp.asarray(1e-6, dtype), reml=fit.reml)  # fmt: skip
         thetas, betas, sigmas = (np.asarray(a, dtype=float) for a in run(
             *args, Ms, scale, jnp.asarray(500), jnp.asarray(1e-6, dtype)))  # fmt: skip
-        for theta, beta, sigma in zip(thetas, betas, sigmas, strict=True):
-            rows.append(_parameters(m, canonical_theta(theta, m.terms)[0], beta, float(sigma)))
-    return pd.DataFrame(rows).reset_index(drop=True)
+        rows.append(_parameter_table(m, thetas, betas, sigmas))
+    return pd.concat(rows, ignore_index=True)
 
 
-def _parameters(model, theta, beta, sigma) -> dict:
-    """:func:`parameter_vector` from raw estimates (no fit object)."""
-    values = dict(zip(model.fixef_names, beta, strict=True))
-    covs = covariances_from_theta(model.terms, theta, sigma)
-    for row in varcorr_rows(model.terms, covs, sigma):
-        if row["group"] == "Residual":
-            continue
-        if row["var2"] is None:
-            values[f"sd_{row['var1']}|{row['group']}"] = row["sd"]
-        else:
-            values[f"cor_{row['var1']}.{row['var2']}|{row['group']}"] = row["corr"]
-    values["sigma"] = sigma
-    return values
+def _parameter_table(model, thetas, betas, sigmas) -> pd.DataFrame:
+    """:func:`parameter_vector` for many estimates at once, one row each (vectorised).
+
+    ``Lambda Lambda'`` does not change when a column of ``Lambda`` changes
+    sign, so the raw thetas serve.
+    """
+    thetas, betas = np.atleast_2d(thetas), np.atleast_2d(betas)
+    sigmas = np.asarray(sigmas, dtype=float).reshape(-1)
+    values = dict(zip(model.fixef_names, betas.T, strict=True))
+    k = 0
+    for name, t in zip(unique_group_names(model.terms), model.terms, strict=True):
+        lam = np.zeros((len(thetas), t.d, t.d))
+        lam[(slice(None), *t.theta_index())] = thetas[:, k : k + t.ntheta]
+        cov = sigmas[:, None, None] ** 2 * lam @ lam.transpose(0, 2, 1)
+        sd = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0.0, None))
+        for a in range(t.d):
+            values[f"sd_{t.names[a]}|{name}"] = sd[:, a]
+        for a in range(t.d):
+            for b in range(a + 1, t.d):
+                denom = sd[:, a] * sd[:, b]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    corr = np.where(denom > 0, cov[:, b, a] / denom, np.nan)
+                values[f"cor_{t.names[a]}.{t.names[b]}|{name}"] = corr
+        k += t.ntheta
+    values["sigma"] = sigmas
+    return pd.DataFrame(values, dtype=float)
