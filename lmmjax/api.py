@@ -35,6 +35,7 @@ def lmm(
     method: str = "reml",
     *,
     categorical: Sequence[str] = (),
+    contrasts: dict[str, str] | None = None,
     weights: str | None = None,
     offset: str | None = None,
     stream: bool | str = "auto",
@@ -55,6 +56,9 @@ def lmm(
         Profiled REML (default) or ML, or Bayesian NUTS.
     categorical : str or sequence of str
         Columns to treat as factors.
+    contrasts : dict of str to str, optional
+        Coding of named factors in the fixed part, as R's ``contrasts``
+        argument: ``{"Machine": "sum"}`` (treatment, sum, helmert or poly).
     weights : str, optional
         Column of prior weights, as lme4's ``weights`` (residual variance
         ``sigma^2 / w_i``).
@@ -108,6 +112,8 @@ def lmm(
         offset=offset, batch_rows=batch_rows, devices=devices,
     )  # fmt: skip
     if streamed is not None:
+        if contrasts:
+            raise LmmInputError("contrasts are not supported with stream; code the factors first")
         return entry.fit(streamed, opts)
     model = build_model(
         load_data(data),
@@ -117,5 +123,6 @@ def lmm(
         drop_aliased=opts.drop_aliased(),
         weights=weights,
         offset=offset,
+        contrasts=contrasts,
     )
     return entry.fit(model, opts)

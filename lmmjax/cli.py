@@ -74,7 +74,7 @@ def _build_model(cfg: FitConfig) -> Any:
     drop = opts.drop_aliased() if opts is not None else True
     return build_model(
         df, cfg.formula, categorical=cfg.categorical, submodels=subs, drop_aliased=drop,
-        weights=cfg.weights, offset=cfg.offset,
+        weights=cfg.weights, offset=cfg.offset, contrasts=cfg.contrasts,
     )  # fmt: skip
 
 

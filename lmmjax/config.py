@@ -48,7 +48,11 @@ __all__ = ["FitConfig", "load_config", "validate_config"]
 Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 
 # Top-level keys that may be written empty (``reml:``) to mean "all defaults".
-_OPTIONAL_SECTIONS = ("categorical", *dict.fromkeys(m.section for m in METHODS.values()))
+_OPTIONAL_SECTIONS = (
+    "categorical",
+    "contrasts",
+    *dict.fromkeys(m.section for m in METHODS.values()),
+)
 
 
 class FitConfig(BaseModel):
@@ -64,6 +68,9 @@ class FitConfig(BaseModel):
         lme4-style model formula.
     categorical : list of str
         Columns treated as factors.
+    contrasts : dict of str to str
+        Coding of named factors in the fixed part (``{Machine: sum}``):
+        treatment, sum, helmert or poly, as R's ``contrasts`` argument.
     weights : str, optional
         Column of prior weights (residual variance ``sigma^2 / w``), as lme4's ``weights``.
     offset : str, optional
@@ -91,6 +98,7 @@ class FitConfig(BaseModel):
     data: str
     formula: str
     categorical: list[str] = Field(default_factory=list)
+    contrasts: dict[str, str] = Field(default_factory=dict)
     weights: str | None = None
     offset: str | None = None
     stream: bool | Literal["auto"] = "auto"

@@ -12,7 +12,9 @@ import pandas as pd
 
 from lmmjax.errors import LmmInputError
 from lmmjax.formula import (
+    CONTRASTS,
     BarTerm,
+    apply_contrasts,
     expand_dot,
     has_dot,
     model_matrix,
@@ -82,6 +84,8 @@ class Model:
     """The DataFrame the model was built from (not copied), for ``update``."""
     categorical: tuple[str, ...] = ()
     """The ``categorical`` argument of the build."""
+    contrasts: tuple[tuple[str, str], ...] = ()
+    """The ``contrasts`` argument of the build, as (column, coding) pairs."""
     offset_column: str | None = None
     """The ``offset`` argument of the build (formula ``offset()`` terms stay in the formula)."""
     rows: pd.Index | None = field(default=None, repr=False)
@@ -424,6 +428,35 @@ def _expand_dot(parsed, data: pd.DataFrame) -> str:
     return expand_dot(parsed.fixed, [str(c) for c in data.columns], named)
 
 
+def _check_contrasts(contrasts, fixed: str, data: pd.DataFrame) -> dict[str, str]:
+    """Validate ``contrasts`` (``contr.`` prefixes accepted) against the fixed part."""
+    if contrasts is None:
+        return {}
+    if not isinstance(contrasts, Mapping):
+        raise LmmInputError(
+            f"contrasts must map factor columns to a coding, e.g. {{'Machine': 'sum'}}; "
+            f"got {contrasts!r}"
+        )
+    out = {}
+    used = required_columns(fixed, context="fixed-effect formula")
+    for name, kind in contrasts.items():
+        coding = str(kind).removeprefix("contr.")
+        if coding not in CONTRASTS:
+            raise LmmInputError(
+                f"contrasts: {name!r} has coding {kind!r}; choose one of {', '.join(CONTRASTS)}"
+            )
+        if str(name) not in map(str, data.columns):
+            raise LmmInputError(f"contrasts: column {name!r} is not in the data")
+        if str(name) not in used:  # as R: a warning, and the coding is ignored
+            warnings.warn(
+                f"contrasts: column {name!r} is not in the fixed-effect formula; ignored",
+                stacklevel=3,
+            )
+            continue
+        out[str(name)] = coding
+    return out
+
+
 def build_model(
     data: pd.DataFrame,
     formula: str,
@@ -433,6 +466,7 @@ def build_model(
     submodels: Mapping[str, str] | None = None,
     weights: str | None = None,
     offset: str | None = None,
+    contrasts: Mapping[str, str] | None = None,
 ) -> Model:
     """Build the structured model of an lme4 formula on a DataFrame.
 
@@ -458,6 +492,11 @@ def build_model(
     offset : str, optional
         Column added to the linear predictor with coefficient 1; ``offset(x)``
         terms in the fixed part do the same, and several offsets add up.
+    contrasts : mapping of str to str, optional
+        R's ``contrasts`` argument: the coding of each named factor in the
+        fixed part, ``"treatment"`` (the default for every factor), ``"sum"``,
+        ``"helmert"`` or ``"poly"`` (R's ``contr.*``), with R's column names
+        (``Machine1``, ``Machine.L``). Named columns are treated as factors.
     submodels : mapping of str to str, optional
         Linear predictors of other parameters, as one-sided formulas by name
         (``{"sigma": "~ c + (c | subj)"}``): built on the same rows, with their
@@ -486,7 +525,8 @@ def build_model(
     if has_dot(parsed.fixed):
         parsed = replace(parsed, fixed=_expand_dot(parsed, data))
     fixed_rhs, offsets = split_offsets(parsed.fixed)
-    parsed = replace(parsed, fixed=fixed_rhs)
+    contrasts = _check_contrasts(contrasts, fixed_rhs, data)
+    parsed = replace(parsed, fixed=apply_contrasts(fixed_rhs, contrasts))
     offsets = [*offsets, *([offset] if offset is not None else [])]
     categorical = list(categorical)
     columns = set(map(str, data.columns))
@@ -529,7 +569,7 @@ def build_model(
     data, n_dropped, rows = _drop_missing(data[used], used)
     # grouping columns are factors only inside their bar (group_index); elsewhere a
     # column keeps its type unless it is listed as categorical, as in lme4
-    factor_columns = tuple(sorted(set(categorical) & set(used)))
+    factor_columns = tuple(sorted((set(categorical) | set(contrasts)) & set(used)))
     data = _as_factors(data, set(factor_columns))
 
     y = _response(data, parsed.response)
@@ -593,6 +633,7 @@ def build_model(
         weights_column=None if weights is None else str(weights),
         source=source,
         categorical=tuple(categorical),
+        contrasts=tuple(contrasts.items()),
         offset_column=offset,
         rows=rows,
     )

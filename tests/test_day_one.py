@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,47 @@ def test_r_formula_functions_match_lme4(sleep, case):
     assert list(fit.fixef.index) == case["names"]
     np.testing.assert_allclose(fit.fixef.to_numpy(), case["fixef"], rtol=1e-5, atol=1e-6)
     assert fit.objective == pytest.approx(case["objective"], abs=1e-5)
+
+
+CONTRAST_CASES = json.loads(
+    (Path(__file__).parent / "reference" / "lme4_contrasts.json").read_text()
+)["cases"]
+
+
+def _contrast_data(sleep):
+    letters = np.array(list("abcd"))
+    return sleep.assign(g=letters[sleep["Days"] % 3], h=letters[sleep["Days"] // 3])
+
+
+@pytest.mark.filterwarnings("ignore:fixed-effect model matrix is rank deficient")
+@pytest.mark.parametrize("case", CONTRAST_CASES, ids=[str(c["contrasts"]) for c in CONTRAST_CASES])
+def test_contrasts_match_lme4(sleep, case):
+    """Per-factor contrasts (sum, helmert, poly, treatment): names, estimates and SEs as lme4."""
+    data = _contrast_data(sleep)
+    fit = lmmjax.lmm(case["formula"], data, contrasts=case["contrasts"], ddf="none")
+    assert list(fit.fixef.index) == case["names"]
+    np.testing.assert_allclose(fit.fixef.to_numpy(), case["fixef"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fit.fixef_se.to_numpy(), case["se"], rtol=1e-4)
+    assert fit.objective == pytest.approx(case["objective"], abs=1e-5)
+    new = data.iloc[::7]  # predictions reuse the coding
+    np.testing.assert_allclose(fit.predict(new, re_form=False), fit.model.X[::7] @ fit.beta)
+
+
+def test_contrasts_bad_input(sleep, tmp_path):
+    data = _contrast_data(sleep)
+    f = "Reaction ~ g + (1 | Subject)"
+    with pytest.raises(lmmjax.LmmInputError, match="'g' has coding 'sums'"):
+        lmmjax.lmm(f, data, contrasts={"g": "sums"})
+    with pytest.raises(lmmjax.LmmInputError, match="column 'k' is not in the data"):
+        lmmjax.lmm(f, data, contrasts={"k": "sum"})
+    with pytest.warns(UserWarning, match="'h' is not in the fixed-effect formula"):
+        lmmjax.lmm(f, data, contrasts={"h": "sum"}, ddf="none")
+    data.to_csv(tmp_path / "d.csv", index=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {tmp_path / 'd.csv'}\nformula: {f}\ncontrasts: {{g: helmert}}\n")
+    proc = subprocess.run([sys.executable, "-m", "lmmjax.fit", str(cfg)], capture_output=True,
+                          text=True)  # fmt: skip
+    assert proc.returncode == 0 and "g1" in proc.stdout, proc.stderr
 
 
 def test_r_names_with_dots(sleep):

@@ -2,10 +2,19 @@
 
 from lmmjax.formula.bars import BarTerm, ParsedFormula, parse_formula
 from lmmjax.formula.dot import expand_dot, has_dot
-from lmmjax.formula.fixed import lme4_name, model_matrix, quote_names, required_columns
+from lmmjax.formula.fixed import (
+    CONTRASTS,
+    apply_contrasts,
+    lme4_name,
+    model_matrix,
+    quote_names,
+    required_columns,
+)
 
 __all__ = [
+    "CONTRASTS",
     "BarTerm",
+    "apply_contrasts",
     "ParsedFormula",
     "expand_dot",
     "has_dot",

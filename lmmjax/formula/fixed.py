@@ -25,6 +25,54 @@ _R_WORDS = re.compile(r"(?<![\w.`])(TRUE|FALSE)(?![\w.`])")
 _NAME_TOKEN = re.compile(r"`([^`]+)`|(?<![\w.`])([A-Za-z_.][\w.]*)(?![\w.`])")
 
 
+CONTRASTS = ("treatment", "sum", "helmert", "poly")
+_CONTRAST_PART = re.compile(r"^C\((`[^`]+`|[^,()]+),\s*contr\.(\w+)\)\[(.*)\]$")
+
+
+def apply_contrasts(formula: str, contrasts: dict[str, str]) -> str:
+    """Code the listed factors with R's contrasts: ``x`` becomes ``C(x, contr.sum)``.
+
+    Every bare use of a listed column in the fixed part (and ``factor(x)``,
+    ``as.factor(x)``) is rewritten; the names of the columns it makes follow R
+    (:func:`contrast_column_name`).
+    """
+    if not contrasts:
+        return formula
+    for name in contrasts:
+        plain = re.escape(name)
+        formula = re.sub(rf"(?<![\w.])(?:as\.)?factor\(\s*(`{plain}`|{plain})\s*\)", r"\1",
+                         formula)  # fmt: skip
+
+    def sub(match):
+        name = match.group(1) if match.group(1) is not None else match.group(2)
+        if name not in contrasts:
+            return match.group(0)
+        return f"C({match.group(0)}, contr.{contrasts[name]})"
+
+    return _NAME_TOKEN.sub(sub, formula)
+
+
+def contrast_column_name(part: str, levels: dict[str, list[str]]) -> str:
+    """R's name of one factor column coded by :func:`apply_contrasts` (other parts unchanged).
+
+    Treatment coding names a level (``MachineB``), polynomial coding a degree
+    (``Machine.L``, ``Machine^4``), sum and Helmert coding a position
+    (``Machine1``), as ``model.matrix`` does. Columns of a factor that enters
+    with every level (no intercept) are named by level under any coding.
+    """
+    match = _CONTRAST_PART.match(part)
+    if not match:
+        return part
+    name, kind, label = match.group(1).strip(), match.group(2), match.group(3)
+    name = name.strip("`")
+    if kind in ("sum", "helmert") and label[:2] in ("S.", "H."):
+        k = levels[name].index(label[2:])
+        return f"{name}{k + 1 if kind == 'sum' else k}"
+    if kind == "treatment" and label.startswith("T."):
+        label = label[2:]
+    return f"{name}{label}"
+
+
 def r_to_python(formula: str) -> tuple[str, dict[str, str]]:
     """Translate R spellings into formulaic's, remembering what the user wrote.
 
@@ -167,7 +215,12 @@ def model_matrix(
         mm = formulaic.model_matrix(translated, data, na_action="raise")
     except FormulaicError as exc:
         raise LmmInputError(f"{context} {formula!r}: {clean_message(exc)}") from None
-    names = tuple(lme4_name(c, originals) for c in mm.columns)
+    levels = {str(c): [str(v) for v in data[c].cat.categories] for c in data.columns
+              if isinstance(data[c].dtype, pd.CategoricalDtype)}  # fmt: skip
+    names = tuple(
+        lme4_name(":".join(contrast_column_name(p, levels) for p in c.split(":")), originals)
+        for c in mm.columns
+    )
     return np.asarray(mm, dtype=np.float64), names, mm.model_spec
 
 
@@ -197,7 +250,7 @@ def required_columns(formula: str, *, context: str) -> set[str]:
             quoted.add(name)
         elif (
             after.startswith("(") or (after.startswith("=") and not after.startswith("=="))
-            or name in ("True", "False", "None", "np") or name.startswith("np.")
+            or name in ("True", "False", "None", "np") or name.startswith(("np.", "contr."))
             or name.isdigit() or name == "."
         ):  # fmt: skip
             continue

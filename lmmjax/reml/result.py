@@ -249,7 +249,7 @@ class LmmFit:
 
         ``formula`` may use R's ``.``: ``". ~ . - Days"`` keeps the response and
         drops ``Days``; ``". ~ . + (1 | g)"`` adds a term. ``reml=False`` refits
-        by ML. Weights, offsets and ``categorical`` carry over.
+        by ML. Weights, offsets, ``categorical`` and ``contrasts`` carry over.
         """
         from lmmjax.design import build_model
 
@@ -258,7 +258,7 @@ class LmmFit:
         new = m.formula if formula is None else _update_formula(m.formula, formula)
         reml = options.pop("reml", self.reml)
         model = build_model(data, new, categorical=m.categorical, weights=m.weights_column,
-                            offset=m.offset_column)  # fmt: skip
+                            offset=m.offset_column, contrasts=dict(m.contrasts))  # fmt: skip
         keep = reml or self.ddf != "Kenward-Roger"  # Kenward-Roger is for REML only
         options.setdefault("ddf", self.ddf if keep else "Satterthwaite")
         return self._fitter(model, reml=reml, **options)
