@@ -65,6 +65,67 @@ def generate(n: int, folder: Path, seed: int = 2026) -> None:
     done.write_text(str(n))
 
 
+def sums_only(n: int, seed: int = 7) -> dict:
+    """Fit ``y ~ 1 + (1 | g1) + (1 | g2)`` at N rows from simulated sums, no rows written.
+
+    Each (g1, g2) cell gets a Poisson(N / 1e8) count of rows; its sum of y and
+    within-cell sum of squares are drawn from their exact distributions, so the
+    sums over cells are those of N simulated rows. The level-sized structure
+    (``B``, the Schur products, ``C``, the Grams) is the one the streamed fit of
+    N rows of the main benchmark builds; only reading the rows is skipped.
+    """
+    import pandas as pd
+
+    from lmmjax.design import build_model
+    from lmmjax.linalg import BEntries, RowSums, term_layouts
+    from lmmjax.reml import fit_reml
+    from lmmjax.stream import from_sums
+
+    rng = np.random.default_rng(seed)
+    b1, b2 = SD1 * rng.normal(size=M1), SD2 * rng.normal(size=M2)
+    levels = {"g1": np.arange(M1), "g2": np.resize(np.arange(M2), M1)}  # every level once
+    proto = build_model(pd.DataFrame({"y": rng.normal(size=M1), **levels}),
+                        "y ~ 1 + (1 | g1) + (1 | g2)", drop_aliased=False)  # fmt: skip
+    rss0 = peak_rss_gib()
+    start = time.perf_counter()
+    bent = BEntries(term_layouts(proto.terms))
+    first, rest = np.zeros((M1, 1, 2)), np.zeros((M2, 2))
+    yy = 0.0
+    chunk = 5_000
+    for lo in range(0, M1, chunk):
+        cnt = rng.poisson(n / (M1 * M2), (chunk, M2)).astype(float)
+        mu = BETA[0] + b1[lo : lo + chunk, None] + b2[None, :]
+        sy = cnt * mu + np.sqrt(cnt) * SIGMA * rng.normal(size=cnt.shape)
+        within = SIGMA**2 * rng.chisquare(np.maximum(cnt - 1, 1)) * (cnt > 1)
+        yy += float(np.sum(np.divide(sy**2, cnt, out=np.zeros_like(sy), where=cnt > 0) + within))
+        first[lo : lo + chunk, 0] = np.stack([cnt.sum(1), sy.sum(1)], axis=1)
+        rest += np.stack([cnt.sum(0), sy.sum(0)], axis=1)
+        key = np.flatnonzero(cnt.reshape(-1) > 0)
+        bent.add_entries(key + lo * M2, cnt.reshape(-1)[key, None])
+    nobs = int(rest[:, 0].sum())
+    gram = np.array([[nobs, rest[:, 1].sum()], [rest[:, 1].sum(), yy]])
+    sums = RowSums(first[:, :, :1].reshape(M1, 1, 1).copy(), np.diag(rest[:, 0]), first, rest, gram)
+    model = from_sums(proto, sums, bent, nobs)
+    pre_s = time.perf_counter() - start
+    rss_pre = peak_rss_gib()
+    start = time.perf_counter()
+    fit = fit_reml(model)
+    fit_s = time.perf_counter() - start
+    out = {"n": nobs, "sums_s": pre_s, "fit_s": fit_s, "lbfgs_evaluations": fit.log.fevals,
+           "peak_rss_gib": {"before": rss0, "after_sums": rss_pre, "after_fit": peak_rss_gib()},
+           "gram_groups": model.sufficient[0].layout.n_wgroups,
+           "b_entries": int(model.sufficient[0].b_row.size), "fit": summary(fit)}  # fmt: skip
+    print(f"sums only, N = {nobs:.3e}: simulated sums and structure {pre_s:.1f} s, "
+          f"fit {fit_s:.1f} s ({fit.log.fevals} evaluations), peak RSS {peak_rss_gib():.2f} "
+          f"GiB (before {rss0:.2f}, after the structure {rss_pre:.2f}); "
+          f"{out['gram_groups']} Gram groups, "
+          f"{out['b_entries']:,} entries of B")  # fmt: skip
+    f = out["fit"]
+    print(f"  intercept {f['beta'][0]:.4f} ({BETA[0]}); sd g1 {f['sd']['g1']:.4f} ({SD1}), "
+          f"g2 {f['sd']['g2']:.4f} ({SD2}); sigma {f['sigma']:.4f} ({SIGMA})")  # fmt: skip
+    return out
+
+
 def summary(fit) -> dict:
     sd = [float(np.sqrt(c[0, 0])) for c in fit.covariances()]
     names = [t.group for t in fit.model.terms]
@@ -93,9 +154,17 @@ def main(argv=None) -> int:
     parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
                         help="also fit in memory (default: when N <= 1e7)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--sums-only", action="store_true",
+                        help="no rows: simulate the sums of y ~ 1 + (1 | g1) + (1 | g2) at N "
+                        "and fit (the level-sized memory of N rows)")  # fmt: skip
     parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     n = int(args.n)
+    if args.sums_only:
+        res = sums_only(n)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"scale_sums_n{n:.0e}.json".replace("+", "")).write_text(json.dumps(res))
+        return 0
     folder = args.dir / f"n{n}"
     if args.generate_only:
         generate(n, folder)

@@ -51,6 +51,7 @@ from lmmjax.precision import float_dtype
 __all__ = [
     "STREAM_ABOVE_BYTES",
     "StreamedModel",
+    "from_sums",
     "load_streamed",
     "parquet_size",
     "should_stream",
@@ -470,34 +471,66 @@ def stream_model(
     sums = jax.tree.map(np.asarray, sums)
     if across:
         sums, bent = _sum_across_processes(sums, bent, layouts)
-    keep = _full_rank(sums.gram[:-1, :-1], proto.fixef_names)
+    return from_sums(proto, sums, bent, n_used, n_dropped=total - n_used, path=str(path))
+
+
+def from_sums(
+    prototype: Model, sums: RowSums, b: BEntries, nobs: int, *, n_dropped: int = 0, path=""
+) -> StreamedModel:
+    """The :class:`StreamedModel` of sums over rows (the last step of :func:`stream_model`).
+
+    Parameters
+    ----------
+    prototype : Model
+        Built with ``drop_aliased=False`` on rows that hold every level, in the
+        order the sums' level indices use.
+    sums : RowSums
+        Totals over all rows of ``[X y]`` with X as the prototype builds it.
+    b : BEntries
+        ``B``'s entries over all rows (taken: it is empty afterwards).
+    nobs : int
+        Rows summed.
+    n_dropped : int
+        Rows removed for missing values (reported by the model).
+    path : str
+        Where the rows came from.
+
+    Returns
+    -------
+    StreamedModel
+        Fixed-effect columns aliased with earlier ones dropped, as in memory.
+    """
+    k = prototype.X.shape[1] + 1
+    sums = jax.tree.map(np.asarray, sums)
+    keep = _full_rank(sums.gram[:-1, :-1], prototype.fixef_names)
     cols = [*keep, k - 1]
     sums = sums._replace(
         first=sums.first[..., cols], rest=sums.rest[:, cols], gram=sums.gram[np.ix_(cols, cols)]
     )
-    struct, xp = assemble_from_sums(layouts, sums, bent, n_used, dtype=dtype)
-    names = tuple(proto.fixef_names[j] for j in keep)
+    layouts = term_layouts(prototype.terms)
+    struct, xp = assemble_from_sums(layouts, sums, b, nobs, dtype=float_dtype())
+    names = tuple(prototype.fixef_names[j] for j in keep)
     return StreamedModel(
-        formula=formula,
-        response=proto.response,
+        formula=prototype.formula,
+        response=prototype.response,
         y=np.zeros(0),
         X=np.zeros((0, len(keep))),
         fixef_names=names,
         terms=tuple(
-            replace(t, refs=np.zeros(0, np.int32), z=np.zeros((0, t.d))) for t in proto.terms
+            replace(t, refs=np.zeros(0, np.int32), z=np.zeros((0, t.d))) for t in prototype.terms
         ),
-        data=proto.data,
-        fixed_spec=proto.fixed_spec,
-        n_dropped=total - n_used,
-        dropped_fixef=tuple(n for j, n in enumerate(proto.fixef_names) if j not in keep),
-        fixed_columns=tuple(proto.fixed_columns[j] for j in keep),
-        factor_columns=proto.factor_columns,
-        fixed_variables=proto.fixed_variables,
-        used_variables=proto.used_variables,
-        categorical=tuple(categorical),
-        n_rows=n_used,
+        data=prototype.data,
+        fixed_spec=prototype.fixed_spec,
+        n_dropped=n_dropped,
+        dropped_fixef=tuple(n for j, n in enumerate(prototype.fixef_names) if j not in keep),
+        fixed_columns=tuple(prototype.fixed_columns[j] for j in keep),
+        factor_columns=prototype.factor_columns,
+        fixed_variables=prototype.fixed_variables,
+        used_variables=prototype.used_variables,
+        categorical=prototype.categorical,
+        n_rows=nobs,
         sufficient=(struct, xp),
-        path=str(path),
+        path=path,
     )
 
 

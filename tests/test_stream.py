@@ -271,3 +271,31 @@ def test_distributed_environment_must_hold_integers(monkeypatch):
     monkeypatch.setenv("LMMJAX_NUM_PROCESSES", "two")
     with pytest.raises(LmmInputError, match="LMMJAX_NUM_PROCESSES must be an integer"):
         initialize("127.0.0.1:1")
+
+
+def test_products_with_b_in_chunks_are_exact(monkeypatch):
+    """Chunked products with B's entries (long B): the same objective, gradient and modes."""
+    import jax
+    import jax.numpy as jnp
+
+    import lmmjax.linalg.blocked as blocked
+    from lmmjax.reml.objective import estimates, profiled_objective
+
+    rng = np.random.default_rng(4)
+    n = 3000
+    df = pd.DataFrame({"y": rng.normal(size=n), "x": rng.normal(size=n),
+                       "g1": rng.integers(0, 150, n), "g2": rng.integers(0, 40, n)})  # fmt: skip
+    model = build_model(df, "y ~ x + (x | g1) + (1 | g2)")
+    struct = build_structure(model.terms, schur="sparse")
+    xp = cross_products(struct, np.column_stack([model.X, model.y]))
+    theta = jnp.asarray([0.7, 0.2, 0.4, 0.5])
+
+    def run():
+        value, grad = jax.jit(jax.value_and_grad(profiled_objective))(theta, struct, xp)
+        modes = jax.jit(estimates)(theta, struct, xp).b
+        return np.concatenate([[value], grad, *(np.ravel(b) for b in modes)])
+
+    direct = run()
+    monkeypatch.setattr(blocked, "B_CHUNK", 97)  # struct.b_val has a few thousand entries
+    assert struct.b_val.shape[0] > 2 * blocked.B_CHUNK
+    np.testing.assert_allclose(run(), direct, rtol=1e-11, atol=1e-12)
