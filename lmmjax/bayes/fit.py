@@ -10,7 +10,7 @@ import numpy as np
 from lmmjax.bayes.model import BayesModel, build_bayes_model
 from lmmjax.bayes.recovery import recover_effects
 from lmmjax.bayes.result import BayesFit, build_inference_data
-from lmmjax.bayes.samplers import run_sampler
+from lmmjax.bayes.samplers import quick_compile, run_sampler
 from lmmjax.cache import compile_seconds
 from lmmjax.errors import LmmInputError
 from lmmjax.options import NutsOptions, takes_options
@@ -66,7 +66,8 @@ def sample_model(bm: BayesModel, options: NutsOptions) -> BayesFit:
     t0 = time.perf_counter()
     chains, ndraw = draws.samples["beta"].shape[:2]
     flat = {k: v.reshape(chains * ndraw, *v.shape[2:]) for k, v in draws.samples.items()}
-    effects = recover_effects(flat, bm.data, bm.spec, draws.keys["recovery"])
+    effects = recover_effects(flat, bm.data, bm.spec, draws.keys["recovery"],
+                              quick=quick_compile(bm, options))  # fmt: skip
     effects = tuple(np.asarray(e).reshape(chains, ndraw, *e.shape[1:]) for e in effects)
     rec_compile = compile_seconds() - compile0
     rec = time.perf_counter() - t0 - rec_compile

@@ -165,14 +165,19 @@ def user_beta(gamma, x_shift, intercept: int):
 
     ``beta = gamma`` except ``beta_0 = gamma_0 - sum_k mean(x_k) gamma_k``
     (``x_shift`` holds the means, zero at the intercept ``0``): ``X beta =
-    X_c gamma`` with ``X_c`` the design whose other columns are centred.
+    X_c gamma`` with ``X_c`` the design whose other columns are centred. NumPy or JAX arrays.
     """
-    return gamma.at[..., intercept].add(-(gamma @ x_shift))
+    return gamma - (gamma @ x_shift)[..., None] * _unit(gamma, intercept)
 
 
 def centred_beta(beta, x_shift, intercept: int):
     """The inverse of :func:`user_beta`: ``gamma_0 = beta_0 + sum_k mean(x_k) beta_k``."""
-    return beta.at[..., intercept].add(beta @ x_shift)
+    return beta + (beta @ x_shift)[..., None] * _unit(beta, intercept)
+
+
+def _unit(like, k: int) -> np.ndarray:
+    """The k-th unit vector in ``like``'s last dimension and dtype."""
+    return (np.arange(like.shape[-1]) == k).astype(like.dtype)
 
 
 def _factors(params: Mapping, names, correlated, prefix: str) -> tuple:
@@ -382,14 +387,15 @@ class BayesModel:
         resid_sd = float(np.std(y - X @ beta0)) or 1.0
         dtype = self.data.y.dtype
         shapes = self.site_shapes()
-        keys = jax.random.split(key, len(shapes))
+        # NumPy draws, seeded by the key: no small JAX program to compile per site shape
+        rng = np.random.default_rng(np.asarray(_key_bits(key)).ravel().tolist())
         out = {}
-        for k_, (site, shape) in zip(keys, shapes.items(), strict=True):
-            u = np.asarray(jax.random.uniform(k_, (num_chains, *shape), minval=-1, maxval=1))
+        for site, shape in shapes.items():
+            u = rng.uniform(-1.0, 1.0, (num_chains, *shape))
             if site == "beta":
                 val = beta0 + 0.1 * np.asarray(pri.beta.scale) * u
                 if s.intercept >= 0:
-                    val = centred_beta(jnp.asarray(val), self.data.x_shift, s.intercept)
+                    val = centred_beta(val, np.asarray(self.data.x_shift), s.intercept)
             elif site == "sigma":
                 val = np.log(0.5 * resid_sd) + u
             elif site == "beta_sigma":
@@ -409,6 +415,13 @@ class BayesModel:
                 val = u
             out[site] = jnp.asarray(val, dtype=dtype)
         return out
+
+
+def _key_bits(key):
+    """The integers of a JAX random key (typed or raw uint32)."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    return key
 
 
 def _resolve_marginal(marginalize, terms, names) -> tuple[bool, ...]:

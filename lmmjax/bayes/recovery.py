@@ -90,7 +90,8 @@ def _default_batch(data: KernelData, spec: BayesSpec, budget: float = 2.5e8) -> 
     return int(max(1, min(256, budget // per_draw)))
 
 
-def recover_effects(samples, data: KernelData, spec: BayesSpec, key, batch_size: int | None = None):
+def recover_effects(samples, data: KernelData, spec: BayesSpec, key, batch_size: int | None = None,
+                    quick: bool = False):  # fmt: skip
     """Random effects of every term for every draw.
 
     Parameters
@@ -104,6 +105,8 @@ def recover_effects(samples, data: KernelData, spec: BayesSpec, key, batch_size:
     batch_size : int, optional
         Draws vectorised at once (memory grows with it); by default as many as
         keep the per-draw dense blocks within about 250 MB.
+    quick : bool
+        Compile without LLVM passes (small models, where compiling dominates).
 
     Returns
     -------
@@ -118,5 +121,5 @@ def recover_effects(samples, data: KernelData, spec: BayesSpec, key, batch_size:
     # (lax.map's separate remainder batch has been seen to stall XLA on the CPU)
     idx = jnp.arange(-(-n // batch) * batch) % n
     args = (jax.tree.map(lambda a: jnp.asarray(a)[idx], dict(samples)), keys[idx], data)
-    run, _ = compiled(_recover, *args, spec=spec, batch_size=batch)
+    run, _ = compiled(_recover, *args, spec=spec, batch_size=batch, quick=quick)
     return tuple(e[:n] for e in run(*args))

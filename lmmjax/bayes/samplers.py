@@ -108,12 +108,13 @@ def _tree_depth(n_steps: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------
 
 
-def _nuts_kernels(spec: BayesSpec, data, z0, key0, *, num_warmup, target, depth, dense):
-    """NumPyro's functional NUTS kernels over the potential, ready to sample.
+def _nuts_kernels(spec: BayesSpec, data, *, num_warmup, target, depth, dense):
+    """NumPyro's functional NUTS kernels over the potential.
 
     ``hmc()`` keeps the warm-up schedule and tree depth, set by ``init_kernel``,
-    in its closure; tracing ``init_kernel`` abstractly here sets them without
-    adding its work to the program being traced.
+    in its closure: trace ``init`` before ``sample_kernel`` (the callers do, as
+    part of their own program; a separate abstract trace of ``init`` here cost
+    0.5-0.9 s of tracing per sleepstudy fit).
     """
     from numpyro.infer.hmc import hmc
 
@@ -127,14 +128,12 @@ def _nuts_kernels(spec: BayesSpec, data, z0, key0, *, num_warmup, target, depth,
             model_args=(data,), rng_key=key,
         )  # fmt: skip
 
-    jax.eval_shape(init, z0, key0)
     return init, sample_kernel
 
 
 def _nuts_init(init_params, keys, data, *, spec, num_warmup, target, depth, dense):
-    first = jax.tree.map(lambda a: a[0], init_params)
-    init, _ = _nuts_kernels(spec, data, first, keys[0], num_warmup=num_warmup, target=target,
-                            depth=depth, dense=dense)  # fmt: skip
+    init, _ = _nuts_kernels(spec, data, num_warmup=num_warmup, target=target, depth=depth,
+                            dense=dense)  # fmt: skip
     return jax.vmap(init)(init_params, keys)
 
 
@@ -147,9 +146,7 @@ def _nuts_run(state, init_params, keys, start, n, data, *, spec, num_warmup, tar
     buffer)`` positions and statistics are written into arrays of ``buffer`` steps.
     """
     opts = dict(num_warmup=num_warmup, target=target, depth=depth, dense=dense)
-    init, sample_kernel = _nuts_kernels(
-        spec, data, jax.tree.map(lambda a: a[0], init_params), keys[0], **opts
-    )
+    init, sample_kernel = _nuts_kernels(spec, data, **opts)
     state = jax.lax.cond(start, lambda: jax.vmap(init)(init_params, keys), lambda: state)
     step = jax.vmap(lambda st: sample_kernel(st, model_args=(data,)))
 
@@ -249,7 +246,7 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
     positions, div, n_steps, eps, acc, energy, pe = jax.tree.map(
         lambda *xs: np.swapaxes(np.concatenate(xs, axis=0), 0, 1), *outs
     )  # (chains, draws, ...)
-    samples = _constrained_samples(positions, data, spec)
+    samples = _constrained_samples(positions, data, spec, quick)
     stats = {
         "diverging": np.asarray(div, dtype=bool),
         "tree_depth": _tree_depth(n_steps),
@@ -322,11 +319,11 @@ def _constrain_all(positions, data, spec):
     return out
 
 
-def _constrained_samples(positions, data, spec) -> dict:
+def _constrained_samples(positions, data, spec, quick: bool = False) -> dict:
     """Unconstrained positions (chains, draws, ...) -> constrained sample sites, same shape."""
     chains, draws = jax.tree.leaves(positions)[0].shape[:2]
     flat = jax.tree.map(lambda a: jnp.asarray(a).reshape(-1, *a.shape[2:]), positions)
-    constrain, _ = compiled(_constrain_all, flat, data, spec=spec)
+    constrain, _ = compiled(_constrain_all, flat, data, spec=spec, quick=quick)
     return {
         k: np.asarray(v).reshape(chains, draws, *v.shape[1:])
         for k, v in constrain(flat, data).items()
@@ -373,7 +370,7 @@ def run_blackjax(bm: BayesModel, s: NutsOptions) -> Draws:
     bar.close()
     out = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *outs)
     positions, div, depth, n_steps, acc, energy, lp = out
-    samples = _constrained_samples(positions, data, spec)
+    samples = _constrained_samples(positions, data, spec, quick)
     stats = {
         "diverging": np.asarray(div, dtype=bool),
         "tree_depth": np.asarray(depth, dtype=np.int64),
