@@ -102,9 +102,16 @@ def _resolve(source, base_dir) -> Path:
 
 
 def _is_parquet(path: Path) -> bool:
-    if path.is_dir():
-        return any(p.suffix in _PARQUET for p in path.rglob("*"))
-    return path.suffix in _PARQUET
+    return bool(_parquet_files(path)) if path.is_dir() else path.suffix in _PARQUET
+
+
+def _parquet_files(folder: Path) -> list[Path]:
+    """The Parquet files under ``folder``, sorted (hidden and ``_``-prefixed names left out)."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and p.suffix in _PARQUET
+        and not any(part.startswith((".", "_")) for part in p.relative_to(folder).parts)
+    )  # fmt: skip
 
 
 def parquet_size(source, base_dir=None) -> int:
@@ -117,7 +124,7 @@ def parquet_size(source, base_dir=None) -> int:
         return -1
     if not _is_parquet(path):
         return -1
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.suffix in _PARQUET]
+    files = [path] if path.is_file() else _parquet_files(path)
     return sum(p.stat().st_size for p in files)
 
 
@@ -147,13 +154,33 @@ def should_stream(source, stream, base_dir=None) -> bool:
 # ------------------------------------------------------------------------ reading
 def _fragments(path: Path, part: tuple[int, int]):
     """The row-group fragments of the data set that process ``part[0]`` of ``part[1]`` reads."""
+    import pyarrow as pa
     import pyarrow.dataset as pads
 
-    dataset = pads.dataset(str(path), format="parquet")
-    frags = [rg for f in dataset.get_fragments() for rg in f.split_by_row_group()]
+    files = [str(path)] if path.is_file() else [str(p) for p in _parquet_files(path)]
+    try:
+        dataset = pads.dataset(files, format="parquet")
+        frags = [rg for f in dataset.get_fragments() for rg in f.split_by_row_group()]
+    except pa.ArrowException as exc:
+        raise LmmInputError(f"cannot read Parquet data {str(path)!r}: {_one_line(exc)}") from None
     k, n = part
     lo, hi = len(frags) * k // n, len(frags) * (k + 1) // n
     return dataset.schema, frags[lo:hi]
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
+def _record_batches(frags, columns, batch_rows: int):
+    """pyarrow's record batches of the fragments, its errors as one-line input errors."""
+    import pyarrow as pa
+
+    for frag in frags:
+        try:
+            yield from frag.to_batches(columns=columns, batch_size=batch_rows)
+        except pa.ArrowException as exc:
+            raise LmmInputError(f"cannot read {frag.path!r}: {_one_line(exc)}") from None
 
 
 def _batches(frags, columns, batch_rows: int):
@@ -161,25 +188,24 @@ def _batches(frags, columns, batch_rows: int):
     import pyarrow.compute as pc
     import pyarrow.types as pat
 
-    for frag in frags:
-        for batch in frag.to_batches(columns=columns, batch_size=batch_rows):
-            missing = {}
-            keep = None
-            for name in columns:
-                col = batch.column(name)
-                if pat.is_dictionary(col.type):
-                    col = col.dictionary_decode()
-                ok = pc.is_valid(col)
-                if pat.is_floating(col.type):
-                    ok = pc.and_(ok, pc.invert(pc.fill_null(pc.is_nan(col), True)))
-                missing[name] = len(col) - pc.sum(ok).as_py() if len(col) else 0
-                keep = ok if keep is None else pc.and_(keep, ok)
-            table = batch.filter(keep) if keep is not None else batch
-            frame = table.to_pandas()
-            for name in frame.columns:  # dictionary columns as their values, as design sorts
-                if isinstance(frame[name].dtype, pd.CategoricalDtype):
-                    frame[name] = frame[name].astype(frame[name].cat.categories.dtype)
-            yield batch.num_rows, missing, frame
+    for batch in _record_batches(frags, columns, batch_rows):
+        missing = {}
+        keep = None
+        for name in columns:
+            col = batch.column(name)
+            if pat.is_dictionary(col.type):
+                col = col.dictionary_decode()
+            ok = pc.is_valid(col)
+            if pat.is_floating(col.type):
+                ok = pc.and_(ok, pc.invert(pc.fill_null(pc.is_nan(col), True)))
+            missing[name] = len(col) - pc.sum(ok).as_py() if len(col) else 0
+            keep = ok if keep is None else pc.and_(keep, ok)
+        table = batch.filter(keep) if keep is not None else batch
+        frame = table.to_pandas()
+        for name in frame.columns:  # dictionary columns as their values, as design sorts
+            if isinstance(frame[name].dtype, pd.CategoricalDtype):
+                frame[name] = frame[name].astype(frame[name].cat.categories.dtype)
+        yield batch.num_rows, missing, frame
 
 
 def _values(col: pd.Series) -> np.ndarray:

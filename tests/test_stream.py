@@ -299,3 +299,22 @@ def test_products_with_b_in_chunks_are_exact(monkeypatch):
     monkeypatch.setattr(blocked, "B_CHUNK", 97)  # struct.b_val has a few thousand entries
     assert struct.b_val.shape[0] > 2 * blocked.B_CHUNK
     np.testing.assert_allclose(run(), direct, rtol=1e-11, atol=1e-12)
+
+
+def test_directory_of_parquet_files(parquet, tmp_path, fits):
+    """A directory: its Parquet files are the data (others left out); unreadable ones refused."""
+    _, df = parquet
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for k, rows in enumerate(np.array_split(np.arange(len(df)), 3)):
+        df.iloc[rows].to_parquet(folder / f"part-{k}.parquet", row_group_size=4_000)
+    (folder / "README.txt").write_text("not data")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = stream_model(folder, FORMULA, batch_rows=6_000)
+    assert model.nobs == fits[0].nobs
+    struct, _ = model.sufficient
+    assert rel(struct.G1, fits[0].sufficient[0].G1) == 0.0
+    (folder / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(LmmInputError, match="cannot read Parquet data"):
+        stream_model(folder, FORMULA)
