@@ -56,6 +56,7 @@ __all__ = [
     "parquet_size",
     "should_stream",
     "stream_model",
+    "write_fitted",
 ]
 
 STREAM_ABOVE_BYTES = 2**30
@@ -77,6 +78,8 @@ class StreamedModel(Model):
     n_rows: int = 0
     sufficient: tuple | None = field(default=None, repr=False)
     path: str = ""
+    levels: dict = field(default_factory=dict, repr=False)
+    """Each grouping and factor column's sorted distinct values (the level codes' order)."""
 
     @property
     def nobs(self) -> int:
@@ -184,7 +187,7 @@ def _record_batches(frags, columns, batch_rows: int):
 
 
 def _batches(frags, columns, batch_rows: int):
-    """The complete rows of each batch as a DataFrame, with the per-column missing counts."""
+    """Each batch's rows, its missing counts per column, its complete rows and their mask."""
     import pyarrow.compute as pc
     import pyarrow.types as pat
 
@@ -205,7 +208,7 @@ def _batches(frags, columns, batch_rows: int):
         for name in frame.columns:  # dictionary columns as their values, as design sorts
             if isinstance(frame[name].dtype, pd.CategoricalDtype):
                 frame[name] = frame[name].astype(frame[name].cat.categories.dtype)
-        yield batch.num_rows, missing, frame
+        yield batch.num_rows, missing, frame, keep
 
 
 def _values(col: pd.Series) -> np.ndarray:
@@ -244,7 +247,7 @@ def _first_pass(frags, used, factor_like, batch_rows):
     total, n_used, missing = 0, 0, dict.fromkeys(used, 0)
     levels: dict[str, np.ndarray] = {}
     sample = None
-    for n, miss, frame in _batches(frags, used, batch_rows):
+    for n, miss, frame, _ in _batches(frags, used, batch_rows):
         total += n
         n_used += len(frame)
         for name, k in miss.items():
@@ -480,7 +483,7 @@ def stream_model(
     run = None
     sums = None
     bent = BEntries(layouts)
-    for _, _, frame in _batches(frags, used, batch_rows):
+    for _, _, frame, _ in _batches(frags, used, batch_rows):
         if not len(frame):
             continue
         refs, zs, M = _batch_design(proto, frame, levels, size)
@@ -497,11 +500,19 @@ def stream_model(
     sums = jax.tree.map(np.asarray, sums)
     if across:
         sums, bent = _sum_across_processes(sums, bent, layouts)
-    return from_sums(proto, sums, bent, n_used, n_dropped=total - n_used, path=str(path))
+    return from_sums(proto, sums, bent, n_used, n_dropped=total - n_used, path=str(path),
+                     levels=levels)  # fmt: skip
 
 
 def from_sums(
-    prototype: Model, sums: RowSums, b: BEntries, nobs: int, *, n_dropped: int = 0, path=""
+    prototype: Model,
+    sums: RowSums,
+    b: BEntries,
+    nobs: int,
+    *,
+    n_dropped: int = 0,
+    path="",
+    levels: dict | None = None,
 ) -> StreamedModel:
     """The :class:`StreamedModel` of sums over rows (the last step of :func:`stream_model`).
 
@@ -520,6 +531,8 @@ def from_sums(
         Rows removed for missing values (reported by the model).
     path : str
         Where the rows came from.
+    levels : dict, optional
+        Each grouping column's sorted distinct values (for :func:`write_fitted`).
 
     Returns
     -------
@@ -557,7 +570,53 @@ def from_sums(
         n_rows=nobs,
         sufficient=(struct, xp),
         path=path,
+        levels=dict(levels or {}),
     )
+
+
+def write_fitted(fit, out, *, batch_rows: int = 1_000_000) -> Path:
+    """Fitted values and residuals of a streamed fit's rows, written to a Parquet file.
+
+    The fit's data are read again in batches; row i of ``out`` belongs to row i
+    of the data (files in sorted order), with columns ``fitted`` (``X beta + Z b``
+    at the conditional modes, as lme4's ``fitted``) and ``residual``, both NaN on
+    the rows removed for missing values. Run it in one process.
+
+    Parameters
+    ----------
+    fit : lmmjax.reml.LmmFit
+        A fit of a :class:`StreamedModel` built by :func:`stream_model`.
+    out : str or path-like
+        The Parquet file to write.
+    batch_rows : int
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    model = fit.model
+    if not isinstance(model, StreamedModel) or not model.levels or not model.path:
+        raise LmmInputError("write_fitted needs a fit of data streamed by stream_model")
+    _, frags = _fragments(Path(model.path), (0, 1))
+    beta = np.asarray(fit.beta, dtype=np.float64)
+    out = Path(out)
+    with pq.ParquetWriter(out, pa.schema([("fitted", pa.float64()), ("residual", pa.float64())])
+                          ) as writer:  # fmt: skip
+        for n, _, frame, keep in _batches(frags, list(model.used_variables), batch_rows):
+            fitted = np.full(n, np.nan)
+            resid = np.full(n, np.nan)
+            if len(frame):
+                refs, zs, M = _batch_design(model, frame, model.levels, len(frame))
+                eta = M[:, list(model.fixed_columns)] @ beta
+                for r, z, b in zip(refs, zs, fit.b, strict=True):
+                    eta += np.sum(z * np.asarray(b)[r], axis=1)
+                mask = slice(None) if keep is None else keep.to_numpy(zero_copy_only=False)
+                fitted[mask], resid[mask] = eta, M[:, -1] - eta
+            writer.write_table(pa.table({"fitted": fitted, "residual": resid}))
+    return out
 
 
 def load_streamed(source, formula: str, method: str, *, stream="auto", categorical=(),

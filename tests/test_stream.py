@@ -318,3 +318,20 @@ def test_directory_of_parquet_files(parquet, tmp_path, fits):
     (folder / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(LmmInputError, match="cannot read Parquet data"):
         stream_model(folder, FORMULA)
+
+
+def test_write_fitted_gives_the_in_memory_fitted_values(fits, tmp_path):
+    from lmmjax.stream import write_fitted
+
+    a, b = fits[2], fits[3]
+    out = write_fitted(a, tmp_path / "fitted.parquet", batch_rows=4_500)
+    got = pd.read_parquet(out)
+    want_fitted = b.fitted().to_numpy()  # NaN on the rows removed, as the file
+    want_resid = b.residuals().to_numpy()
+    assert len(got) == len(want_fitted) == 30_000
+    np.testing.assert_array_equal(np.isnan(got["fitted"]), np.isnan(want_fitted))
+    ok = ~np.isnan(want_fitted)
+    assert rel(got["fitted"][ok], want_fitted[ok]) < 1e-8
+    assert rel(got["residual"][ok], want_resid[ok]) < 1e-8
+    with pytest.raises(LmmInputError, match="write_fitted needs"):
+        write_fitted(b, tmp_path / "no.parquet")
