@@ -148,6 +148,17 @@ def test_refusals(parquet, tmp_path):
         should_stream(str(csv), True)
     assert not should_stream(str(path), "auto")  # small: read into memory
     assert should_stream(str(path), True) and not should_stream(str(path), False)
+    with pytest.raises(LmmInputError, match="needs a Parquet file or directory, got DataFrame"):
+        lmmjax.lmm(FORMULA, df, stream=True)
+
+
+def test_auto_streams_parquet_above_the_threshold(parquet, monkeypatch):
+    import lmmjax.stream
+
+    path = str(parquet[0])
+    monkeypatch.setattr(lmmjax.stream, "STREAM_ABOVE_BYTES", 1000)
+    assert should_stream(path, "auto")
+    assert not should_stream("bundled:sleepstudy", "auto")
 
 
 def test_config_keys(parquet, tmp_path, capsys):
