@@ -108,8 +108,12 @@ def test_lmm_streams_a_parquet_path(parquet, fits):
     assert rel(fit.beta, b.beta) < 1e-8
 
 
-def test_group_products_equal_enumerated_pairs():
+@pytest.mark.parametrize("density", [0.0, 1.1], ids=["dense", "sparse"])
+def test_group_products_equal_enumerated_pairs(density, monkeypatch):
     """Each Gram group's B_g B_g', lower triangle packed, holds the enumerated pairs."""
+    import lmmjax.linalg.structure
+
+    monkeypatch.setattr(lmmjax.linalg.structure, "SPARSE_CHUNK_DENSITY", density)
     rng = np.random.default_rng(5)
     n = 4000
     g1, g2 = rng.integers(0, 60, n), rng.integers(0, 25, n)

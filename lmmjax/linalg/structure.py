@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse
 
 from lmmjax.terms import Term
 
@@ -248,7 +249,8 @@ def _group_products(b_row, b_lev, b_val, wgroup, n_wgroups, q_rest, dtype, chunk
 
     ``b_j`` is the (q_rest, d1) block of ``B`` at level j of the first term.
     Each ``P_g`` is one matrix product of the group's columns of B, built dense
-    ``chunk_entries`` numbers at a time; its lower triangle (rest rows
+    ``chunk_entries`` numbers at a time (or as a sparse product where fewer than
+    ``SPARSE_CHUNK_DENSITY`` of the chunk's cells are seen); its lower triangle (rest rows
     ``a >= b`` in ``numpy.tril_indices`` order) is written into the result in
     place (a donated buffer: the result is never held twice). Where every level
     meets many rest rows (two crossed factors, each subject seeing most items)
@@ -279,6 +281,14 @@ def _group_products(b_row, b_lev, b_val, wgroup, n_wgroups, q_rest, dtype, chunk
             k = counts[levels]
             col = np.repeat(np.arange(levels.size), k)  # each entry's column in the chunk
             idx = np.repeat(first[levels] - np.cumsum(k) + k, k) + np.arange(k.sum())
+            if idx.size < SPARSE_CHUNK_DENSITY * q_rest * levels.size:  # few cells seen
+                rows = (b_row[idx][:, None] * d1 + np.arange(d1)).reshape(-1)
+                Bs = scipy.sparse.csr_matrix(
+                    (b_val[idx].reshape(-1), (rows, np.repeat(col, d1))),
+                    shape=(q_rest * d1, levels.size),
+                )
+                P += (Bs @ Bs.T).toarray()
+                continue
             Bc = np.zeros((q_rest, d1, levels.size))
             Bc[b_row[idx], :, col] = b_val[idx]
             Bc = Bc.reshape(q_rest * d1, levels.size)
@@ -315,6 +325,7 @@ def schur_form(counts: np.ndarray, q_rest: int, d1: int, n_groups: int, schur: s
     return "dense_pairs" if many and dense <= DENSE_PAIRS_MAX else "pairs"
 
 
+SPARSE_CHUNK_DENSITY = 0.05  # below this share of nonzeros, a chunk of B multiplies as sparse
 ENUMERATE_MAX_PAIRS = 5e6  # pairs of B rows enumerated at most (about 100 bytes each at build)
 DENSE_PAIRS_MAX = 3e8  # numbers in the dense per-group products (2.4 GB in float64)
 
