@@ -232,14 +232,14 @@ def test_rows_sharded_over_devices_give_the_same_fit(parquet):
 
 
 PROCESS = """
-import json, sys, warnings
+import json, pathlib, sys, warnings
 import lmmjax.distributed
 lmmjax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]))
 import jax, lmmjax
 warnings.simplefilter("ignore")
 from lmmjax.stream import _fragments
 fit = lmmjax.lmm(sys.argv[4], sys.argv[3], stream=True, batch_rows=4000)
-frags = _fragments(sys.argv[3], (jax.process_index(), 2))[1]
+frags = _fragments(pathlib.Path(sys.argv[3]), (jax.process_index(), 2))[1]
 mine = sum(b.num_rows for f in frags for b in f.to_batches(columns=["y"]))
 print("fit", json.dumps([fit.objective, fit.sigma, *fit.beta, *fit.theta, mine, fit.nobs,
                          jax.process_count(), fit.model.n_dropped]))
