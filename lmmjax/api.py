@@ -109,11 +109,9 @@ def lmm(
         categorical = [categorical]
     streamed = load_streamed(
         data, formula, entry.name, stream=stream, categorical=categorical, weights=weights,
-        offset=offset, batch_rows=batch_rows, devices=devices,
+        offset=offset, batch_rows=batch_rows, devices=devices, contrasts=contrasts,
     )  # fmt: skip
     if streamed is not None:
-        if contrasts:
-            raise LmmInputError("contrasts are not supported with stream; code the factors first")
         return entry.fit(streamed, opts)
     model = build_model(
         load_data(data),

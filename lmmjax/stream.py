@@ -418,6 +418,7 @@ def stream_model(
     devices="auto",
     part: tuple[int, int] | None = None,
     base_dir=None,
+    contrasts=None,
 ) -> StreamedModel:
     """Stream a Parquet file or directory into the sufficient statistics of a model.
 
@@ -441,6 +442,9 @@ def stream_model(
         processes before the structure is assembled; all rows otherwise.
     base_dir : path-like, optional
         Directory against which a relative ``source`` resolves first.
+    contrasts : mapping of str to str, optional
+        Coding of named factors, as :func:`lmmjax.design.build_model` (the
+        codings depend only on the levels, which the first pass collects).
 
     Returns
     -------
@@ -458,6 +462,7 @@ def stream_model(
         part = (jax.process_index(), jax.process_count())
     schema, frags = _fragments(path, part)
     used, groups, factor_like = _formula_columns(formula, categorical, set(schema.names))
+    factor_like |= set(contrasts or {}) & set(used)
     total, n_used, missing, levels, sample = _first_pass(frags, used, factor_like, batch_rows)
     if across:
         total, n_used, missing, levels, sample = _combine_first_passes(
@@ -474,7 +479,8 @@ def stream_model(
             f"removed {total - n_used} of {total} rows with missing values in: {per_col}",
             stacklevel=2,
         )
-    proto = build_model(_prototype(sample, levels), formula, categorical, drop_aliased=False)
+    proto = build_model(_prototype(sample, levels), formula, categorical, drop_aliased=False,
+                        contrasts=contrasts)  # fmt: skip
     _refuse_stateful(proto)
     layouts = term_layouts(proto.terms)
     size = -(-batch_rows // ndev) * ndev
@@ -621,7 +627,7 @@ def write_fitted(fit, out, *, batch_rows: int = 1_000_000) -> Path:
 
 def load_streamed(source, formula: str, method: str, *, stream="auto", categorical=(),
                   weights=None, offset=None, batch_rows: int = 1_000_000, devices="auto",
-                  base_dir=None) -> StreamedModel | None:  # fmt: skip
+                  base_dir=None, contrasts=None) -> StreamedModel | None:  # fmt: skip
     """The streamed model of ``source`` if it is to be streamed (:func:`should_stream`), else None.
 
     The one decision of :func:`lmmjax.lmm` and the CLI.
@@ -641,4 +647,4 @@ def load_streamed(source, formula: str, method: str, *, stream="auto", categoric
     if weights is not None or offset is not None:
         raise LmmInputError("option 'stream': prior weights and offsets need the rows in memory")
     return stream_model(source, formula, categorical=categorical, batch_rows=batch_rows,
-                        devices=devices, base_dir=base_dir)  # fmt: skip
+                        devices=devices, base_dir=base_dir, contrasts=contrasts)  # fmt: skip

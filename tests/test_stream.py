@@ -350,3 +350,18 @@ def test_write_fitted_gives_the_in_memory_fitted_values(fits, tmp_path):
     assert rel(got["residual"][ok], want_resid[ok]) < 1e-8
     with pytest.raises(LmmInputError, match="write_fitted needs"):
         write_fitted(b, tmp_path / "no.parquet")
+
+
+def test_contrasts_with_streamed_data(parquet):
+    """Sum coding of a factor (its levels known from the first pass): the in-memory fit."""
+    path, df = parquet
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        streamed = stream_model(path, FORMULA, batch_rows=9_000, contrasts={"f": "sum"})
+        memory = build_model(df, FORMULA, contrasts={"f": "sum"})
+    assert streamed.fixef_names == memory.fixef_names
+    _, xp = streamed.sufficient
+    struct = build_structure(memory.terms)
+    want = cross_products(struct, np.column_stack([memory.X, memory.y]))
+    for got, ref in zip(xp, want, strict=True):
+        assert rel(got, ref) < 1e-12
