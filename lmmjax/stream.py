@@ -44,7 +44,7 @@ import pandas as pd
 from lmmjax.cache import compiled
 from lmmjax.design import Model, build_model, conform_newdata
 from lmmjax.errors import LmmInputError
-from lmmjax.formula import parse_formula, required_columns
+from lmmjax.formula import model_matrix, parse_formula, required_columns
 from lmmjax.linalg import BEntries, RowSums, assemble_from_sums, row_sums, term_layouts
 from lmmjax.precision import float_dtype
 
@@ -327,7 +327,10 @@ def _batch_design(model: Model, frame: pd.DataFrame, levels: dict, size: int):
     """Level indices, lhs columns and ``[X y]`` of a batch, zero-padded to ``size`` rows."""
     data = conform_newdata(model, frame)
     X = np.asarray(model.fixed_spec.get_model_matrix(data, na_action="raise"), dtype=np.float64)
-    y = frame[model.response].to_numpy(dtype=np.float64)
+    if model.response in frame.columns:
+        y = frame[model.response].to_numpy(dtype=np.float64)
+    else:  # an expression such as log(y)
+        y = model_matrix(f"0 + {model.response}", data, context="response")[0][:, 0]
     n = len(frame)
     refs, zs = [], []
     for t in model.terms:

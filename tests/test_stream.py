@@ -352,13 +352,14 @@ def test_write_fitted_gives_the_in_memory_fitted_values(fits, tmp_path):
         write_fitted(b, tmp_path / "no.parquet")
 
 
-def test_contrasts_with_streamed_data(parquet):
-    """Sum coding of a factor (its levels known from the first pass): the in-memory fit."""
+def test_contrasts_and_a_response_expression(parquet):
+    """Sum coding of a factor (its levels known from the first pass), a transformed response."""
     path, df = parquet
+    formula = "I(2 * y + x2) ~ x1 + f + (1 | g1) + (1 | g2)"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        streamed = stream_model(path, FORMULA, batch_rows=9_000, contrasts={"f": "sum"})
-        memory = build_model(df, FORMULA, contrasts={"f": "sum"})
+        streamed = stream_model(path, formula, batch_rows=9_000, contrasts={"f": "sum"})
+        memory = build_model(df, formula, contrasts={"f": "sum"})
     assert streamed.fixef_names == memory.fixef_names
     _, xp = streamed.sufficient
     struct = build_structure(memory.terms)
