@@ -366,3 +366,21 @@ def test_contrasts_and_a_response_expression(parquet):
     want = cross_products(struct, np.column_stack([memory.X, memory.y]))
     for got, ref in zip(xp, want, strict=True):
         assert rel(got, ref) < 1e-12
+
+
+def test_random_slopes_streamed(parquet):
+    """A random slope on each factor: the same sums as in memory."""
+    path, df = parquet
+    formula = "y ~ x1 + (x1 | g1) + (x2 | g2)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        struct, xp = stream_model(path, formula, batch_rows=8_000).sufficient
+        memory = build_model(df, formula)
+    ref = build_structure(memory.terms)
+    want = cross_products(ref, np.column_stack([memory.X, memory.y]))
+    assert struct.layout.n_wgroups == ref.layout.n_wgroups
+    assert struct.layout.dense_pairs == ref.layout.dense_pairs
+    for name in ("G1", "C", "b_val", "pair_val"):
+        assert rel(getattr(struct, name), getattr(ref, name)) < 1e-12, name
+    for got, ref_part in zip(xp, want, strict=True):
+        assert rel(got, ref_part) < 1e-12
