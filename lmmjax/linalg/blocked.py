@@ -113,7 +113,7 @@ def _over_entries(step, struct: Structure, init: jax.Array) -> jax.Array:
 
 def _b_times(struct: Structure, x1: jax.Array) -> jax.Array:
     """``B x1`` with ``B = Z_r' Z_1``: (M1, d1, k) -> (q_rest, k)."""
-    if struct.B.shape[0]:  # held dense
+    if struct.layout.dense_b:
         return jnp.einsum("rmd,mdk->rk", struct.B, x1)
     q = struct.layout.q_rest
 
@@ -127,7 +127,7 @@ def _b_times(struct: Structure, x1: jax.Array) -> jax.Array:
 
 def _bt_times(struct: Structure, x2: jax.Array) -> jax.Array:
     """``B' x2``: (q_rest, k) -> (M1, d1, k)."""
-    if struct.B.shape[0]:  # held dense
+    if struct.layout.dense_b:
         return jnp.einsum("rmd,rk->mdk", struct.B, x2)
     m1, d1 = struct.layout.first.nlevels, struct.layout.first.d
 

@@ -105,9 +105,7 @@ class Structure:
         (then ``pair_entry`` and ``pair_group`` are empty).
     B : array (q_rest, M1, d1)
         ``B`` held dense, when ``layout.dense_b`` (then the pair arrays are
-        empty), or with ``layout.dense_pairs`` when over half its cells are
-        nonzero (then the COO arrays are empty: products with B are dense);
-        empty otherwise. See :func:`build_structure` for the choice.
+        empty); empty otherwise. See :func:`build_structure` for the choice.
     C : array (q_rest, q_rest)
         Dense ``Z_rest' Z_rest``.
     refs, z : tuples of arrays
@@ -299,11 +297,6 @@ def _group_products(b_row, b_lev, b_val, wgroup, n_wgroups, q_rest, dtype, chunk
     return out
 
 
-def _scatter_dense(row, lev, val, shape) -> jax.Array:
-    """``B`` held dense from its entries, built in one XLA program (no second copy)."""
-    return jax.jit(lambda r, m, v: jnp.zeros(shape, v.dtype).at[r, m].set(v))(row, lev, val)
-
-
 def packed_index(q: int) -> jax.Array:
     """(q, q) positions of ``S[a, b]`` in a packed lower triangle (``numpy.tril_indices``)."""
     i = jnp.arange(q)
@@ -475,10 +468,6 @@ def assemble_structure(
             B[b_row, b_lev, :] = b_val
         elif form == "dense_pairs":
             pair_val = _group_products(b_row, b_lev, b_val, wgroup, Gw.shape[0], q_rest, dtype)
-            if 2 * b_row.size > q_rest * m1:  # over half the cells: dense B is smaller, faster
-                B = _scatter_dense(b_row_j, b_lev_j, b_val_j, (q_rest, m1, d1))
-                b_row = b_lev = b_val = None  # let go of the entries
-                b_row_j, b_lev_j, b_val_j = i(np.zeros(0)), i(np.zeros(0)), f(np.zeros((0, d1)))
         else:
             pair_entry, pair_group, pair_val = _pairs(
                 b_row, b_lev, b_val, wgroup, Gw.shape[0], q_rest
@@ -626,7 +615,7 @@ def dense_gram(struct: Structure) -> np.ndarray:
     G1 = np.asarray(struct.G1, dtype=float)
     idx = np.arange(q1).reshape(-1, d1)
     out[idx[:, :, None], idx[:, None, :]] = G1
-    if lay.q_rest and struct.B.shape[0]:
+    if lay.q_rest and lay.dense_b:
         out[q1:, :q1] = np.asarray(struct.B, dtype=float).reshape(lay.q_rest, q1)
         out[:q1, q1:] = out[q1:, :q1].T
         out[q1:, q1:] = np.asarray(struct.C, dtype=float)
