@@ -373,6 +373,44 @@ class BayesModel:
                 out[f"z_{name}"] = (s.nlevels[k], s.d[k])
         return out
 
+    def inverse_mass_guess(self) -> dict:
+        """A diagonal first guess of the posterior variances of the unconstrained sites.
+
+        NUTS starts its warm-up from this inverse mass matrix instead of the
+        identity, whose badly scaled first windows forced tiny steps: on
+        sleepstudy (``all``, 4 chains x 1,000 warm-up) the first 100 warm-up
+        iterations took 36,040 gradients with the identity and 3,484 with the
+        guess; on dillonE1 the whole warm-up went from 26,131 to 14,996
+        vectorised steps. The guess: least-squares variances ``s^2 / sum_i
+        (x_ik - m_k)^2`` of the fixed effects in the sampler's coordinates
+        (``m_k`` the column's mean when it is centred, else 0; ``s^2`` the
+        least-squares residual variance), ``1 / (2 N)`` for ``log sigma``,
+        ``1 / (2 M_l)`` for a term's log-SDs (the smallest ``M_l`` for
+        ``sd_shared``), ``1 / M_l`` for its correlation's coordinates, and 1
+        for the standardised effects and the sigma formula's sites.
+        """
+        s = self.spec
+        X, y = np.asarray(self.data.X), np.asarray(self.data.y)
+        resid = y - X @ np.linalg.lstsq(X, y, rcond=None)[0]
+        s2 = max(float(np.mean(resid**2)), 1e-12 * float(np.var(y)) + 1e-300)
+        shift = np.zeros(s.p) if s.intercept < 0 else np.asarray(self.data.x_shift)
+        out = {}
+        for site, shape in self.site_shapes().items():
+            if site == "beta":
+                v = s2 / np.maximum(np.sum((X - shift) ** 2, axis=0), 1e-300)
+            elif site == "sigma":
+                v = 1.0 / (2.0 * len(y))
+            elif site == "sd_shared":
+                v = 1.0 / (2.0 * min(s.nlevels))
+            elif site.startswith("sd_") and site[3:] in s.names:
+                v = 1.0 / (2.0 * s.nlevels[s.names.index(site[3:])])
+            elif site.startswith("L_") and site[2:] in s.names:
+                v = 1.0 / s.nlevels[s.names.index(site[2:])]
+            else:
+                v = 1.0
+            out[site] = jnp.asarray(np.broadcast_to(v, shape), self.data.y.dtype)
+        return out
+
     def init_params(self, key: jax.Array, num_chains: int) -> dict:
         """Over-dispersed unconstrained starting points, one per chain.
 

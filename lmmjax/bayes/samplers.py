@@ -122,13 +122,26 @@ def _nuts_kernels(spec: BayesSpec, data, *, num_warmup, target, depth, dense):
     gen = lambda d: partial(potential_energy, model, (d,), {})  # noqa: E731
     init_kernel, sample_kernel = hmc(potential_fn_gen=gen, algo="NUTS")
 
-    def init(z, key):
+    def init(z, key, inverse_mass):
         return init_kernel(
-            z, num_warmup, target_accept_prob=target, dense_mass=dense, max_tree_depth=depth,
-            model_args=(data,), rng_key=key,
+            z, num_warmup, inverse_mass_matrix=inverse_mass, target_accept_prob=target,
+            dense_mass=dense, max_tree_depth=depth, model_args=(data,), rng_key=key,
         )  # fmt: skip
 
     return init, sample_kernel
+
+
+def _inverse_mass(bm: BayesModel, num_chains: int, dense: bool) -> jax.Array:
+    """Each chain's starting inverse mass matrix, :meth:`BayesModel.inverse_mass_guess`.
+
+    Flattened in the order NumPyro ravels the positions (``ravel_pytree``);
+    ``(chains, D)``, or ``(chains, D, D)`` diagonal with ``dense``.
+    """
+    from jax.flatten_util import ravel_pytree
+
+    flat = ravel_pytree(bm.inverse_mass_guess())[0]
+    flat = jnp.diag(flat) if dense else flat
+    return jnp.broadcast_to(flat, (num_chains, *flat.shape))
 
 
 def _nuts_state_shapes(init_params, keys, *, num_warmup, target, depth, dense):
@@ -153,9 +166,11 @@ def _nuts_state_shapes(init_params, keys, *, num_warmup, target, depth, dense):
     return jax.eval_shape(jax.vmap(init), init_params, keys)
 
 
-def _nuts_run(state, init_params, keys, start, n, data, *, spec, num_warmup, target, depth,
+def _nuts_run(state, starts, keys, start, n, data, *, spec, num_warmup, target, depth,
               dense, buffer):  # fmt: skip
-    """``n`` NUTS transitions of every chain, from ``init_params`` when ``start``.
+    """``n`` NUTS transitions of every chain, from ``starts`` when ``start``.
+
+    ``starts`` holds the chains' initial positions and inverse mass matrices.
 
     ``n`` and ``start`` are traced, so one program serves initialisation,
     warm-up, sampling and every progress-bar chunk; the first ``min(n,
@@ -163,7 +178,10 @@ def _nuts_run(state, init_params, keys, start, n, data, *, spec, num_warmup, tar
     """
     opts = dict(num_warmup=num_warmup, target=target, depth=depth, dense=dense)
     init, sample_kernel = _nuts_kernels(spec, data, **opts)
-    state = jax.lax.cond(start, lambda: jax.vmap(init)(init_params, keys), lambda: state)
+    positions, inverse_mass = starts
+    state = jax.lax.cond(
+        start, lambda: jax.vmap(init)(positions, keys, inverse_mass), lambda: state
+    )
     step = jax.vmap(lambda st: sample_kernel(st, model_args=(data,)))
 
     def record(st):
@@ -221,9 +239,11 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
     keys = _keys(s.seed)
     spec, data = bm.spec, bm.data
     init = bm.init_params(keys["init"], s.num_chains)
+    starts = (init, _inverse_mass(bm, s.num_chains, s.dense_mass))
     ckeys = jax.random.split(keys["warmup"], s.num_chains)
     if s.chain_method == "sharded":
-        init, ckeys, data = _shard_chains(init, ckeys, data, s.num_chains)
+        starts, ckeys, data = _shard_chains(starts, ckeys, data, s.num_chains)
+        init = starts[0]
     opts = dict(spec=spec, num_warmup=s.num_warmup, target=s.target_accept,
                 depth=s.max_tree_depth, dense=s.dense_mass)  # fmt: skip
     warm_chunks = _chunks(s.num_warmup, s.progress_bar) if s.num_warmup else []
@@ -241,9 +261,9 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
     def advance(state, n):
         flag = jnp.asarray(not started[0])
         started[0] = True
-        run, _ = compiled(_nuts_run, state, init, ckeys, flag, jnp.asarray(n), data,
+        run, _ = compiled(_nuts_run, state, starts, ckeys, flag, jnp.asarray(n), data,
                           buffer=buffer, quick=quick, **opts)  # fmt: skip
-        return run(state, init, ckeys, flag, jnp.asarray(n), data)
+        return run(state, starts, ckeys, flag, jnp.asarray(n), data)
 
     with _Phase() as warm:
         warm_steps = 0
