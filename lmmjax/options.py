@@ -243,9 +243,12 @@ class NutsOptions(Options):
     center : bool
         With an intercept, sample the fixed effects in the coordinates of
         centred predictors, as brms and bambi do (the intercept at the
-        predictors' means, which decorrelates it from the slopes); the output
-        and the priors stay on the user's scale (unlike brms, the intercept's
-        prior is on the uncentred intercept).
+        predictors' means); the output and the priors stay on the user's scale
+        (unlike brms, the intercept's prior is on the uncentred intercept). Off
+        by default: it decorrelates the intercept when the residual dominates
+        the fixed effects' posterior (Orthodont: intercept ESS 1,894 -> 3,501),
+        but a random slope of the centred column correlates them instead
+        (sleepstudy: min ESS 4,354 -> 2,670).
     priors : dict of str to dict
         Prior overrides by parameter name (see :mod:`lmmjax.bayes.priors`).
     fixed_scales : dict of str to float or list of float
@@ -281,7 +284,7 @@ class NutsOptions(Options):
     dense_mass: StrictBool = False
     seed: int = Field(0, strict=True)
     likelihood: Literal["normal", "lognormal"] = "normal"
-    center: StrictBool = True
+    center: StrictBool = False
     priors: dict[str, dict] = Field(default_factory=dict)
     fixed_scales: dict[str, float | list[float]] = Field(default_factory=dict)
     shared_scale: StrictBool = False

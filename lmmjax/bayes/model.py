@@ -700,8 +700,7 @@ def build_bayes_model(
         (:func:`lmmjax.linalg.scale_rows`), still O(N) each.
     center : bool
         Sample the fixed effects in the coordinates of centred predictors when
-        the model has an intercept (see the module docstring); the builder's
-        default is False, :func:`~lmmjax.bayes.fit_nuts`'s True.
+        the model has an intercept (see the module docstring).
 
     Returns
     -------
