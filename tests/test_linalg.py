@@ -29,6 +29,7 @@ from lmmjax.linalg import (
     eigen_precompute,
     factorize,
     gls_gram,
+    lapack_blocks,
     linear_predictor,
     logdet,
     logdet_quad,
@@ -465,6 +466,19 @@ def test_small_cholesky_and_solves_match_lapack(rng, d):
     np.testing.assert_allclose(jax.grad(ours)(B), jax.grad(lapack)(B), rtol=1e-10, atol=1e-12)
     bad = jnp.asarray(np.diag(np.r_[1.0, -1.0, np.ones(d)][:d])) if d > 1 else -jnp.eye(1)
     assert np.isnan(np.asarray(cholesky(bad))).any()  # not positive definite: NaN, as LAPACK
+
+
+def test_lapack_blocks_turns_unrolling_off_while_tracing():
+    A = jnp.eye(2) * 2.0
+
+    def traced(fn, *args):  # a new function each time: no cached trace
+        return str(jax.make_jaxpr(lambda *a: fn(*a))(*args))
+
+    assert "cholesky" not in traced(cholesky, A)
+    with lapack_blocks():
+        assert "cholesky" in traced(cholesky, A)
+        assert "triangular_solve" in traced(tri_solve, A, A)
+    assert "cholesky" not in traced(cholesky, A)
 
 
 def test_cost_model_picks_the_cheaper_schur_form():

@@ -12,7 +12,7 @@ from lmmjax.em.hyper import HyperSpec, choose_hyper, laplace_at, resolve_hyper
 from lmmjax.em.objective import SIGMA_PRIOR_SCALE, EmData
 from lmmjax.em.result import MapFit
 from lmmjax.errors import LmmInputError
-from lmmjax.linalg import build_structure, cross_products
+from lmmjax.linalg import build_structure, cross_products, lapack_blocks
 from lmmjax.options import MapOptions, takes_options
 from lmmjax.precision import float_dtype
 
@@ -84,11 +84,15 @@ def fit_map(model, options: MapOptions | None = None, **kwargs) -> MapFit:
         )
     data = em_data(model, pen)
     s0 = SIGMA_PRIOR_SCALE * float(np.var(model.y))
-    hyper, laplace, search = choose_hyper(data, spec, s0, opts)
-    params = start_params(data, [np.diag(a) for a in map(np.asarray, hyper.A)])
-    trace = run_em_at(data, hyper, params, maxiter=opts.maxiter, tol=opts.tol)
-    if laplace is None:
-        laplace = laplace_at(data, hyper, trace.params)
-    result = MapFit.build(model, data, hyper, trace, laplace, search=search, options=opts)
+    # every kernel of the search through LAPACK blocks: the search's path through the
+    # hyperparameters is sensitive to rounding, and its Hessians and third derivatives of
+    # unrolled blocks compile slowly (lmmjax.linalg.lapack_blocks)
+    with lapack_blocks():
+        hyper, laplace, search = choose_hyper(data, spec, s0, opts)
+        params = start_params(data, [np.diag(a) for a in map(np.asarray, hyper.A)])
+        trace = run_em_at(data, hyper, params, maxiter=opts.maxiter, tol=opts.tol)
+        if laplace is None:
+            laplace = laplace_at(data, hyper, trace.params)
+        result = MapFit.build(model, data, hyper, trace, laplace, search=search, options=opts)
     result.seconds = time.perf_counter() - start
     return result

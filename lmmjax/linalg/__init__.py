@@ -20,7 +20,7 @@ from lmmjax.linalg.blocked import (
     logdet,
     make_lambdas,
 )
-from lmmjax.linalg.dense import cholesky, logdet_quad, tri_solve
+from lmmjax.linalg.dense import cholesky, lapack_blocks, logdet_quad, tri_solve
 from lmmjax.linalg.eigen import (
     EigenSystem,
     Rotated,
@@ -71,6 +71,7 @@ __all__ = [
     "factor_entries",
     "factorize",
     "gls_gram",
+    "lapack_blocks",
     "linear_predictor",
     "logdet",
     "logdet_quad",

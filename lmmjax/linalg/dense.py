@@ -11,6 +11,8 @@ block (``benchmarks/reml_speed.py``).
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -19,6 +21,26 @@ from jax import lax
 # blocks compile too slowly once differentiated: the third derivatives that the MAP
 # method's Laplace search takes of a 4 x 4 block compiled 5x slower than through LAPACK.
 SMALL = 2
+_UNROLL = [True]  # the innermost lapack_blocks() context turns unrolling off while tracing
+
+
+@contextlib.contextmanager
+def lapack_blocks():
+    """Trace kernels with LAPACK for every block, unrolling none (:func:`cholesky`).
+
+    For kernels differentiated more than once, whose unrolled derivatives are
+    many tiny operations, and for searches whose path is sensitive to
+    rounding: the MAP method's empirical-Bayes search took another path with
+    unrolled blocks (a p = 500 fit of the EM issue's experiment 4 in 6.9 s
+    against 3.2 s through LAPACK), so :func:`lmmjax.em.fit_map` traces
+    everything inside this context. Only tracing reads the switch, so wrap
+    the call that compiles.
+    """
+    _UNROLL.append(False)
+    try:
+        yield
+    finally:
+        _UNROLL.pop()
 
 
 def cholesky(A: jax.Array) -> jax.Array:
@@ -34,7 +56,7 @@ def cholesky(A: jax.Array) -> jax.Array:
     definite gives NaN.
     """
     d = A.shape[-1]
-    if d > SMALL:
+    if d > SMALL or not _UNROLL[-1]:
         return jnp.linalg.cholesky(A)
     L = [[None] * d for _ in range(d)]
     for j in range(d):
@@ -55,7 +77,7 @@ def tri_solve(L: jax.Array, B: jax.Array, *, transpose: bool = False) -> jax.Arr
     (elementwise over the batch and the ``k`` columns, see :func:`cholesky`).
     """
     d = L.shape[-1]
-    if d > SMALL:
+    if d > SMALL or not _UNROLL[-1]:
         return lax.linalg.triangular_solve(L, B, left_side=True, lower=True, transpose_a=transpose)
     lij = (lambda i, j: L[..., j, i, None]) if transpose else (lambda i, j: L[..., i, j, None])
     order = range(d - 1, -1, -1) if transpose else range(d)
