@@ -150,13 +150,21 @@ def least_squares(problem: Problem, prep: Prepared, index: jax.Array, mask: jax.
     rss : scalar, training residual sum of squares
     """
     A = columns(problem, prep, index) * (mask * 1.0) * problem.w[:, None]
-    G = A.T @ A
+    b = _support_solve(A.T @ A, A.T @ prep.yr, mask)
+    r = problem.w * prep.yr - A @ b
+    return b, r @ r
+
+
+def _support_solve(G: jax.Array, c: jax.Array, mask: jax.Array) -> jax.Array:
+    """Solve a support's normal equations ``G b = c`` on the used slots (0 on the others).
+
+    Unused slots get an identity row; the used diagonal a relative jitter
+    (near-collinear columns).
+    """
     off = 1.0 - mask
     G = G * jnp.outer(mask, mask) + jnp.diag(off + _RIDGE * mask * (1.0 + jnp.diag(G)))
     chol = jnp.linalg.cholesky(G)
-    b = jax.scipy.linalg.cho_solve((chol, True), A.T @ prep.yr) * mask
-    r = problem.w * prep.yr - A @ b
-    return b, r @ r
+    return jax.scipy.linalg.cho_solve((chol, True), c) * mask
 
 
 def _finish(problem: Problem, prep: Prepared, index, mask, b, converged) -> Candidate:
@@ -249,9 +257,7 @@ def best_subset(
         def fit(index):
             sub = ne.G[index][:, index] * jnp.outer(mask, mask)
             cs = ne.c[index] * mask
-            off = 1.0 - mask
-            chol = jnp.linalg.cholesky(sub + jnp.diag(off + _RIDGE * mask * (1.0 + jnp.diag(sub))))
-            b = jax.scipy.linalg.cho_solve((chol, True), cs) * mask
+            b = _support_solve(sub, cs, mask)
             return b, ne.yy - 2.0 * b @ cs + b @ (sub @ b)
 
         def gradient(index, b):
