@@ -103,15 +103,20 @@ def unique_group_names(terms) -> list[str]:
     return out
 
 
-def covariances_from_theta(terms, theta, sigma: float) -> list[np.ndarray]:
+def covariances_from_theta(terms, theta, sigma) -> list[np.ndarray]:
     """Each term's covariance ``sigma^2 Lambda_l Lambda_l'`` from lme4's theta, in NumPy.
 
-    For results: a few numbers, not worth an XLA program.
+    For results: a few numbers, not worth an XLA program. ``theta`` may have
+    leading axes (``(..., ntheta)``, e.g. bootstrap replicates), with
+    ``sigma`` a scalar or of those leading axes; each covariance is then
+    ``(..., d, d)``.
     """
+    theta = np.asarray(theta, dtype=float)
+    s2 = np.asarray(sigma, dtype=float)[..., None, None] ** 2
     out, k = [], 0
     for t in terms:
-        lam = np.zeros((t.d, t.d))
-        lam[t.theta_index()] = np.asarray(theta, dtype=float)[k : k + t.ntheta]
-        out.append(sigma**2 * lam @ lam.T)
+        lam = np.zeros((*theta.shape[:-1], t.d, t.d))
+        lam[(..., *t.theta_index())] = theta[..., k : k + t.ntheta]
+        out.append(s2 * lam @ np.swapaxes(lam, -1, -2))
         k += t.ntheta
     return out

@@ -2,7 +2,7 @@
 
 from lmmjax.output.fit import Fit, result_dict, to_jsonable, write_json
 from lmmjax.output.tables import coef_table, random_effects_table, residuals_and_groups
-from lmmjax.output.varcorr import varcorr_rows
+from lmmjax.output.varcorr import sd_and_corr, varcorr_rows
 
 __all__ = [
     "Fit",
@@ -12,5 +12,6 @@ __all__ = [
     "residuals_and_groups",
     "to_jsonable",
     "write_json",
+    "sd_and_corr",
     "varcorr_rows",
 ]

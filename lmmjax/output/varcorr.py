@@ -11,7 +11,19 @@ import numpy as np
 
 from lmmjax.terms import unique_group_names
 
-__all__ = ["varcorr_rows"]
+__all__ = ["sd_and_corr", "varcorr_rows"]
+
+
+def sd_and_corr(cov) -> tuple[np.ndarray, np.ndarray]:
+    """Standard deviations ``(..., d)`` and correlations ``(..., d, d)`` of covariances.
+
+    A correlation with a zero SD is NaN.
+    """
+    cov = np.asarray(cov, dtype=float)
+    sd = np.sqrt(np.clip(np.diagonal(cov, axis1=-2, axis2=-1), 0.0, None))
+    denom = sd[..., :, None] * sd[..., None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return sd, np.where(denom > 0, cov / denom, np.nan)
 
 
 def varcorr_rows(terms, covariances, sigma) -> list[dict]:
@@ -38,7 +50,7 @@ def varcorr_rows(terms, covariances, sigma) -> list[dict]:
     for name, t, cov in zip(unique_group_names(terms), terms, covariances, strict=True):
         cov = np.asarray(cov, dtype=float)
         var = np.diagonal(cov, axis1=-2, axis2=-1)
-        sd = np.sqrt(np.clip(var, 0.0, None))
+        sd, corr = sd_and_corr(cov)
         for a in range(t.d):
             rows.append(
                 dict(group=name, var1=t.names[a], var2=None, variance=mean(var[..., a]),
@@ -46,12 +58,9 @@ def varcorr_rows(terms, covariances, sigma) -> list[dict]:
             )  # fmt: skip
         for a in range(t.d):
             for b in range(a + 1, t.d):
-                denom = sd[..., a] * sd[..., b]
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    corr = np.where(denom > 0, cov[..., b, a] / denom, np.nan)
                 rows.append(
                     dict(group=name, var1=t.names[a], var2=t.names[b],
-                         variance=mean(cov[..., b, a]), sd=None, corr=mean(corr))
+                         variance=mean(cov[..., b, a]), sd=None, corr=mean(corr[..., b, a]))
                 )  # fmt: skip
     sig = np.asarray(sigma, dtype=float)
     rows.append(

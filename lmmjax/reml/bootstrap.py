@@ -15,10 +15,11 @@ import pandas as pd
 from lmmjax.cache import compiled
 from lmmjax.errors import LmmInputError
 from lmmjax.linalg import build_structure, cross_products
+from lmmjax.output import sd_and_corr
 from lmmjax.precision import float_dtype
 from lmmjax.reml.objective import weighted_problem
 from lmmjax.reml.optimize import lbfgs_loop, theta_scale
-from lmmjax.terms import unique_group_names
+from lmmjax.terms import covariances_from_theta, unique_group_names
 
 __all__ = ["bootstrap", "parameter_vector", "simulate"]
 
@@ -118,20 +119,13 @@ def _parameter_table(model, thetas, betas, sigmas) -> pd.DataFrame:
     thetas, betas = np.atleast_2d(thetas), np.atleast_2d(betas)
     sigmas = np.asarray(sigmas, dtype=float).reshape(-1)
     values = dict(zip(model.fixef_names, betas.T, strict=True))
-    k = 0
-    for name, t in zip(unique_group_names(model.terms), model.terms, strict=True):
-        lam = np.zeros((len(thetas), t.d, t.d))
-        lam[(slice(None), *t.theta_index())] = thetas[:, k : k + t.ntheta]
-        cov = sigmas[:, None, None] ** 2 * lam @ lam.transpose(0, 2, 1)
-        sd = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0.0, None))
+    covs = covariances_from_theta(model.terms, thetas, sigmas)
+    for name, t, cov in zip(unique_group_names(model.terms), model.terms, covs, strict=True):
+        sd, corr = sd_and_corr(cov)
         for a in range(t.d):
             values[f"sd_{t.names[a]}|{name}"] = sd[:, a]
         for a in range(t.d):
             for b in range(a + 1, t.d):
-                denom = sd[:, a] * sd[:, b]
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    corr = np.where(denom > 0, cov[:, b, a] / denom, np.nan)
-                values[f"cor_{t.names[a]}.{t.names[b]}|{name}"] = corr
-        k += t.ntheta
+                values[f"cor_{t.names[a]}.{t.names[b]}|{name}"] = corr[:, b, a]
     values["sigma"] = sigmas
     return pd.DataFrame(values, dtype=float)
