@@ -36,6 +36,7 @@ from lmmjax.linalg import (
     make_lambdas,
     rows_scalable,
     scale_rows,
+    small_system,
     tri_solve,
     z_times,
 )
@@ -526,3 +527,29 @@ def test_scale_rows_refuses_the_sparse_schur_form():
     with pytest.raises(ValueError, match="schur='dense'"):
         scale_rows(struct, jnp.ones(c["y"].size))
     assert rows_scalable(build_structure(c["terms"][:1]))
+
+
+def test_small_system_matches_dense(case):
+    """The padded dense system: same log|V|, M' V^-1 M, objective and conditional mean."""
+    Z, Lam, M, r, A = case["Z"], case["Lam"], case["M"], case["r"], case["A"]
+    system, xm, layout = small_system(case["terms"], M, jnp.float64)
+    assert system.q >= Z.shape[1] and layout.size >= case["theta"].size
+    theta = jnp.asarray(layout.pad(case["theta"]))
+    lam = make_lambdas(theta, system)
+    np.testing.assert_array_equal(np.asarray(lam)[: Z.shape[1], : Z.shape[1]], Lam)
+    assert not np.any(np.asarray(lam)[Z.shape[1] :])  # padding stays zero
+    logdet_v, gram = gls_gram(system, lam, xm)
+    V = np.eye(Z.shape[0]) + Z @ Lam @ Lam.T @ Z.T
+    assert float(logdet_v) == pytest.approx(np.linalg.slogdet(V)[1], rel=RTOL)
+    assert rel(gram, M.T @ np.linalg.solve(V, M)) <= RTOL
+    mean = conditional_moments(system, lam, xm.combine(jnp.asarray([0.0, 0.0, 0.0])), 1.0).mean
+    assert len(mean) == 1 and not np.any(np.asarray(mean[0]))
+    rsys = small_system(case["terms"], r[:, None], jnp.float64)
+    got = conditional_moments(rsys[0], lam, rsys[1], 1.7).mean[0]
+    want = Lam @ np.linalg.solve(A, Lam.T @ Z.T @ r)
+    assert rel(np.concatenate([b.reshape(-1) for b in layout.unpack(got)]), want) <= RTOL
+    for reml in (True, False):
+        xy = small_system(case["terms"], np.column_stack([case["X"], case["y"]]), jnp.float64)
+        got = float(profiled_objective(theta, xy[0], xy[1], reml))
+        expected = dense_objective(Z, Lam, case["X"], case["y"], reml)
+        assert got == pytest.approx(expected, rel=RTOL)

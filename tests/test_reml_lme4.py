@@ -11,6 +11,7 @@ from lmmjax.api import fit_model
 from lmmjax.config import load_config
 from lmmjax.datasets import load_data
 from lmmjax.design import build_model
+from lmmjax.linalg import small
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LMMJAX_SHARED", ROOT.parent / "shared"))
@@ -107,6 +108,25 @@ def test_first_blups(case, reference):
             ours = frame.loc[head["levels"], name].to_numpy()
             scale = np.max(np.abs(values))
             np.testing.assert_allclose(ours, values, rtol=1e-3, atol=1e-3 * scale)
+
+
+@pytest.mark.parametrize("case", _cases())
+def test_blocked_path_gives_the_same_fit(case, monkeypatch):
+    """Small models fit on the shared dense program; the blocked one must agree."""
+    cfg, fit = fitted(case)
+    if fit._small is None:
+        pytest.skip("fitted on the blocked path already")
+    monkeypatch.setattr(small, "MAX_Q", -1)
+    blocked = fit_model(fit.model, cfg)
+    assert blocked._small is None
+    assert blocked.objective == pytest.approx(fit.objective, abs=1e-8)
+    np.testing.assert_allclose(blocked.theta, fit.theta, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(blocked.beta, fit.beta, rtol=1e-7)
+    np.testing.assert_allclose(blocked.vcov_matrix, fit.vcov_matrix, rtol=1e-5)
+    for mine, theirs in zip(blocked.b, fit.b, strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6 * np.abs(theirs).max())
+    table, ref = blocked.coef_table(), fit.coef_table()
+    np.testing.assert_allclose(table["df"], ref["df"], rtol=1e-5)
 
 
 def test_dyestuff2_is_singular_with_zero_sd():

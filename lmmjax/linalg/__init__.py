@@ -7,6 +7,8 @@ Z-only structure, :func:`cross_products` the products with dense columns,
 :func:`scale_rows` gives the structure of a row-weighted ``Z`` per evaluation.
 :func:`row_sums`, :class:`BEntries` and :func:`assemble_from_sums` build the same
 structure from sums over row batches (streamed or split across devices).
+:func:`small_system` holds a model with few random effects densely, padded to
+shared shapes, behind the same :func:`gls_gram` and :func:`conditional_moments`.
 The ``eigen_*`` functions are the fast path for covariances known up to a scale.
 """
 
@@ -36,6 +38,7 @@ from lmmjax.linalg.products import (
     linear_predictor,
     z_times,
 )
+from lmmjax.linalg.small import SmallLayout, SmallProducts, SmallSystem, small_system
 from lmmjax.linalg.structure import (
     Structure,
     build_structure,
@@ -58,6 +61,9 @@ __all__ = [
     "Factor",
     "Moments",
     "Rotated",
+    "SmallLayout",
+    "SmallProducts",
+    "SmallSystem",
     "Structure",
     "build_structure",
     "cholesky",
@@ -78,6 +84,7 @@ __all__ = [
     "make_lambdas",
     "rows_scalable",
     "scale_rows",
+    "small_system",
     "tri_solve",
     "z_times",
 ]

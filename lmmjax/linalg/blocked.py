@@ -36,6 +36,7 @@ from jax import lax
 
 from lmmjax.linalg.dense import cholesky, logdet_quad, tri_solve
 from lmmjax.linalg.products import CrossProducts
+from lmmjax.linalg.small import SmallSystem, small_gls_gram, small_lambda, small_mean
 from lmmjax.linalg.structure import Layout, Structure, packed_index
 
 
@@ -48,7 +49,13 @@ class Factor(NamedTuple):
 
 
 def make_lambdas(theta: jax.Array, struct: Structure) -> tuple[jax.Array, ...]:
-    """Split theta into each term's lower-triangular factor Lambda_l (lme4 order)."""
+    """Split theta into each term's lower-triangular factor Lambda_l (lme4 order).
+
+    For a :class:`~lmmjax.linalg.small.SmallSystem`, the one dense padded
+    ``Lambda`` instead (theta padded to the system's length).
+    """
+    if isinstance(struct, SmallSystem):
+        return small_lambda(theta, struct)
     out, k = [], 0
     for t in struct.layout.terms:
         lam = jnp.zeros((t.d, t.d), dtype=theta.dtype)
@@ -259,6 +266,8 @@ def gls_gram(struct: Structure, lambdas: tuple, xp: CrossProducts):
     logdet_V : scalar
     gram : array (k, k)
     """
+    if isinstance(struct, SmallSystem):  # dense and padded (lmmjax.linalg.small)
+        return small_gls_gram(struct, lambdas, xp)
     logdet_A, quad = logdet_and_quad(struct, lambdas, xp)
     return logdet_A, xp.gram - quad
 
@@ -362,7 +371,13 @@ def conditional_moments(
     Returns
     -------
     Moments
+        For a :class:`~lmmjax.linalg.small.SmallSystem`, the mean only, as one
+        flat padded vector (``SmallLayout.unpack`` splits it by term).
     """
+    if isinstance(struct, SmallSystem):
+        if cov or key is not None:
+            raise NotImplementedError("a SmallSystem gives conditional means only")
+        return Moments((small_mean(struct, lambdas, xp),), None, None)
     factor = factorize(struct, lambdas)
     w1, w2 = _solve_lower(struct, factor, *lambda_t(struct, lambdas, xp))
 

@@ -5,17 +5,13 @@ from __future__ import annotations
 import time
 import warnings
 
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import scipy.stats
 
-from lmmjax.cache import compiled
 from lmmjax.errors import LmmInputError, LmmWarning
-from lmmjax.linalg import build_structure, cross_products
 from lmmjax.options import RemlOptions, takes_options
-from lmmjax.precision import float_dtype
-from lmmjax.reml.objective import weighted_problem
+from lmmjax.reml.objective import blocked_problem, small_problem
 from lmmjax.reml.optimize import optimize_theta
 from lmmjax.reml.result import LmmFit
 
@@ -72,19 +68,21 @@ def fit_reml(model, options: RemlOptions | None = None, *, reml: bool = True, **
         raise LmmInputError("option 'ddf': Kenward-Roger needs a REML fit (method: reml)")
     model.require_full_rank("reml" if reml else "ml")
     check_identifiable(model)
-    if getattr(model, "sufficient", None) is not None:  # streamed: precomputed from batches
-        (struct, xp), shift = model.sufficient, 0.0
+    small = small_problem(model)
+    if small is not None:  # few random effects: a program shared with other small models
+        system, products, layout, shift = small
+        struct = xp = None
     else:
-        terms, M, shift = weighted_problem(model)
-        struct = build_structure(terms, dtype=float_dtype())
-        M = jnp.asarray(M, dtype=struct.dtype)
-        products, _ = compiled(cross_products, struct, M)  # one program, not one per operation
-        xp = products(struct, M)
+        struct, xp, shift = blocked_problem(model)
+        system, products, layout = struct, xp, None
     theta0 = np.concatenate([t.theta_init() for t in model.terms])
-    theta, _, log, singular, est = optimize_theta(struct, xp, model.terms, theta0, opts, reml=reml)
-    result = LmmFit.from_theta(
-        model, struct, xp, theta, reml=reml, log=log, singular=singular, estimates=est
+    theta, _, log, singular, est = optimize_theta(
+        system, products, model.terms, theta0, opts, reml=reml, padding=layout
     )
+    result = LmmFit.from_estimates(
+        model, theta, est, reml=reml, log=log, singular=singular, blocked=(struct, xp),
+        small=small[:3] if small is not None else None,
+    )  # fmt: skip
     result.objective += shift
     result.ddf = opts.ddf
     result._fitter = fit_reml

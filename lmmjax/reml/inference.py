@@ -30,7 +30,7 @@ from lmmjax.linalg import CrossProducts, Structure, gls_gram, make_lambdas, tri_
 __all__ = ["VcovDerivatives", "contrast_df", "satterthwaite", "t_table", "vcov_derivatives"]
 
 
-def _parts(varpar, struct: Structure, xp: CrossProducts):
+def _parts(varpar, struct: Structure, xp: CrossProducts):  # or a SmallSystem and its products
     theta, sigma = varpar[:-1], varpar[-1]
     logdet_a, gram = gls_gram(struct, make_lambdas(theta, struct), xp)
     L = jnp.linalg.cholesky(gram)
@@ -84,13 +84,24 @@ class VcovDerivatives(NamedTuple):
 
 
 def vcov_derivatives(fit) -> VcovDerivatives:
-    """:class:`VcovDerivatives` of a REML/ML fit, by JAX autodiff through ``gls_gram``."""
-    struct, xp = fit._struct, fit._xp
-    varpar = jnp.asarray(np.append(fit.theta, fit.sigma), dtype=struct.dtype)
+    """:class:`VcovDerivatives` of a REML/ML fit, by JAX autodiff through ``gls_gram``.
+
+    A small model's padded dense system serves when the fit has one (its
+    program is shared with other small models); the padded entries of theta
+    are cut from the derivatives.
+    """
+    if fit._small is not None:
+        struct, xp, layout = fit._small
+        theta, keep = layout.pad(fit.theta), np.r_[np.arange(layout.ntheta), layout.size]
+    else:
+        (struct, xp), theta, keep = fit._blocked(), fit.theta, None
+    varpar = jnp.asarray(np.append(theta, fit.sigma), dtype=struct.dtype)
     nobs = jnp.asarray(float(fit.nobs), dtype=struct.dtype)
     quick = struct.q <= 2000  # compile time dominates on small problems
     run, _ = compiled(_pieces, varpar, struct, xp, nobs, quick=quick, reml=fit.reml)
     H, C, J = (np.asarray(a, dtype=float) for a in run(varpar, struct, xp, nobs))
+    if keep is not None:
+        H, J = H[np.ix_(keep, keep)], J[..., keep]
     try:
         A = 2.0 * np.linalg.solve(H, np.eye(H.shape[0]))
     except np.linalg.LinAlgError:

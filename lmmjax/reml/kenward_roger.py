@@ -118,7 +118,8 @@ def kr_parts(fit) -> KenwardRoger:
     """
     if not fit.reml:
         raise LmmInputError("ddf 'Kenward-Roger' needs a REML fit (method: reml), as lmerTest")
-    struct, xp, dtype = fit._struct, fit._xp, fit._struct.dtype
+    struct, xp = fit._blocked()
+    dtype = struct.dtype
     layout = tuple((t.d, *map(lambda a: tuple(map(int, a)), t.theta_index()))
                    for t in fit.model.terms)  # fmt: skip
     phi = [cov[t.theta_index()] for t, cov in zip(fit.model.terms, fit.covariances(), strict=True)]

@@ -18,18 +18,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmmjax.cache import compiled
 from lmmjax.linalg import (
     CrossProducts,
+    SmallLayout,
     Structure,
+    build_structure,
     cholesky,
     conditional_moments,
+    cross_products,
     gls_gram,
     make_lambdas,
+    small_system,
     tri_solve,
 )
+from lmmjax.precision import float_dtype
 
 __all__ = [
     "Estimates",
+    "blocked_problem",
+    "small_problem",
     "estimates",
     "profiled_criterion",
     "profiled_objective",
@@ -125,3 +133,45 @@ def weighted_problem(model) -> tuple[list, np.ndarray, float]:
     terms = [replace(t, z=t.z * sw[:, None]) for t in model.terms]
     M = np.column_stack([model.X, y]) * sw[:, None]
     return terms, M, -float(np.sum(np.log(model.weights)))
+
+
+def blocked_problem(model) -> tuple[Structure, CrossProducts, float]:
+    """The blocked :class:`~lmmjax.linalg.Structure` of a model and the cross products of [X y].
+
+    Returns
+    -------
+    struct, xp, shift
+        ``shift`` as in :func:`weighted_problem` (0 for a streamed model, whose
+        sums were precomputed from its batches).
+    """
+    if getattr(model, "sufficient", None) is not None:
+        struct, xp = model.sufficient
+        return struct, xp, 0.0
+    terms, M, shift = weighted_problem(model)
+    struct = build_structure(terms, dtype=float_dtype())
+    M = jnp.asarray(M, dtype=struct.dtype)
+    products, _ = compiled(cross_products, struct, M)  # one program, not one per operation
+    return struct, products(struct, M), shift
+
+
+def small_problem(model):
+    """The padded dense system of a small model (:mod:`lmmjax.linalg.small`), or None.
+
+    For models with at most ``lmmjax.linalg.small.MAX_Q`` random effects whose rows are in
+    memory; their compiled programs are shared by every model of the same
+    padded sizes, where the blocked structure would compile its own.
+
+    Returns
+    -------
+    (system, products, layout, shift) or None
+    """
+    if getattr(model, "sufficient", None) is not None:
+        return None
+    terms, M, shift = weighted_problem(model)
+    system = small_system(terms, M, float_dtype())
+    return None if system is None else (*system, shift)
+
+
+def padded(layout: SmallLayout | None, theta) -> np.ndarray:
+    """Theta as a program on ``layout``'s system takes it (unchanged without one)."""
+    return np.asarray(theta, dtype=float) if layout is None else layout.pad(theta)

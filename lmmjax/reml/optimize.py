@@ -31,9 +31,9 @@ import optax
 import scipy.optimize
 
 from lmmjax.cache import compiled
-from lmmjax.linalg import CrossProducts, Structure
+from lmmjax.linalg import CrossProducts, SmallLayout, Structure
 from lmmjax.options import RemlOptions
-from lmmjax.reml.objective import Estimates, estimates, profiled_objective
+from lmmjax.reml.objective import Estimates, estimates, padded, profiled_objective
 
 
 @dataclass
@@ -194,14 +194,15 @@ class _Objective:
     Nelder-Mead and the final estimates all run the one compiled program.
     """
 
-    def __init__(self, struct: Structure, xp: CrossProducts, reml: bool):
+    def __init__(self, struct, xp, reml: bool, padding: SmallLayout | None = None):
         self.args, self.reml, self.dtype = (struct, xp), reml, struct.dtype
+        self.padding = padding  # a padded SmallSystem's: theta padded in, gradient cut out
         self.compile_seconds = 0.0
         # small problems: compile without LLVM optimisation, run time is negligible there
         self.quick = struct.q <= QUICK_MAX_Q
 
     def _run(self, theta, with_estimates: bool):
-        th = jnp.asarray(theta, self.dtype)
+        th = jnp.asarray(padded(self.padding, theta), self.dtype)
         flag = jnp.asarray(with_estimates)
         run, seconds = compiled(_evaluate, th, *self.args, flag, quick=self.quick, reml=self.reml)
         self.compile_seconds += seconds
@@ -209,10 +210,11 @@ class _Objective:
 
     def value_and_grad(self, theta) -> tuple[float, np.ndarray]:
         value, grad, _ = self._run(theta, False)
-        return float(value), np.asarray(grad, dtype=float)
+        return float(value), np.asarray(grad, dtype=float)[: np.size(theta)]
 
     def estimates(self, theta) -> Estimates:
-        return self._run(theta, True)[2]
+        est = self._run(theta, True)[2]
+        return est if self.padding is None else est._replace(b=self.padding.unpack(est.b[0]))
 
     def __call__(self, theta) -> float:
         return self.value_and_grad(theta)[0]
@@ -297,14 +299,15 @@ def optimize_theta(
     options: RemlOptions,
     *,
     reml: bool = True,
+    padding: SmallLayout | None = None,
 ) -> tuple[np.ndarray, float, OptimizerLog, bool, Estimates]:
     """Minimise the profiled objective over theta.
 
     Parameters
     ----------
-    struct : Structure
-        The Z-only blocked system.
-    xp : CrossProducts
+    struct : Structure or SmallSystem
+        The Z-only blocked system, or a small model's padded dense one.
+    xp : CrossProducts or SmallProducts
         Cross products of ``[X y]``.
     terms : sequence of Term
         The random-effect terms (theta's layout).
@@ -317,6 +320,8 @@ def optimize_theta(
         objective increase accepted when snapping to the boundary.
     reml : bool
         REML criterion (True) or ML deviance (False).
+    padding : SmallLayout, optional
+        With a ``SmallSystem``: theta's padding and the terms' effects.
 
     Returns
     -------
@@ -325,7 +330,7 @@ def optimize_theta(
     log = OptimizerLog()
     start = time.perf_counter()
     gtol = options.gtol
-    f = _Objective(struct, xp, reml)
+    f = _Objective(struct, xp, reml, padding)
     evaluate = _Evaluations(f, theta_scale(terms))
     est = None
     if struct.q > QUICK_MAX_Q:  # large: the compiled loop, evaluations dominate

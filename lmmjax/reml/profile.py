@@ -193,7 +193,8 @@ def profile_confint(fit, level: float = 0.95) -> pd.DataFrame:
         -1 or 1 for a correlation).
     """
     ml = fit._fitter(fit.model, reml=False, ddf="none") if fit.reml else fit
-    struct, xp, dtype = ml._struct, ml._xp, ml._struct.dtype
+    struct, xp = ml._blocked()
+    dtype = struct.dtype
     c = float(np.sqrt(scipy.stats.chi2.ppf(level, 1)))
     layout, names, is_cor = sdcor_layout(ml.model.terms)
     nobs = jnp.asarray(float(ml.nobs), dtype)

@@ -16,8 +16,7 @@ from lmmjax.errors import LmmInputError
 from lmmjax.linalg import CrossProducts, Structure, conditional_moments, make_lambdas, z_times
 from lmmjax.options import ddf_name
 from lmmjax.output import result_dict, varcorr_rows
-from lmmjax.reml.objective import Estimates
-from lmmjax.reml.objective import estimates as compute_estimates
+from lmmjax.reml.objective import Estimates, blocked_problem
 from lmmjax.terms import covariances_from_theta
 
 __all__ = ["LmmFit"]
@@ -55,6 +54,7 @@ class LmmFit:
     ddf: str = "Satterthwaite"
     _coef: dict | None = field(default=None, repr=False)  # coefficient tables by ddf
     _fitter: object = field(default=None, repr=False)  # fit_reml, for refit / update
+    _small: tuple | None = field(default=None, repr=False)  # (SmallSystem, products, layout)
 
     @property
     def method(self) -> str:
@@ -70,22 +70,30 @@ class LmmFit:
 
     # ----------------------------------------------------------------- build
     @classmethod
-    def from_theta(cls, model: Model, struct: Structure, xp: CrossProducts, theta, *, reml,
-                   log=None, singular=False, estimates: Estimates | None = None):  # fmt: skip
-        """Collect every estimate at theta (computing them unless ``estimates`` is given)."""
-        theta = np.asarray(theta, dtype=float)
-        if estimates is None:
-            th = jnp.asarray(theta, dtype=struct.dtype)
-            run, _ = compiled(compute_estimates, th, struct, xp, reml=reml)
-            estimates = run(th, struct, xp)
+    def from_estimates(cls, model: Model, theta, estimates: Estimates, *, reml, log=None,
+                       singular=False, blocked=(None, None), small=None):  # fmt: skip
+        """Collect a fit from theta and the estimates there.
+
+        ``blocked`` is the model's ``(Structure, CrossProducts)`` when the fit
+        built them (they are built on first use otherwise), ``small`` its
+        ``(SmallSystem, SmallProducts, SmallLayout)`` when it has one.
+        """
         est = jax.tree.map(np.asarray, estimates)
+        struct, xp = blocked
         return cls(
-            model=model, reml=reml, theta=theta, beta=est.beta.astype(float),
-            sigma=float(est.sigma), vcov_matrix=est.vcov.astype(float),
-            objective=float(est.objective),
+            model=model, reml=reml, theta=np.asarray(theta, dtype=float),
+            beta=est.beta.astype(float), sigma=float(est.sigma),
+            vcov_matrix=est.vcov.astype(float), objective=float(est.objective),
             b=[np.asarray(b, dtype=float) for b in est.b], singular=singular,
             converged=True if log is None else log.converged, log=log, _struct=struct, _xp=xp,
+            _small=small,
         )  # fmt: skip
+
+    def _blocked(self) -> tuple[Structure, CrossProducts]:
+        """The model's blocked structure and cross products of [X y], built on first use."""
+        if self._struct is None:
+            self._struct, self._xp, _ = blocked_problem(self.model)
+        return self._struct, self._xp
 
     # ------------------------------------------------------------ estimates
     @property
@@ -278,10 +286,11 @@ class LmmFit:
     # ------------------------------------------------------- random effects
     def _cond_var_blocks(self) -> list[np.ndarray]:
         """Each term's conditional covariance blocks (M_l, d_l, d_l), lme4's ``condVar``."""
-        dtype = self._struct.dtype
+        struct, xp = self._blocked()
+        dtype = struct.dtype
         beta = jnp.asarray(self.beta, dtype)
         args = (jnp.asarray(self.theta, dtype), jnp.asarray(self.sigma, dtype), beta,
-                self._struct, self._xp)  # fmt: skip
+                struct, xp)  # fmt: skip
         run, _ = compiled(_condvar, *args)
         return [np.asarray(b, dtype=float) for b in run(*args)]
 

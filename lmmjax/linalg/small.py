@@ -1,0 +1,226 @@
+"""Small problems as dense level-sized matrices, padded so that one program serves many models.
+
+A model with few random effects (``q <= MAX_Q``) is held as ``Z'Z`` (q x q),
+``Z'M`` and ``M'M``, formed once in NumPy from a sparse Z (no dense N x q
+design), and ``Lambda(theta)`` is scattered from theta by index arrays that
+are data, not program constants. Nothing in the compiled program then depends
+on N, on the number of terms, their widths or their levels: only on
+
+* ``Q``, q rounded up to a bucket (rows and columns beyond q are zero in
+  ``Z'Z``, ``Z'M`` and ``Lambda``, so ``A = Lambda' Z'Z Lambda + I`` is the
+  identity there and adds nothing to ``log|A|`` or ``M' V^{-1} M``);
+* ``T``, the length of theta rounded up (the padded entries are never read);
+* ``K``, the number of nonzeros of ``Lambda`` rounded up (padded entries add
+  zero);
+* ``k``, the number of columns of ``M`` (``p + 1``; not padded, since ``p``
+  enters every consumer of the fixed-effect block).
+
+So one compiled REML program serves Dyestuff, Penicillin, Pastes and
+sleepstudy alike, and the persistent compile cache serves it across
+processes. Compiling a model's own blocked program costs 0.5-1 s on a 2-core
+CPU, which dominates a small fit; the dense program's evaluations cost tens
+of microseconds at these sizes (issue 11).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse
+
+from lmmjax.linalg.dense import cholesky, logdet_quad, tri_solve
+from lmmjax.linalg.products import residual_coef
+
+__all__ = [
+    "MAX_Q",
+    "SmallLayout",
+    "SmallProducts",
+    "SmallSystem",
+    "small_gls_gram",
+    "small_lambda",
+    "small_mean",
+    "small_system",
+]
+
+MAX_Q = 256  # random effects up to which a model takes the dense path
+_LEAST = {"Q": 64, "T": 4, "K": 64}  # smallest bucket of each padded size
+
+
+def bucket(n: int, least: int) -> int:
+    """``n`` rounded up to a power of two, at least ``least``."""
+    return max(least, 1 << max(int(n) - 1, 0).bit_length())
+
+
+class SmallSystem(NamedTuple):
+    """The Z-only part of a small model (a JAX pytree of arrays only).
+
+    Attributes
+    ----------
+    ZtZ : array (Q, Q)
+    lam_pos : int array (K,)
+        Flat index ``row * Q + col`` of each nonzero of ``Lambda``.
+    lam_theta : int array (K,)
+        Which theta entry it holds; ``T`` (one past the end) for padding.
+    n : array ()
+        Number of observations, as data, so that N is not a program constant.
+    """
+
+    ZtZ: jax.Array
+    lam_pos: jax.Array
+    lam_theta: jax.Array
+    n: jax.Array
+
+    @property
+    def nobs(self) -> jax.Array:
+        return self.n
+
+    @property
+    def dtype(self):
+        return self.ZtZ.dtype
+
+    @property
+    def q(self) -> int:
+        """The padded number of random effects ``Q`` (static)."""
+        return self.ZtZ.shape[0]
+
+
+class SmallProducts(NamedTuple):
+    """``Z' M`` (Q, k) and ``M' M`` (k, k) of dense columns ``M``."""
+
+    zt: jax.Array
+    gram: jax.Array
+
+    def combine(self, coef: jax.Array) -> SmallProducts:
+        """The cross products of the single column ``M coef``."""
+        c = coef[:, None]
+        return SmallProducts(self.zt @ c, c.T @ self.gram @ c)
+
+    def residual(self, beta: jax.Array) -> SmallProducts:
+        """For ``M = [X y]``: the cross products of ``y - X beta``."""
+        return self.combine(residual_coef(beta))
+
+
+@dataclass(frozen=True)
+class SmallLayout:
+    """Host-side bookkeeping: theta's padding and where each term's effects lie.
+
+    Attributes
+    ----------
+    ntheta : int
+        Length of the model's theta.
+    size : int
+        ``T``, the padded length the program takes.
+    terms : tuple of (offset, nlevels, d)
+        Each term's block of the (level-major) random effects, in model order.
+    """
+
+    ntheta: int
+    size: int
+    terms: tuple[tuple[int, int, int], ...]
+
+    def pad(self, theta) -> np.ndarray:
+        """Theta padded with zeros to the program's length."""
+        out = np.zeros(self.size)
+        out[: self.ntheta] = np.asarray(theta, dtype=float)
+        return out
+
+    def unpack(self, flat) -> tuple[np.ndarray, ...]:
+        """Each term's (M_l, d_l) effects from the padded flat vector."""
+        flat = np.asarray(flat, dtype=float).reshape(-1)
+        return tuple(flat[o : o + m * d].reshape(m, d) for o, m, d in self.terms)
+
+
+def sparse_design(terms, nobs: int) -> scipy.sparse.csc_matrix:
+    """The random-effect design Z (N x q, level-major within each term) as a sparse matrix."""
+    rows, cols, vals, offset = [], [], [], 0
+    for t in terms:
+        for c in range(t.d):
+            rows.append(np.arange(nobs))
+            cols.append(offset + np.asarray(t.refs, dtype=np.int64) * t.d + c)
+            vals.append(np.asarray(t.z[:, c], dtype=float))
+        offset += t.q
+    return scipy.sparse.csc_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(nobs, offset)
+    )
+
+
+def small_system(terms, M: np.ndarray, dtype):
+    """The padded dense system of the terms and dense columns ``M`` (N, k); O(N sum d_l).
+
+    None when the terms have more than :data:`MAX_Q` random effects.
+
+    Parameters
+    ----------
+    terms : sequence of Term
+        Random-effect terms, in the model's order (theta's order).
+    M : array (N, k)
+        ``[X y]``, already weighted where the model has prior weights.
+    dtype
+        Floating-point type of the arrays.
+
+    Returns
+    -------
+    (SmallSystem, SmallProducts, SmallLayout) or None
+    """
+    if sum(t.q for t in terms) > MAX_Q:
+        return None
+    M = np.asarray(M, dtype=float)
+    Z = sparse_design(terms, M.shape[0])
+    q = Z.shape[1]
+    Q = bucket(q, _LEAST["Q"])
+    ZtZ = np.zeros((Q, Q))
+    ZtZ[:q, :q] = (Z.T @ Z).toarray()
+    ZtM = np.zeros((Q, M.shape[1]))
+    ZtM[:q] = Z.T @ M
+    pos, which, spans, offset, k = [], [], [], 0, 0
+    for t in terms:
+        r, c = t.theta_index()
+        base = offset + np.arange(t.nlevels)[:, None] * t.d  # (M, 1): each level's first row
+        pos.append((((base + r) * Q) + base + c).reshape(-1))
+        which.append(np.tile(k + np.arange(t.ntheta), t.nlevels))
+        spans.append((offset, t.nlevels, t.d))
+        offset, k = offset + t.q, k + t.ntheta
+    T = bucket(k, _LEAST["T"])
+    pos, which = np.concatenate(pos), np.concatenate(which)
+    K = bucket(pos.size, _LEAST["K"])
+    pad = K - pos.size
+    system = SmallSystem(
+        jnp.asarray(ZtZ, dtype),
+        jnp.asarray(np.concatenate([pos, np.zeros(pad, np.int64)]), jnp.int32),
+        jnp.asarray(np.concatenate([which, np.full(pad, T, np.int64)]), jnp.int32),
+        jnp.asarray(float(M.shape[0]), dtype),
+    )
+    products = SmallProducts(jnp.asarray(ZtM, dtype), jnp.asarray(M.T @ M, dtype))
+    return system, products, SmallLayout(k, T, tuple(spans))
+
+
+def small_lambda(theta: jax.Array, system: SmallSystem) -> jax.Array:
+    """The dense (Q, Q) ``Lambda(theta)``, from theta padded to length ``T``."""
+    values = jnp.append(theta, jnp.zeros(1, theta.dtype))[system.lam_theta]
+    Q = system.q
+    return jnp.zeros(Q * Q, theta.dtype).at[system.lam_pos].add(values).reshape(Q, Q)
+
+
+def _a_matrix(system: SmallSystem, lam: jax.Array) -> jax.Array:
+    return lam.T @ system.ZtZ @ lam + jnp.eye(system.q, dtype=lam.dtype)
+
+
+def small_gls_gram(system: SmallSystem, lam: jax.Array, xp: SmallProducts):
+    """``log|V|`` and ``M' V^{-1} M`` with ``V = I + Z Lambda Lambda' Z'``.
+
+    Through ``A = Lambda' Z'Z Lambda + I``: ``log|V| = log|A|`` and
+    ``M' V^{-1} M = M'M - (Lambda' Z'M)' A^{-1} (Lambda' Z'M)``.
+    """
+    logdet_a, quad = logdet_quad(_a_matrix(system, lam), lam.T @ xp.zt)
+    return logdet_a, xp.gram - quad
+
+
+def small_mean(system: SmallSystem, lam: jax.Array, xp: SmallProducts) -> jax.Array:
+    """Conditional mean ``Lambda A^{-1} Lambda' Z' r`` (Q,) of the single column ``r`` of ``xp``."""
+    L = cholesky(_a_matrix(system, lam))
+    u = tri_solve(L, tri_solve(L, lam.T @ xp.zt), transpose=True)
+    return (lam @ u)[:, 0]
