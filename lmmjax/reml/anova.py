@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import scipy.stats
+import scipy.special
 
 from lmmjax.design import fixed_terms
 from lmmjax.errors import LmmInputError
@@ -150,7 +150,7 @@ def _row(F: float, q: int, ddf: float, sigma: float, scale: float = 1.0) -> dict
     """An anova row as lmerTest's: ``Mean Sq = F sigma^2`` before ``F`` is scaled."""
     ms = F * sigma**2
     F = F * scale
-    p = scipy.stats.f.sf(F, q, ddf) if np.isfinite(ddf) else np.nan
+    p = scipy.special.fdtrc(q, ddf, F) if np.isfinite(ddf) else np.nan
     return dict(zip(_COLUMNS, [ms * q, ms, q, ddf, F, p], strict=True))
 
 

@@ -7,7 +7,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
-import scipy.stats
+import scipy.special
 
 from lmmjax.errors import LmmInputError, LmmWarning
 from lmmjax.options import RemlOptions, takes_options
@@ -124,7 +124,7 @@ def compare(*fits: LmmFit, **named: LmmFit) -> pd.DataFrame:
             prev = fits[order[pos - 1]]
             chisq = max(prev.objective - f.objective, 0.0)
             df = f.npar - prev.npar
-            p = scipy.stats.chi2.sf(chisq, df) if df > 0 else np.nan
+            p = scipy.special.chdtrc(df, chisq) if df > 0 else np.nan
             row.update({"Chisq": chisq, "Df": df, "Pr(>Chisq)": p})
         rows.append(row)
     return pd.DataFrame(rows, index=[labels[k] for k in order])

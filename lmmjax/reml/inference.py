@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-import scipy.stats
+import scipy.special
 
 from lmmjax.cache import compiled
 from lmmjax.linalg import CrossProducts, Structure, gls_gram, make_lambdas, tri_solve
@@ -147,6 +147,6 @@ def t_table(fit, se, df) -> pd.DataFrame:
     t = fit.beta / se
     return pd.DataFrame(
         {"Estimate": fit.beta, "Std. Error": se, "df": df, "t value": t,
-         "Pr(>|t|)": 2.0 * scipy.stats.t.sf(np.abs(t), df)},
+         "Pr(>|t|)": 2.0 * scipy.special.stdtr(df, -np.abs(t))},
         index=list(fit.model.fixef_names),
     )  # fmt: skip

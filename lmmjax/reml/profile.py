@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import scipy.optimize
-import scipy.stats
+import scipy.special
 
 from lmmjax.cache import compiled
 from lmmjax.linalg import gls_gram, make_lambdas
@@ -195,7 +195,7 @@ def profile_confint(fit, level: float = 0.95) -> pd.DataFrame:
     ml = fit._fitter(fit.model, reml=False, ddf="none") if fit.reml else fit
     struct, xp = ml._blocked()
     dtype = struct.dtype
-    c = float(np.sqrt(scipy.stats.chi2.ppf(level, 1)))
+    c = float(np.sqrt(scipy.special.chdtri(1, 1.0 - level)))
     layout, names, is_cor = sdcor_layout(ml.model.terms)
     nobs = jnp.asarray(float(ml.nobs), dtype)
     s_hat = _sdcor(ml, layout)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-import scipy.stats
+import scipy.special
 
 from lmmjax.cache import compiled
 from lmmjax.design import Model
@@ -234,7 +234,7 @@ class LmmFit:
             return profile_confint(self, level)
         if method != "Wald":
             raise LmmInputError(f"method must be 'Wald', 'profile' or 'boot', got {method!r}")
-        z = scipy.stats.norm.ppf(0.5 + level / 2)
+        z = scipy.special.ndtri(0.5 + level / 2)
         return pd.DataFrame(
             {lo: self.fixef - z * self.fixef_se, hi: self.fixef + z * self.fixef_se}
         )
