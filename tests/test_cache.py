@@ -1,0 +1,59 @@
+"""The compile caches: in memory, and serialized exports that a fresh process reads."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmmjax import cache
+
+
+def _program(x, y, *, power):
+    return {"sum": jnp.sum(x**power) + y, "parts": (x * y, jnp.cumsum(x))}
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    cache.enable_compilation_cache(tmp_path)
+    cache.clear()
+    yield tmp_path
+    cache.clear()
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_program_is_exported_and_read_back(cache_dir):
+    x, y = jnp.arange(5.0), jnp.asarray(2.0)
+    run, seconds = cache.compiled(_program, x, y, power=3)
+    assert seconds > 0
+    exports = list((cache_dir / "export").glob("*.bin"))
+    assert len(exports) == 1
+    first = run(x, y)
+    cache.clear()  # as a fresh process: only the disk holds the program
+    run2, _ = cache.compiled(_program, x, y, power=3)
+    again = run2(x + 1.0, y)
+    expected = _program(x + 1.0, y, power=3)
+    assert jax.tree.structure(again) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(again), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert float(first["sum"]) == float(_program(x, y, power=3)["sum"])
+    assert len(list((cache_dir / "export").glob("*.bin"))) == 1  # read, not written again
+
+
+def test_another_option_or_source_is_another_export(cache_dir, monkeypatch):
+    x, y = jnp.arange(5.0), jnp.asarray(2.0)
+    cache.compiled(_program, x, y, power=3)
+    cache.compiled(_program, x, y, power=2)
+    assert len(list((cache_dir / "export").glob("*.bin"))) == 2
+    cache.clear()
+    monkeypatch.setitem(cache._SOURCE, "hash", "edited source")
+    cache.compiled(_program, x, y, power=2)
+    assert len(list((cache_dir / "export").glob("*.bin"))) == 3
+
+
+def test_no_exports_without_a_cache_directory(cache_dir):
+    jax.config.update("jax_compilation_cache_dir", None)
+    cache.clear()
+    run, _ = cache.compiled(_program, jnp.arange(3.0), jnp.asarray(1.0), power=2)
+    assert float(run(jnp.arange(3.0), jnp.asarray(1.0))["sum"]) == 6.0
+    assert not (cache_dir / "export").exists()
