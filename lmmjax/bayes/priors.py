@@ -53,6 +53,7 @@ __all__ = [
     "PriorSet",
     "default_priors",
     "default_sigma_priors",
+    "priors_from_moments",
     "resolve_priors",
     "split_sigma_overrides",
     "to_distribution",
@@ -151,22 +152,41 @@ def default_priors(y, X, terms) -> PriorSet:
     """
     y = np.asarray(y, dtype=float)
     X = np.asarray(X, dtype=float)
-    sy = float(np.std(y))
-    sy = sy if sy > 0 else 1.0
-    mean_x, sd_x = X.mean(axis=0), X.std(axis=0)
+    rms = [np.sqrt(np.mean(np.asarray(t.z, dtype=float) ** 2, axis=0)) for t in terms]
+    return priors_from_moments(float(np.mean(y)), float(np.std(y)), X.mean(axis=0), X.std(axis=0),
+                               rms)  # fmt: skip
+
+
+def priors_from_moments(mean_y: float, sd_y: float, mean_x, sd_x, z_rms) -> PriorSet:
+    """:func:`default_priors` from the moments it reads (also known from sums over rows).
+
+    Parameters
+    ----------
+    mean_y, sd_y : float
+        Mean and SD (``ddof=0``) of the response on the modelling scale.
+    mean_x, sd_x : arrays (p,)
+        Means and SDs of the fixed-effect columns.
+    z_rms : sequence of arrays (d_l,)
+        Per term, the root mean square of each lhs column.
+
+    Returns
+    -------
+    PriorSet
+    """
+    sy = sd_y if sd_y > 0 else 1.0
+    mean_x, sd_x = np.asarray(mean_x, dtype=float), np.asarray(sd_x, dtype=float)
     varying = sd_x > 1e-12 * np.maximum(1.0, np.abs(mean_x))
-    loc = np.zeros(X.shape[1])
-    scale = np.empty(X.shape[1])
+    loc = np.zeros(mean_x.size)
+    scale = np.empty(mean_x.size)
     scale[varying] = 2.5 * sy / sd_x[varying]
     shift = float(np.sum(np.abs(mean_x[varying]) / sd_x[varying]))
     const = ~varying
-    loc[const] = np.mean(y) / np.where(mean_x[const] != 0, mean_x[const], 1.0)
+    loc[const] = mean_y / np.where(mean_x[const] != 0, mean_x[const], 1.0)
     scale[const] = 2.5 * sy * (1.0 + shift) / np.maximum(np.abs(mean_x[const]), 1e-12)
     if const.sum() > 1:  # several constant columns cannot all carry the mean
         loc[const] = 0.0
     sd_priors, corr_priors = [], []
-    for t in terms:
-        rms = np.sqrt(np.mean(np.asarray(t.z, dtype=float) ** 2, axis=0))
+    for rms in z_rms:
         rms = np.where(rms > 0, rms, 1.0)
         sd_priors.append(Prior("halfnormal", scale=_tup(sy / rms)))
         corr_priors.append(Prior("lkj", scale=(2.0,)))
