@@ -66,9 +66,10 @@ def lmm(
         Column added to the linear predictor with coefficient 1; ``offset(x)``
         in the formula does the same.
     stream : bool or "auto"
-        Fit (REML/ML) from sufficient statistics streamed from a Parquet file
-        or directory in row batches of ``batch_rows``, never holding all rows
-        (:mod:`lmmjax.stream`); ``"auto"`` streams Parquet data above 1 GiB on disk.
+        Fit (REML/ML, or NUTS with every class marginalised) from sufficient
+        statistics streamed from a Parquet file or directory in row batches of
+        ``batch_rows``, never holding all rows (:mod:`lmmjax.stream`);
+        ``"auto"`` streams Parquet data above 1 GiB on disk.
     batch_rows : int
         Rows per streamed batch.
     devices : "auto" or int
@@ -109,7 +110,7 @@ def lmm(
         categorical = [categorical]
     streamed = load_streamed(
         data, formula, entry.name, stream=stream, categorical=categorical, weights=weights,
-        offset=offset, batch_rows=batch_rows, devices=devices, contrasts=contrasts,
+        offset=offset, batch_rows=batch_rows, devices=devices, contrasts=contrasts, options=opts,
     )  # fmt: skip
     if streamed is not None:
         return entry.fit(streamed, opts)

@@ -65,6 +65,7 @@ def _build_model(cfg: FitConfig) -> Any:
         cfg.data, cfg.formula, cfg.method, stream=cfg.stream, categorical=cfg.categorical,
         weights=cfg.weights, offset=cfg.offset, batch_rows=cfg.batch_rows,
         devices=cfg.devices, base_dir=cfg.base_dir, contrasts=cfg.contrasts,
+        options=cfg.options(),
     )  # fmt: skip
     if streamed is not None:
         return streamed

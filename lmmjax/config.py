@@ -76,8 +76,9 @@ class FitConfig(BaseModel):
     offset : str, optional
         Column added to the linear predictor with coefficient 1 (as ``offset(x)``).
     stream : bool or "auto"
-        Fit (REML/ML) from sufficient statistics streamed from a Parquet file or
-        directory in row batches, never holding all rows (:mod:`lmmjax.stream`);
+        Fit (REML/ML, or NUTS with every class marginalised) from sufficient
+        statistics streamed from a Parquet file or directory in row batches,
+        never holding all rows (:mod:`lmmjax.stream`);
         ``auto`` streams Parquet data of more than 1 GiB on disk.
     batch_rows : int
         Rows per streamed batch.

@@ -26,6 +26,7 @@ __all__ = [
     "Options",
     "RemlOptions",
     "SparseOptions",
+    "check_streamed_nuts",
     "ddf_name",
     "format_validation_error",
     "takes_options",
@@ -297,6 +298,14 @@ class NutsOptions(Options):
     def submodels(self) -> dict[str, str]:
         return {"sigma": self.sigma} if self.sigma else {}
 
+    def check_streamed(self, groups) -> None:
+        """Raise :class:`LmmInputError` unless these options can sample streamed data.
+
+        See :func:`check_streamed_nuts`; ``groups`` are the formula's grouping factors.
+        """
+        check_streamed_nuts(self.marginalize, self.likelihood, self.sigma, self.log_likelihood,
+                            groups)  # fmt: skip
+
     @field_validator("marginalize", mode="before")
     @classmethod
     def _check_marginalize(cls, value: Any) -> Any:
@@ -306,6 +315,43 @@ class NutsOptions(Options):
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return list(value)
         raise ValueError("must be 'auto', 'none', 'all' or a list of grouping-factor names")
+
+
+def check_streamed_nuts(marginalize, likelihood, sigma, log_likelihood, groups) -> None:
+    """Raise :class:`LmmInputError` unless NUTS can sample data streamed from Parquet.
+
+    Streamed data hold no rows, only the sums over rows of the precompute, which
+    the potential reads when every class is marginalised ("auto" then means
+    "all"; a list must name every grouping factor) with a normal likelihood
+    and one residual SD; the pointwise log-likelihood needs the rows.
+
+    Parameters
+    ----------
+    marginalize, likelihood, sigma, log_likelihood
+        The :class:`NutsOptions` of those names.
+    groups : iterable of str
+        The model's grouping factors (``Term.group``).
+    """
+    missing = sorted(set(groups) - set(marginalize)) if isinstance(marginalize, list) else []
+    if marginalize == "none" or missing:
+        raise LmmInputError(
+            "option 'marginalize': streamed data (option 'stream') is sampled with every "
+            f"class marginalised (marginalize: all), got {marginalize!r}"
+        )
+    if likelihood != "normal":
+        raise LmmInputError(
+            f"option 'likelihood': {likelihood!r} with streamed data (option 'stream') is not "
+            "built; use 'normal' with the log of the response in the formula"
+        )
+    if sigma is not None:
+        raise LmmInputError(
+            "option 'sigma': a formula for sigma needs the rows in memory (option 'stream')"
+        )
+    if log_likelihood:
+        raise LmmInputError(
+            "option 'log_likelihood': the pointwise log-likelihood needs the rows, which "
+            "streamed data (option 'stream') does not hold"
+        )
 
 
 def _is_number(value: Any) -> bool:

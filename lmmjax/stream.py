@@ -19,8 +19,12 @@ holding all rows:
 The result is a :class:`StreamedModel`: a :class:`lmmjax.design.Model` without
 rows, carrying the :class:`~lmmjax.linalg.Structure` and
 :class:`~lmmjax.linalg.CrossProducts` that :func:`lmmjax.reml.fit_reml` fits
-exactly as it would the same rows in memory. Predictions on new data work;
-fitted values and residuals of the streamed rows are not available.
+exactly as it would the same rows in memory, and that
+:func:`lmmjax.bayes.fit_nuts` samples with every class marginalised (the
+marginal likelihood reads only these; the column sums of ``[X y]`` and of the
+squared lhs columns give the default priors and the starting point).
+Predictions on new data work; fitted values and residuals of the streamed
+rows are written back to Parquet in batches by :func:`write_fitted`.
 
 What the fixed part may hold: numeric columns, factors (string, boolean or
 ``categorical`` columns, or ``C(col)``), their interactions and elementwise
@@ -80,6 +84,10 @@ class StreamedModel(Model):
     path: str = ""
     levels: dict = field(default_factory=dict, repr=False)
     """Each grouping and factor column's sorted distinct values (the level codes' order)."""
+    column_sums: np.ndarray | None = field(default=None, repr=False)
+    """``1' [X y]``: with ``sufficient``'s ``[X y]' [X y]``, the columns' means and variances."""
+    z_squares: tuple = field(default=(), repr=False)
+    """Per term, the sums of squares of its lhs columns (``lmmjax.linalg.RowSums.zsq``)."""
 
     @property
     def nobs(self) -> int:
@@ -505,7 +513,8 @@ def stream_model(
     if sums is None:  # this process read no complete rows (another one did)
         zeros = lambda *s: np.zeros(s, dtype)  # noqa: E731
         m1, d1, q = layouts[0].nlevels, layouts[0].d, sum(t.q for t in layouts[1:])
-        sums = RowSums(zeros(m1, d1, d1), zeros(q, q), zeros(m1, d1, k), zeros(q, k), zeros(k, k))
+        sums = RowSums(zeros(m1, d1, d1), zeros(q, q), zeros(m1, d1, k), zeros(q, k), zeros(k, k),
+                       zeros(k), tuple(zeros(t.d) for t in layouts))  # fmt: skip
     sums = jax.tree.map(np.asarray, sums)
     if across:
         sums, bent = _sum_across_processes(sums, bent, layouts)
@@ -553,8 +562,9 @@ def from_sums(
     keep = _full_rank(sums.gram[:-1, :-1], prototype.fixef_names)
     cols = [*keep, k - 1]
     sums = sums._replace(
-        first=sums.first[..., cols], rest=sums.rest[:, cols], gram=sums.gram[np.ix_(cols, cols)]
-    )
+        first=sums.first[..., cols], rest=sums.rest[:, cols], gram=sums.gram[np.ix_(cols, cols)],
+        total=None if sums.total is None else sums.total[cols],
+    )  # fmt: skip
     layouts = term_layouts(prototype.terms)
     struct, xp = assemble_from_sums(layouts, sums, b, nobs, dtype=float_dtype())
     names = tuple(prototype.fixef_names[j] for j in keep)
@@ -578,6 +588,8 @@ def from_sums(
         categorical=prototype.categorical,
         n_rows=nobs,
         sufficient=(struct, xp),
+        column_sums=sums.total,
+        z_squares=sums.zsq,
         path=path,
         levels=dict(levels or {}),
     )
@@ -588,12 +600,13 @@ def write_fitted(fit, out, *, batch_rows: int = 1_000_000) -> Path:
 
     The fit's data are read again in batches; row i of ``out`` belongs to row i
     of the data (files in sorted order), with columns ``fitted`` (``X beta + Z b``
-    at the conditional modes, as lme4's ``fitted``) and ``residual``, both NaN on
-    the rows removed for missing values. Run it in one process.
+    at the conditional modes, as lme4's ``fitted``; for NUTS at the posterior
+    means, which is the posterior mean of ``X beta + Z b``) and ``residual``,
+    both NaN on the rows removed for missing values. Run it in one process.
 
     Parameters
     ----------
-    fit : lmmjax.reml.LmmFit
+    fit : lmmjax.reml.LmmFit or lmmjax.bayes.BayesFit
         A fit of a :class:`StreamedModel` built by :func:`stream_model`.
     out : str or path-like
         The Parquet file to write.
@@ -630,24 +643,29 @@ def write_fitted(fit, out, *, batch_rows: int = 1_000_000) -> Path:
 
 def load_streamed(source, formula: str, method: str, *, stream="auto", categorical=(),
                   weights=None, offset=None, batch_rows: int = 1_000_000, devices="auto",
-                  base_dir=None, contrasts=None) -> StreamedModel | None:  # fmt: skip
+                  base_dir=None, contrasts=None, options=None) -> StreamedModel | None:  # fmt: skip
     """The streamed model of ``source`` if it is to be streamed (:func:`should_stream`), else None.
 
-    The one decision of :func:`lmmjax.lmm` and the CLI.
+    The one decision of :func:`lmmjax.lmm` and the CLI. ``options``, the
+    method's options, are checked against streaming before any row is read
+    (``NutsOptions.check_streamed``: every class marginalised, no formula for sigma).
 
     Raises
     ------
     LmmInputError
-        When streaming is asked for with a method other than REML/ML, with prior
-        weights or offsets, or for a source that is not Parquet.
+        When streaming is asked for with a method other than REML/ML or NUTS,
+        with prior weights or offsets, or for a source that is not Parquet.
     """
     if not should_stream(source, stream, base_dir):
         return None
-    if method not in ("reml", "ml"):
+    if method not in ("reml", "ml", "nuts"):
         raise LmmInputError(
-            f"option 'stream': streamed data is fitted by method 'reml' or 'ml', not {method!r}"
+            "option 'stream': streamed data is fitted by method 'reml', 'ml' or 'nuts' "
+            f"(marginalize: all), not {method!r}"
         )
     if weights is not None or offset is not None:
         raise LmmInputError("option 'stream': prior weights and offsets need the rows in memory")
+    if hasattr(options, "check_streamed"):
+        options.check_streamed([":".join(bar.factors) for bar in parse_formula(formula).bars])
     return stream_model(source, formula, categorical=categorical, batch_rows=batch_rows,
                         devices=devices, base_dir=base_dir, contrasts=contrasts)  # fmt: skip

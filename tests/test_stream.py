@@ -37,12 +37,17 @@ def crossed(n: int, m1: int, m2: int, seed: int = 0) -> pd.DataFrame:
     )
 
 
+def write_crossed(folder, n: int, m1: int, m2: int, row_group: int):
+    """:func:`crossed` written to ``folder / crossed.parquet``: the path and the frame."""
+    path = folder / "crossed.parquet"
+    df = crossed(n, m1, m2)
+    df.to_parquet(path, row_group_size=row_group)
+    return path, df
+
+
 @pytest.fixture(scope="module")
 def parquet(tmp_path_factory):
-    path = tmp_path_factory.mktemp("stream") / "crossed.parquet"
-    df = crossed(30_000, 1500, 60)
-    df.to_parquet(path, row_group_size=8_000)
-    return path, df
+    return write_crossed(tmp_path_factory.mktemp("stream"), 30_000, 1500, 60, 8_000)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +149,7 @@ def test_refusals(parquet, tmp_path):
         stream_model(path, FORMULA, batch_rows=0)
     with pytest.raises(LmmInputError, match="devices"):
         stream_model(path, FORMULA, devices=10_000)
-    with pytest.raises(LmmInputError, match="method 'reml' or 'ml'"):
+    with pytest.raises(LmmInputError, match="method 'reml', 'ml' or 'nuts'"):
         lmmjax.lmm(FORMULA, str(path), method="map", stream=True)
     csv = tmp_path / "d.csv"
     df.head(50).to_csv(csv, index=False)
@@ -222,13 +227,19 @@ print("reldiff", np.max(np.abs(out[1] - out[4]) / np.abs(out[1])))
 """
 
 
+def run_with_devices(script: str, *args: str, count: int = 4) -> str:
+    """The output of ``python -c script args`` with ``count`` simulated host devices."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                         env=env, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
 def test_rows_sharded_over_devices_give_the_same_fit(parquet):
     """Each batch's rows split over 4 (simulated) devices, partial sums reduced: the same fit."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    out = subprocess.run([sys.executable, "-c", DEVICES, str(parquet[0]), FORMULA],
-                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.split("reldiff")[1].split()[0]) < 1e-10
+    out = run_with_devices(DEVICES, str(parquet[0]), FORMULA)
+    assert float(out.split("reldiff")[1].split()[0]) < 1e-10
 
 
 PROCESS = """

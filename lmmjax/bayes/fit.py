@@ -107,7 +107,10 @@ def fit_nuts(model, options: NutsOptions | None = None, **kwargs) -> BayesFit:
     Parameters
     ----------
     model : lmmjax.design.Model
-        From :func:`lmmjax.design.build_model`, or any fit of one (its ``model``).
+        From :func:`lmmjax.design.build_model`, or any fit of one (its ``model``);
+        or a :class:`lmmjax.stream.StreamedModel`, sampled from its sufficient
+        statistics with every class marginalised (``marginalize`` "all"; "auto"
+        means "all" there).
     options : NutsOptions or mapping, optional
         Sampler and model options; keywords override them. The main ones:
         ``marginalize`` ("auto", the default, chooses by the rule of
@@ -129,6 +132,8 @@ def fit_nuts(model, options: NutsOptions | None = None, **kwargs) -> BayesFit:
         fixed_scales=opts.fixed_scales, shared_scale=opts.shared_scale, fast_path=opts.fast_path,
         sigma=opts.sigma, center=opts.center,
     )  # fmt: skip
+    if bm.moments is not None:  # streamed: before sampling, what needs the rows
+        opts.check_streamed([t.group for t in model.terms])
     fit = sample_model(bm, opts)
     if opts.netcdf:
         written = fit.to_netcdf(opts.netcdf)

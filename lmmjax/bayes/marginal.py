@@ -11,8 +11,11 @@ pytree, jit-compatible and differentiable:
   with its dense Schur block);
 * when every class is marginalised the residual is ``y - X beta`` and its
   cross products come from the precomputed ``Z' [X y]`` (``KernelData.xp``),
-  so no evaluation touches the N rows; if moreover every covariance is a known
-  constant times one scale, :func:`lmmjax.linalg.eigen_gls_gram` costs O(q p).
+  so no evaluation touches the N rows (nor holds them: data streamed from
+  Parquet give the same structure and products from sums over row batches,
+  :mod:`lmmjax.stream`, and ``y``, ``X`` are then empty); if moreover every
+  covariance is a known constant times one scale,
+  :func:`lmmjax.linalg.eigen_gls_gram` costs O(q p).
 
 With ``Sigma_l = C_l C_l'`` (``C_l`` the Cholesky factor of term l's
 covariance) the relative factors are ``Lambda_l = C_l / sigma``, the
@@ -174,7 +177,7 @@ def marginal_loglik(
     scalar
         ``log p(y | beta, sigma, Sigma, b_sampled)`` including the response Jacobian.
     """
-    n = data.y.shape[0]
+    n = data.y.shape[0] if data.struct is None else data.struct.nobs  # streamed: y is empty
     if log_sigma is not None:
         return _rowwise_loglik(beta, log_sigma, cov_factors, effects, data, marginal)
     if fast:

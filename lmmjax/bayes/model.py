@@ -47,11 +47,13 @@ from numpyro.infer.util import potential_energy
 
 from lmmjax.bayes.auto import AutoChoice, choose_marginal
 from lmmjax.bayes.marginal import KernelData, marginal_loglik
+from lmmjax.bayes.moments import RowMoments, row_moments
 from lmmjax.bayes.priors import (
     SIGMA_PREFIX,
     PriorSet,
     default_priors,
     default_sigma_priors,
+    priors_from_moments,
     resolve_priors,
     split_sigma_overrides,
     to_distribution,
@@ -64,6 +66,7 @@ from lmmjax.linalg import (
     eigen_precompute,
     z_times,
 )
+from lmmjax.options import check_streamed_nuts
 from lmmjax.precision import float_dtype
 from lmmjax.terms import unique_group_names
 
@@ -329,6 +332,9 @@ class BayesModel:
         lme4-style unique term names (``Subject``, ``Subject.1``).
     auto : AutoChoice or None
         How ``marginalize: auto`` chose ``spec.marginal`` (None when it was given).
+    moments : RowMoments or None
+        For a model streamed from Parquet (``data`` then holds no rows): the sums
+        over rows that the starting point and the mass-matrix guess read.
     """
 
     model: object
@@ -336,6 +342,7 @@ class BayesModel:
     data: KernelData
     term_names: tuple[str, ...]
     auto: AutoChoice | None = None
+    moments: RowMoments | None = None
 
     @property
     def numpyro_model(self):
@@ -390,16 +397,20 @@ class BayesModel:
         for the standardised effects and the sigma formula's sites.
         """
         s = self.spec
-        X, y = np.asarray(self.data.X), np.asarray(self.data.y)
-        resid = y - X @ np.linalg.lstsq(X, y, rcond=None)[0]
-        s2 = max(float(np.mean(resid**2)), 1e-12 * float(np.var(y)) + 1e-300)
+        _, ms, _, var_y = self._least_squares()
+        s2 = max(ms, 1e-12 * var_y + 1e-300)
         shift = np.zeros(s.p) if s.intercept < 0 else np.asarray(self.data.x_shift)
+        if self.moments is None:
+            X = np.asarray(self.data.X)
+            squares, nobs = np.sum((X - shift) ** 2, axis=0), X.shape[0]
+        else:
+            squares, nobs = self.moments.centred_squares(shift), self.moments.n
         out = {}
         for site, shape in self.site_shapes().items():
             if site == "beta":
-                v = s2 / np.maximum(np.sum((X - shift) ** 2, axis=0), 1e-300)
+                v = s2 / np.maximum(squares, 1e-300)
             elif site == "sigma":
-                v = 1.0 / (2.0 * len(y))
+                v = 1.0 / (2.0 * nobs)
             elif site == "sd_shared":
                 v = 1.0 / (2.0 * min(s.nlevels))
             elif site.startswith("sd_") and site[3:] in s.names:
@@ -411,6 +422,20 @@ class BayesModel:
             out[site] = jnp.asarray(np.broadcast_to(v, shape), self.data.y.dtype)
         return out
 
+    def _least_squares(self) -> tuple[np.ndarray, float, float, float]:
+        """Least-squares fixed effects, mean squared residual, residual SD and ``var(y)``.
+
+        From the rows, or from the sums over rows of a streamed model.
+        """
+        if self.moments is not None:
+            beta, ms, sd = self.moments.least_squares()
+            _, sd_y, *_ = self.moments.means_and_sds()
+            return beta, ms, sd, sd_y**2
+        y, X = np.asarray(self.data.y), np.asarray(self.data.X)
+        beta = np.linalg.lstsq(X, y, rcond=None)[0]
+        resid = y - X @ beta
+        return beta, float(np.mean(resid**2)), float(np.std(resid)), float(np.var(y))
+
     def init_params(self, key: jax.Array, num_chains: int) -> dict:
         """Over-dispersed unconstrained starting points, one per chain.
 
@@ -420,9 +445,8 @@ class BayesModel:
         correlations).
         """
         s, pri = self.spec, self.spec.priors
-        y, X = np.asarray(self.data.y), np.asarray(self.data.X)
-        beta0 = np.linalg.lstsq(X, y, rcond=None)[0]
-        resid_sd = float(np.std(y - X @ beta0)) or 1.0
+        beta0, _, resid_sd, _ = self._least_squares()
+        resid_sd = resid_sd or 1.0
         dtype = self.data.y.dtype
         shapes = self.site_shapes()
         # NumPy draws, seeded by the key: no small JAX program to compile per site shape
@@ -543,6 +567,7 @@ class _Resolved(NamedTuple):
     sub: object  # the sigma formula's Submodel, or None
     names: tuple[str, ...]
     auto: AutoChoice | None = None  # the outcome of marginalize: auto
+    moments: RowMoments | None = None  # a streamed model's sums over rows
 
 
 def _intercept_column(model, center: bool) -> int:
@@ -570,6 +595,9 @@ def _resolve(model, *, marginalize, likelihood, priors, fixed_scales, shared_sca
     safe = tuple(safe_name(n) for n in names)
     if len(set(safe)) != len(safe):
         raise LmmInputError(f"term names {names} are not distinct once made safe: {safe}")
+    moments = row_moments(model)
+    if moments is not None:
+        marginalize = _streamed_marginal(marginalize, likelihood, sigma, terms, names)
     y = np.asarray(model.y, dtype=float)
     log_jac = 0.0
     if likelihood == "lognormal":
@@ -614,7 +642,10 @@ def _resolve(model, *, marginalize, likelihood, priors, fixed_scales, shared_sca
     fast = eligible if fast_path is None else bool(fast_path)
 
     overrides, sigma_overrides = split_sigma_overrides(priors, sub is not None)
-    defaults = default_priors(y, model.X, terms)
+    if moments is None:
+        defaults = default_priors(y, model.X, terms)
+    else:
+        defaults = priors_from_moments(*moments.means_and_sds())
     pri = resolve_priors(defaults, overrides, model.fixef_names, names, [t.group for t in terms])
     sigma_spec = None
     if sub is not None:
@@ -634,12 +665,30 @@ def _resolve(model, *, marginalize, likelihood, priors, fixed_scales, shared_sca
         fixed_sd=fixed, shared_scale=bool(shared_scale), fast=fast, priors=pri,
         sigma_model=sigma_spec, intercept=_intercept_column(model, center),
     )  # fmt: skip
-    return _Resolved(spec, y, log_jac, sub, tuple(names), auto)
+    return _Resolved(spec, y, log_jac, sub, tuple(names), auto, moments)
 
 
-def _column_means(X, spec: BayesSpec) -> np.ndarray:
+def _streamed_marginal(marginalize, likelihood, sigma, terms, names):
+    """``marginalize`` for a model streamed from Parquet: every class, or an input error.
+
+    Only the marginal likelihood with every class integrated out reads no rows
+    (:func:`lmmjax.options.check_streamed_nuts`); ``auto`` therefore means ``all``.
+    """
+    if isinstance(marginalize, str) and marginalize in ("auto", "all", "none"):
+        marginalize = "all" if marginalize == "auto" else marginalize
+    else:
+        _resolve_marginal(marginalize, terms, names)  # an unknown factor is named first
+        marginalize = [marginalize] if isinstance(marginalize, str) else list(marginalize)
+    check_streamed_nuts(marginalize, likelihood, sigma, None, [t.group for t in terms])
+    return marginalize
+
+
+def _column_means(model, spec: BayesSpec, moments: RowMoments | None) -> np.ndarray:
     """The means of ``X``'s columns, zero at the intercept (``KernelData.x_shift``)."""
-    shift = np.asarray(X, dtype=float).mean(axis=0)
+    if moments is None:
+        shift = np.asarray(model.X, dtype=float).mean(axis=0)
+    else:
+        shift = moments.xsum / moments.n
     shift[spec.intercept] = 0.0
     return shift
 
@@ -706,7 +755,7 @@ def build_bayes_model(
     -------
     BayesModel
     """
-    spec, y, log_jac, sub, names, auto = _resolve(
+    spec, y, log_jac, sub, names, auto, moments = _resolve(
         model, marginalize=marginalize, likelihood=likelihood, priors=priors,
         fixed_scales=fixed_scales, shared_scale=shared_scale, fast_path=fast_path, sigma=sigma,
         center=center,
@@ -715,11 +764,13 @@ def build_bayes_model(
     dtype = float_dtype()
     struct = xp = eig = None
     marg_terms = [t for t, m in zip(terms, marginal, strict=True) if m]
-    if any(marginal):
+    if moments is not None:  # streamed: every class marginalised, the sums precomputed
+        struct, xp = model.sufficient
+    elif any(marginal):
         # per-row weights need B dense (scale_rows); "auto" otherwise
         schur = "dense" if sub is not None and len(marg_terms) > 1 else "auto"
         struct = build_structure(marg_terms, dtype=dtype, schur=schur)
-    if all(marginal) and sub is None:  # the residual is y - X beta: combinations suffice
+    if all(marginal) and sub is None and moments is None:  # the residual is y - X beta
         xp = cross_products(struct, np.column_stack([model.X, y]))
     if fast:
         eig = eigen_precompute(struct, [np.diag(f) for f in fixed], xp)
@@ -738,6 +789,8 @@ def build_bayes_model(
         sigma_z=() if sub is None else tuple(jnp.asarray(t.z, dtype) for t in sub.terms),
         cols=jnp.asarray(cols, dtype),
         cmap=cmap,
-        x_shift=None if spec.intercept < 0 else jnp.asarray(_column_means(model.X, spec), dtype),
-    )
-    return BayesModel(model=model, spec=spec, data=data, term_names=names, auto=auto)
+        x_shift=None if spec.intercept < 0 else jnp.asarray(
+            _column_means(model, spec, moments), dtype),
+    )  # fmt: skip
+    return BayesModel(model=model, spec=spec, data=data, term_names=names, auto=auto,
+                      moments=moments)  # fmt: skip

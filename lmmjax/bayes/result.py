@@ -151,7 +151,11 @@ def build_inference_data(bm, draws, effects, options=None) -> az.InferenceData:
     groups = {}
     want = None if options is None else options.log_likelihood
     size = y.size * np.prod(np.shape(s["beta"])[:2])
-    if want or (want is None and size <= POINTWISE_MAX):
+    observed = {"observed_data": {"y": y}, "coords": {**coords, "obs": np.arange(y.size)},
+                "dims": {**dims, "y": ["obs"]}}  # fmt: skip
+    if bm.moments is not None:  # streamed: no rows held, no pointwise groups
+        observed = {"coords": coords, "dims": dims}
+    elif want or (want is None and size <= POINTWISE_MAX):
         seed = 0 if options is None else options.seed
         log_lik, y_rep = pointwise(bm, {**s, **posterior}, effects, seed)
         groups = {"log_likelihood": {"y": log_lik}, "posterior_predictive": {"y": y_rep}}
@@ -166,10 +170,8 @@ def build_inference_data(bm, draws, effects, options=None) -> az.InferenceData:
         idata = az.from_dict(
             posterior=posterior,
             sample_stats=sample_stats,
-            observed_data={"y": y},
-            coords={**coords, "obs": np.arange(y.size)},
-            dims={**dims, "y": ["obs"]},
             attrs=attrs,
+            **observed,
             **groups,
         )
     return idata
@@ -335,6 +337,16 @@ class BayesFit:
         return pd.Series(sd, index=list(self.model.fixef_names), name="sd")
 
     @property
+    def beta(self) -> np.ndarray:
+        """Posterior means of the fixed effects, as an array (``LmmFit.beta``)."""
+        return self.fixef.to_numpy()
+
+    @property
+    def b(self) -> list[np.ndarray]:
+        """Posterior means (M_l, d_l) of every term's random effects (``LmmFit.b``)."""
+        return [self._values(f"r_{name}").mean(axis=(0, 1)) for name in self.bm.spec.names]
+
+    @property
     def sigma(self) -> float:
         """Posterior mean of the residual SD (on the modelling scale)."""
         return float(self._values("sigma").mean())
@@ -405,6 +417,11 @@ class BayesFit:
             index = np.linspace(0, total - 1, min(ndraws, total)).round().astype(int)
         beta = beta[index]
         if newdata is None:
+            if self.bm.moments is not None:
+                raise LmmInputError(
+                    "the rows of streamed data are not held: lmmjax.stream.write_fitted "
+                    "writes their fitted values (posterior means) to Parquet in batches"
+                )
             complete = np.ones(m.nobs, dtype=bool)
             X, refs, zs = m.X, [t.refs for t in m.terms], [t.z for t in m.terms]
             labels = [None] * len(m.terms)

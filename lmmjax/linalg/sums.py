@@ -42,6 +42,11 @@ class RowSums(NamedTuple):
         ``Z' M`` in blocked form.
     gram : array (k, k)
         ``M' M``.
+    total : array (k,), optional
+        ``1' M``, the column sums of ``M`` (with ``gram``, the means and
+        variances of the columns that default priors read).
+    zsq : tuple of arrays (d_l,)
+        Per term, the sums of squares of its lhs columns.
     """
 
     G1: jax.Array
@@ -49,6 +54,8 @@ class RowSums(NamedTuple):
     first: jax.Array
     rest: jax.Array
     gram: jax.Array
+    total: jax.Array | None = None
+    zsq: tuple = ()
 
 
 def row_sums(refs, z, M: jax.Array, *, layouts: tuple[TermLayout, ...]) -> RowSums:
@@ -68,7 +75,8 @@ def row_sums(refs, z, M: jax.Array, *, layouts: tuple[TermLayout, ...]) -> RowSu
     """
     G1, C = gram_sums(layouts, refs, z)
     first, rest = zt_parts(layouts, refs, z, M)
-    return RowSums(G1, C, first, rest, M.T @ M)
+    zsq = tuple(jax.numpy.sum(zl * zl, axis=0) for zl in z)
+    return RowSums(G1, C, first, rest, M.T @ M, jax.numpy.sum(M, axis=0), zsq)
 
 
 class BEntries:
