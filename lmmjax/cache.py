@@ -128,29 +128,25 @@ def _source_hash() -> str:
 
 
 def _export_path(fn: Callable, key: tuple) -> Path | None:
-    """Where the export of ``fn`` at ``key`` lives, or None when exports are off."""
+    """Where the export of ``fn`` at ``key`` lives, or None when exports are off.
+
+    The name hashes the pickled signature and static options (pickles hold
+    arrays in full, where reprs elide them), the versions and lmmjax's source.
+    """
     directory = jax.config.jax_compilation_cache_dir
     if not directory or getattr(fn, "__qualname__", "<lambda>").endswith("<lambda>"):
         return None
     _, (treedef, shapes), static, quick = key
     if any(layout is not None for _, _, layout in shapes):  # sharded over devices: not here
         return None
-    text = repr(
-        (
-            fn.__module__,
-            fn.__qualname__,
-            str(treedef),
-            shapes,
-            static,
-            quick,
-            jax.__version__,
-            jax.default_backend(),
-            jax.device_count(),
-            _source_hash(),
-        )
-    )
-    name = hashlib.sha256(text.encode()).hexdigest()[:32]  # fmt: skip
-    return Path(directory) / "export" / f"{name}.bin"
+    try:
+        text = pickle.dumps((fn.__module__, fn.__qualname__, treedef, shapes, static, quick))
+    except Exception:  # noqa: BLE001  (an option that does not pickle: compile directly)
+        return None
+    digest = hashlib.sha256(text)
+    digest.update(repr((jax.__version__, jax.default_backend(), jax.device_count(),
+                        _source_hash())).encode())  # fmt: skip
+    return Path(directory) / "export" / f"{digest.hexdigest()[:32]}.bin"
 
 
 def _from_export(fn: Callable, args: tuple, static: dict, key: tuple, options):
@@ -160,7 +156,8 @@ def _from_export(fn: Callable, args: tuple, static: dict, key: tuple, options):
     compiles it directly).
     """
     path = _export_path(fn, key)
-    if path is None:
+    failed = None if path is None else path.with_suffix(".failed")
+    if path is None or failed.exists():
         return None
     leaves, in_tree = jax.tree.flatten(args)
     try:
@@ -186,6 +183,8 @@ def _from_export(fn: Callable, args: tuple, static: dict, key: tuple, options):
             tmp.replace(path)
         executable = jax.jit(exported.call).lower(*leaves).compile(options)
     except Exception:  # noqa: BLE001  (anything export cannot take is compiled directly)
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        failed.touch()  # and is not tried again
         return None
 
     def run(*call_args):
