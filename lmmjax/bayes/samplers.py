@@ -85,8 +85,14 @@ QUICK_SECONDS = 4.0  # predicted sampling seconds below which the sampler compil
 
 
 def quick_compile(bm: BayesModel, s: NutsOptions) -> bool:
-    """Whether the sampler's run is predicted short enough to compile without LLVM passes."""
+    """Whether the sampler's run is predicted short enough to compile without LLVM passes.
+
+    Never for streamed data (``bm.moments``): large by construction, and the cost
+    model's count of ``B``'s pairs reads the rows.
+    """
     spec, model = bm.spec, bm.model
+    if bm.moments is not None:
+        return False
     t = gradient_seconds(model.terms, spec.marginal, model.nobs, spec.p, fast=spec.fast,
                          row_sigma=spec.sigma_model is not None)  # fmt: skip
     return (s.num_warmup + s.num_samples) * QUICK_STEPS * t < QUICK_SECONDS
