@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import scipy.optimize
 
 from lmmjax.cache import compiled
@@ -141,6 +140,8 @@ def lbfgs_loop(theta0, struct: Structure, xp: CrossProducts, scale, maxiter, gto
     -------
     theta, value, grad (with respect to theta), iterations, Estimates
     """
+    import optax  # only here: small fits never run this loop, and skip the import
+
     fun = lambda phi: profiled_objective(phi / scale, struct, xp, reml)  # noqa: E731
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(fun)
@@ -202,8 +203,8 @@ class _Objective:
         self.quick = struct.q <= QUICK_MAX_Q
 
     def _run(self, theta, with_estimates: bool):
-        th = jnp.asarray(padded(self.padding, theta), self.dtype)
-        flag = jnp.asarray(with_estimates)
+        th = np.asarray(padded(self.padding, theta), self.dtype)  # no device_put: a copy
+        flag = np.asarray(with_estimates)
         run, seconds = compiled(_evaluate, th, *self.args, flag, quick=self.quick, reml=self.reml)
         self.compile_seconds += seconds
         return run(th, *self.args, flag)
