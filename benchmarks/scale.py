@@ -8,13 +8,18 @@ fit, the peak resident memory of the process (``resource.getrusage``; the data
 are written by a child process, so its memory is not counted) and the
 estimates against the simulated truth. With ``--compare`` (default up to
 N = 1e7) the same model is then fitted in memory from the same files and the
-two fits compared.
+two fits compared. With ``--log-density`` the marginalised NUTS potential
+(every class integrated out, read from the same streamed sums) and its
+gradient are evaluated at the simulated truth and timed, so that runs with
+rows over several devices can be compared with one device's.
 
 Usage::
 
     python benchmarks/scale.py --n 1e6
     python benchmarks/scale.py --n 1e7            # streamed, then in memory
     python benchmarks/scale.py --n 1e8 --no-compare
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 \
+        python benchmarks/scale.py --n 2e6 --devices 4 --no-compare --log-density
 """
 
 from __future__ import annotations
@@ -139,6 +144,34 @@ def summary(fit) -> dict:
     }
 
 
+def log_density(model, repeats: int = 3) -> dict:
+    """The marginalised NUTS potential and its gradient at the simulated truth, timed.
+
+    The unconstrained point is ``beta``, ``log sigma`` and the terms' log-SDs:
+    the same in every run, so that runs over several devices compare exactly.
+    """
+    import jax
+
+    from lmmjax.bayes import build_bayes_model
+
+    bm = build_bayes_model(model, marginalize="all")
+    point = {"beta": np.asarray(BETA), "sigma": np.log(SIGMA), "sd_g1": np.log([SD1]),
+             "sd_g2": np.log([SD2])}  # fmt: skip
+    run = jax.jit(jax.value_and_grad(lambda p, d: bm.potential(p, d)))
+    start = time.perf_counter()
+    jax.block_until_ready(run(point, bm.data))
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(repeats):
+        value, grad = jax.block_until_ready(run(point, bm.data))
+    each = (time.perf_counter() - start) / repeats
+    flat = np.concatenate([np.ravel(grad[k]) for k in sorted(grad)])
+    return {
+        "potential": float(value), "gradient": [float(g) for g in flat],
+        "gradient_sites": sorted(grad), "first_call_s": first, "per_gradient_s": each,
+    }  # fmt: skip
+
+
 def rel(a, b) -> float:
     a, b = np.atleast_1d(np.asarray(a, float)), np.atleast_1d(np.asarray(b, float))
     return float(np.max(np.abs(a - b) / np.abs(b)))
@@ -157,6 +190,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sums-only", action="store_true",
                         help="no rows: simulate the sums of y ~ 1 + (1 | g1) + (1 | g2) at N "
                         "and fit (the level-sized memory of N rows)")  # fmt: skip
+    parser.add_argument("--log-density", action="store_true",
+                        help="the marginalised NUTS potential at the truth")  # fmt: skip
     parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     n = int(args.n)
@@ -212,6 +247,11 @@ def main(argv=None) -> int:
     s = res["streamed"]
     print(f"  beta {np.round(s['beta'], 4)} (truth {BETA}); sd g1 {s['sd']['g1']:.4f} "
           f"({SD1}), g2 {s['sd']['g2']:.4f} ({SD2}); sigma {s['sigma']:.4f} ({SIGMA})")  # fmt: skip
+    if args.log_density:
+        dens = res["log_density"] = log_density(model)
+        print(f"  marginalised NUTS potential at the truth {dens['potential']:.10e}; "
+              f"gradient {np.round(dens['gradient'], 6)}; {dens['per_gradient_s']:.3f} s per "
+              f"evaluation ({dens['first_call_s']:.1f} s the first, compiling)")  # fmt: skip
     compare = args.compare if args.compare is not None else n <= 10_000_000
     if compare:
         import pandas as pd
@@ -236,7 +276,8 @@ def main(argv=None) -> int:
               "difference streamed vs in memory: "
               + ", ".join(f"{k} {v:.1e}" for k, v in res["agreement"].items()))  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"scale_n{n:.0e}.json".replace("+", "")
+    tag = "" if args.devices == "auto" else f"_devices{devices}"
+    path = args.out / f"scale_n{n:.0e}{tag}.json".replace("+", "")
     path.write_text(json.dumps(res, indent=2))
     print(f"  written {path}")
     return 0
