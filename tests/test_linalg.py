@@ -548,8 +548,10 @@ def test_small_system_matches_dense(case):
     got = conditional_moments(rsys[0], lam, rsys[1], 1.7).mean[0]
     want = Lam @ np.linalg.solve(A, Lam.T @ Z.T @ r)
     assert rel(np.concatenate([b.reshape(-1) for b in layout.unpack(got)]), want) <= RTOL
+    X = case["X"][:, :2]  # p = 2: [X y] padded from 3 columns to 4
+    xy = small_system(case["terms"], np.column_stack([X, case["y"]]), jnp.float64, pad_fixed=True)
+    assert xy[1].gram.shape == (4, 4) and float(xy[0].p) == 2
     for reml in (True, False):
-        xy = small_system(case["terms"], np.column_stack([case["X"], case["y"]]), jnp.float64)
         got = float(profiled_objective(theta, xy[0], xy[1], reml))
-        expected = dense_objective(Z, Lam, case["X"], case["y"], reml)
+        expected = dense_objective(Z, Lam, X, case["y"], reml)
         assert got == pytest.approx(expected, rel=RTOL)

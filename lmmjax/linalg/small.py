@@ -12,8 +12,12 @@ on N, on the number of terms, their widths or their levels: only on
 * ``T``, the length of theta rounded up (the padded entries are never read);
 * ``K``, the number of nonzeros of ``Lambda`` rounded up (padded entries add
   zero);
-* ``k``, the number of columns of ``M`` (``p + 1``; not padded, since ``p``
-  enters every consumer of the fixed-effect block).
+* ``P``, the number of columns of ``M = [X y]`` rounded up, with
+  ``pad_fixed``: padded fixed-effect columns sit between ``X`` and ``y``,
+  orthogonal to everything with unit norm, so their rows of the Cholesky
+  factor of ``M' V^{-1} M`` are those of the identity (log 1 = 0) and their
+  coefficients are 0. The true ``p`` is data (``SmallSystem.p``), for the
+  REML count ``n - p``.
 
 So one compiled REML program serves Dyestuff, Penicillin, Pastes and
 sleepstudy alike, and the persistent compile cache serves it across
@@ -47,7 +51,7 @@ __all__ = [
 ]
 
 MAX_Q = 256  # random effects up to which a model takes the dense path
-_LEAST = {"Q": 64, "T": 4, "K": 64}  # smallest bucket of each padded size
+_LEAST = {"Q": 64, "T": 4, "K": 64, "P": 4}  # smallest bucket of each padded size
 
 
 def bucket(n: int, least: int) -> int:
@@ -67,12 +71,15 @@ class SmallSystem(NamedTuple):
         Which theta entry it holds; ``T`` (one past the end) for padding.
     n : array ()
         Number of observations, as data, so that N is not a program constant.
+    p : array ()
+        Number of fixed effects (without the padding), as data.
     """
 
     ZtZ: jax.Array
     lam_pos: jax.Array
     lam_theta: jax.Array
     n: jax.Array
+    p: jax.Array
 
     @property
     def nobs(self) -> jax.Array:
@@ -116,17 +123,25 @@ class SmallLayout:
         ``T``, the padded length the program takes.
     terms : tuple of (offset, nlevels, d)
         Each term's block of the (level-major) random effects, in model order.
+    nfixed : int
+        The true number of fixed effects ``p`` (the padded ones follow them).
     """
 
     ntheta: int
     size: int
     terms: tuple[tuple[int, int, int], ...]
+    nfixed: int
 
     def pad(self, theta) -> np.ndarray:
         """Theta padded with zeros to the program's length."""
         out = np.zeros(self.size)
         out[: self.ntheta] = np.asarray(theta, dtype=float)
         return out
+
+    def fixed(self, beta, vcov) -> tuple[np.ndarray, np.ndarray]:
+        """The true fixed effects and their covariance, without the padding."""
+        p = self.nfixed
+        return np.asarray(beta)[..., :p], np.asarray(vcov)[..., :p, :p]
 
     def unpack(self, flat) -> tuple[np.ndarray, ...]:
         """Each term's (M_l, d_l) effects from the padded flat vector."""
@@ -148,7 +163,7 @@ def sparse_design(terms, nobs: int) -> scipy.sparse.csc_matrix:
     )
 
 
-def small_system(terms, M: np.ndarray, dtype):
+def small_system(terms, M: np.ndarray, dtype, *, pad_fixed: bool = False):
     """The padded dense system of the terms and dense columns ``M`` (N, k); O(N sum d_l).
 
     None when the terms have more than :data:`MAX_Q` random effects.
@@ -158,9 +173,13 @@ def small_system(terms, M: np.ndarray, dtype):
     terms : sequence of Term
         Random-effect terms, in the model's order (theta's order).
     M : array (N, k)
-        ``[X y]``, already weighted where the model has prior weights.
+        Dense columns: ``[X y]``, already weighted where the model has prior
+        weights, for the profiled likelihood.
     dtype
         Floating-point type of the arrays.
+    pad_fixed : bool
+        ``M`` is ``[X y]``: pad X's columns to a bucket size (see the module's
+        notes); otherwise the columns are kept as they are.
 
     Returns
     -------
@@ -174,17 +193,22 @@ def small_system(terms, M: np.ndarray, dtype):
     Q = bucket(q, _LEAST["Q"])
     ZtZ = np.zeros((Q, Q))
     ZtZ[:q, :q] = (Z.T @ Z).toarray()
-    ZtM = np.zeros((Q, M.shape[1]))
-    ZtM[:q] = Z.T @ M
-    pos, which, spans, offset, k = [], [], [], 0, 0
+    k = M.shape[1]
+    P = bucket(k, _LEAST["P"]) if pad_fixed else k
+    cols = np.r_[np.arange(k - 1), P - 1]  # X's columns first, y last, padding between
+    ZtM = np.zeros((Q, P))
+    ZtM[:q, cols] = Z.T @ M
+    MtM = np.eye(P)
+    MtM[np.ix_(cols, cols)] = M.T @ M
+    pos, which, spans, offset, nth = [], [], [], 0, 0
     for t in terms:
         r, c = t.theta_index()
         base = offset + np.arange(t.nlevels)[:, None] * t.d  # (M, 1): each level's first row
         pos.append((((base + r) * Q) + base + c).reshape(-1))
-        which.append(np.tile(k + np.arange(t.ntheta), t.nlevels))
+        which.append(np.tile(nth + np.arange(t.ntheta), t.nlevels))
         spans.append((offset, t.nlevels, t.d))
-        offset, k = offset + t.q, k + t.ntheta
-    T = bucket(k, _LEAST["T"])
+        offset, nth = offset + t.q, nth + t.ntheta
+    T = bucket(nth, _LEAST["T"])
     pos, which = np.concatenate(pos), np.concatenate(which)
     K = bucket(pos.size, _LEAST["K"])
     pad = K - pos.size
@@ -193,9 +217,10 @@ def small_system(terms, M: np.ndarray, dtype):
         jnp.asarray(np.concatenate([pos, np.zeros(pad, np.int64)]), jnp.int32),
         jnp.asarray(np.concatenate([which, np.full(pad, T, np.int64)]), jnp.int32),
         jnp.asarray(float(M.shape[0]), dtype),
+        jnp.asarray(float(k - 1), dtype),
     )
-    products = SmallProducts(jnp.asarray(ZtM, dtype), jnp.asarray(M.T @ M, dtype))
-    return system, products, SmallLayout(k, T, tuple(spans))
+    products = SmallProducts(jnp.asarray(ZtM, dtype), jnp.asarray(MtM, dtype))
+    return system, products, SmallLayout(nth, T, tuple(spans), k - 1)
 
 
 def small_lambda(theta: jax.Array, system: SmallSystem) -> jax.Array:

@@ -26,6 +26,7 @@ import scipy.special
 
 from lmmjax.cache import compiled
 from lmmjax.linalg import CrossProducts, Structure, gls_gram, make_lambdas, tri_solve
+from lmmjax.reml.objective import nfixed
 
 __all__ = ["VcovDerivatives", "contrast_df", "satterthwaite", "t_table", "vcov_derivatives"]
 
@@ -40,10 +41,10 @@ def _parts(varpar, struct: Structure, xp: CrossProducts):  # or a SmallSystem an
 def deviance(varpar, struct: Structure, xp: CrossProducts, nobs, reml: bool):
     """-2 log-likelihood (REML or ML) at ``varpar = (theta, sigma)``, beta profiled out."""
     _, sigma, logdet_a, L = _parts(varpar, struct, xp)
-    p = L.shape[0] - 1
-    r2 = L[p, p] ** 2
-    if reml:
-        ldx = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L)[:p]))
+    p = nfixed(struct, L)
+    r2 = L[-1, -1] ** 2
+    if reml:  # padded columns of a small system have unit diagonal: log 1 = 0
+        ldx = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L)[:-1]))
         return logdet_a + ldx + (nobs - p) * jnp.log(2 * jnp.pi * sigma**2) + r2 / sigma**2
     return logdet_a + nobs * jnp.log(2 * jnp.pi * sigma**2) + r2 / sigma**2
 
@@ -51,8 +52,7 @@ def deviance(varpar, struct: Structure, xp: CrossProducts, nobs, reml: bool):
 def beta_vcov(varpar, struct: Structure, xp: CrossProducts):
     """``sigma^2 (X' V^-1 X)^-1`` at ``varpar``."""
     _, sigma, _, L = _parts(varpar, struct, xp)
-    p = L.shape[0] - 1
-    Linv = tri_solve(L[:p, :p], jnp.eye(p, dtype=L.dtype))
+    Linv = tri_solve(L[:-1, :-1], jnp.eye(L.shape[0] - 1, dtype=L.dtype))
     return sigma**2 * Linv.T @ Linv
 
 
@@ -101,7 +101,8 @@ def vcov_derivatives(fit) -> VcovDerivatives:
     run, _ = compiled(_pieces, varpar, struct, xp, nobs, quick=quick, reml=fit.reml)
     H, C, J = (np.asarray(a, dtype=float) for a in run(varpar, struct, xp, nobs))
     if keep is not None:
-        H, J = H[np.ix_(keep, keep)], J[..., keep]
+        p = layout.nfixed
+        H, C, J = H[np.ix_(keep, keep)], C[:p, :p], J[:p, :p, keep]
     try:
         A = 2.0 * np.linalg.solve(H, np.eye(H.shape[0]))
     except np.linalg.LinAlgError:

@@ -22,6 +22,7 @@ from lmmjax.cache import compiled
 from lmmjax.linalg import (
     CrossProducts,
     SmallLayout,
+    SmallSystem,
     Structure,
     build_structure,
     cholesky,
@@ -39,29 +40,31 @@ __all__ = [
     "blocked_problem",
     "small_problem",
     "estimates",
+    "nfixed",
     "profiled_criterion",
     "profiled_objective",
     "weighted_problem",
 ]
 
 
-def profiled_criterion(logdet_A, Lxy, n: int, p: int, reml: bool) -> jax.Array:
+def profiled_criterion(logdet_A, Lxy, n, p, reml: bool) -> jax.Array:
     """lme4's REML criterion or ML deviance (-2 log-likelihood).
 
     Parameters
     ----------
     logdet_A : scalar
         ``log|A(theta)|`` (equal to ``log|V|``).
-    Lxy : array (p + 1, p + 1)
-        Lower Cholesky factor of ``[X y]' V^{-1} [X y]``.
-    n, p : int
-        Observations and fixed effects.
+    Lxy : array (k, k)
+        Lower Cholesky factor of ``[X y]' V^{-1} [X y]``, y last; any columns
+        between X's and y are padding with unit diagonal.
+    n, p : int or scalar array
+        Observations and (true) fixed effects.
     reml : bool
     """
-    r2 = Lxy[p, p] ** 2
+    r2 = Lxy[-1, -1] ** 2
     if reml:
         nmp = n - p
-        ldx = 2.0 * jnp.sum(jnp.log(jnp.diagonal(Lxy)[:p]))
+        ldx = 2.0 * jnp.sum(jnp.log(jnp.diagonal(Lxy)[:-1]))
         return logdet_A + ldx + nmp * (1.0 + jnp.log(2.0 * jnp.pi * r2 / nmp))
     return logdet_A + n * (1.0 + jnp.log(2.0 * jnp.pi * r2 / n))
 
@@ -70,8 +73,12 @@ def _profiled(theta, struct: Structure, xp: CrossProducts, reml: bool):
     lambdas = make_lambdas(theta, struct)
     logdet_A, gram = gls_gram(struct, lambdas, xp)
     Lxy = cholesky(gram)
-    p = gram.shape[0] - 1
-    return lambdas, Lxy, profiled_criterion(logdet_A, Lxy, struct.nobs, p, reml)
+    return lambdas, Lxy, profiled_criterion(logdet_A, Lxy, struct.nobs, nfixed(struct, gram), reml)
+
+
+def nfixed(struct, gram):
+    """The number of fixed effects: a small system's (its X may be padded) or the Gram's."""
+    return struct.p if isinstance(struct, SmallSystem) else gram.shape[0] - 1
 
 
 def profiled_objective(
@@ -99,11 +106,12 @@ def estimates(
 ) -> Estimates:
     """Fixed effects, sigma, their covariance and the conditional modes at theta."""
     lambdas, Lxy, objective = _profiled(theta, struct, xp, reml)
-    n, p = struct.nobs, Lxy.shape[0] - 1
-    Lxx, lyx, r = Lxy[:p, :p], Lxy[p, :p], Lxy[p, p]
+    n, p = struct.nobs, nfixed(struct, Lxy)
+    Lxx, lyx, r = Lxy[:-1, :-1], Lxy[-1, :-1], Lxy[-1, -1]
     beta = tri_solve(Lxx, lyx[:, None], transpose=True)[:, 0]
     sigma = jnp.abs(r) / jnp.sqrt(n - p if reml else n)
-    Linv = tri_solve(Lxx, jnp.eye(p, dtype=Lxx.dtype))  # p x p: the covariance is reported
+    eye = jnp.eye(Lxx.shape[0], dtype=Lxx.dtype)
+    Linv = tri_solve(Lxx, eye)  # p x p: the covariance is reported
     vcov = sigma**2 * Linv.T @ Linv
     b = conditional_moments(struct, lambdas, xp.residual(beta), sigma).mean
     return Estimates(objective, beta, sigma, vcov, b)
@@ -168,7 +176,7 @@ def small_problem(model):
     if getattr(model, "sufficient", None) is not None:
         return None
     terms, M, shift = weighted_problem(model)
-    system = small_system(terms, M, float_dtype())
+    system = small_system(terms, M, float_dtype(), pad_fixed=True)
     return None if system is None else (*system, shift)
 
 

@@ -215,7 +215,10 @@ class _Objective:
 
     def estimates(self, theta) -> Estimates:
         est = self._run(theta, True)[2]
-        return est if self.padding is None else est._replace(b=self.padding.unpack(est.b[0]))
+        if self.padding is None:
+            return est
+        beta, vcov = self.padding.fixed(est.beta, est.vcov)
+        return est._replace(beta=beta, vcov=vcov, b=self.padding.unpack(est.b[0]))
 
     def __call__(self, theta) -> float:
         return self.value_and_grad(theta)[0]
