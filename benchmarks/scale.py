@@ -11,7 +11,10 @@ N = 1e7) the same model is then fitted in memory from the same files and the
 two fits compared. With ``--log-density`` the marginalised NUTS potential
 (every class integrated out, read from the same streamed sums) and its
 gradient are evaluated at the simulated truth and timed, so that runs with
-rows over several devices can be compared with one device's.
+rows over several devices can be compared with one device's. With ``--nuts K``
+NUTS samples the same streamed model (every class marginalised; K warm-up
+iterations and K draws per chain, ``--nuts-chains``) and the posterior means
+are reported against the truth and the REML fit.
 
 Usage::
 
@@ -172,6 +175,27 @@ def log_density(model, repeats: int = 3) -> dict:
     }  # fmt: skip
 
 
+def nuts(model, draws: int, chains: int) -> dict:
+    """NUTS from the streamed sums (every class marginalised): time, gradients, posterior."""
+    from lmmjax.bayes import fit_nuts
+
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = fit_nuts(model, marginalize="all", num_warmup=draws, num_samples=draws,
+                       num_chains=chains, seed=0, progress_bar=False)  # fmt: skip
+    table = fit.posterior_summary()
+    return {
+        "seconds": time.perf_counter() - start, "warmup_s": fit.warmup_seconds,
+        "sampling_s": fit.sampling_seconds, "compile_s": fit.compile_seconds,
+        "recovery_s": fit.recovery_seconds, "grad_evals": fit.grad_evals,
+        "seconds_per_gradient": fit.seconds_per_gradient(), "divergences": fit.divergences,
+        "mean": {k: float(v) for k, v in table["mean"].items()},
+        "ess_bulk_min": float(table["ess_bulk"].min()), "r_hat_max": float(fit.max_rhat()),
+        "peak_rss_gib": peak_rss_gib(),
+    }  # fmt: skip
+
+
 def rel(a, b) -> float:
     a, b = np.atleast_1d(np.asarray(a, float)), np.atleast_1d(np.asarray(b, float))
     return float(np.max(np.abs(a - b) / np.abs(b)))
@@ -192,6 +216,9 @@ def main(argv=None) -> int:
                         "and fit (the level-sized memory of N rows)")  # fmt: skip
     parser.add_argument("--log-density", action="store_true",
                         help="the marginalised NUTS potential at the truth")  # fmt: skip
+    parser.add_argument("--nuts", type=int, default=0, metavar="K",
+                        help="also NUTS from the streamed sums, K warm-up and K draws")  # fmt: skip
+    parser.add_argument("--nuts-chains", type=int, default=1)
     parser.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     n = int(args.n)
@@ -252,6 +279,15 @@ def main(argv=None) -> int:
         print(f"  marginalised NUTS potential at the truth {dens['potential']:.10e}; "
               f"gradient {np.round(dens['gradient'], 6)}; {dens['per_gradient_s']:.3f} s per "
               f"evaluation ({dens['first_call_s']:.1f} s the first, compiling)")  # fmt: skip
+    if args.nuts:
+        post = res["nuts"] = nuts(model, args.nuts, args.nuts_chains)
+        print(f"  NUTS ({args.nuts_chains} chain(s), {args.nuts} + {args.nuts}): "
+              f"{post['seconds']:.1f} s (compile {post['compile_s']:.1f}, warm-up "
+              f"{post['warmup_s']:.1f}, sampling {post['sampling_s']:.1f}), "
+              f"{post['grad_evals']} gradients, "
+              f"{post['seconds_per_gradient'] * 1e3:.0f} ms each, peak RSS "
+              f"{post['peak_rss_gib']:.2f} GiB; posterior means "
+              + ", ".join(f"{k} {v:.4f}" for k, v in post["mean"].items()))  # fmt: skip
     compare = args.compare if args.compare is not None else n <= 10_000_000
     if compare:
         import pandas as pd
