@@ -292,6 +292,9 @@ def test_z_times(case):
     want = terms[0].dense() @ np.asarray(effects[0]).reshape(-1)
     want[0] = 0.0
     assert rel(got, want) <= RTOL
+    host = z_times(refs, [np.asarray(z) for z in struct.z],
+                   (np.asarray(effects[0]),) + (None,) * (len(terms) - 1), unseen=True)  # fmt: skip
+    assert isinstance(host, np.ndarray) and rel(host, want) <= RTOL  # NumPy in, NumPy out
 
 
 def test_linear_predictor_multiplies_each_distinct_column_once(case):

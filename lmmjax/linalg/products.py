@@ -95,18 +95,23 @@ def z_times(refs, z, effects, *, unseen: bool = False) -> jax.Array:
     Returns
     -------
     array (N,)
+        A NumPy array, computed by NumPy without compiling anything, when every
+        input is one (for results such as fitted values and predictions).
     """
+    given = (*refs, *z, *(b for b in effects if b is not None))
+    host = all(isinstance(a, np.ndarray) for a in given)
+    xnp = np if host else jnp
     total = 0.0
     for r, zl, b in zip(refs, z, effects, strict=True):
         if b is None:
             continue
         if not unseen:  # gathers of scalars where d = 1: cheaper than of width-1 rows
-            term = zl[:, 0] * b[:, 0][r] if b.shape[1] == 1 else jnp.sum(zl * b[r], axis=1)
+            term = zl[:, 0] * b[:, 0][r] if b.shape[1] == 1 else xnp.sum(zl * b[r], axis=1)
             total = total + term
             continue
         valid = r >= 0
-        contrib = jnp.sum(zl * b[jnp.where(valid, r, 0)], axis=1)
-        total = total + jnp.where(valid, contrib, 0.0)
+        contrib = xnp.sum(zl * b[xnp.where(valid, r, 0)], axis=1)
+        total = total + xnp.where(valid, contrib, 0.0)
     return total
 
 

@@ -335,9 +335,9 @@ class LmmFit:
         return out
 
     def _random_part(self, terms_z, terms_refs) -> np.ndarray:
-        args = (tuple(terms_refs), tuple(terms_z), tuple(self.b))
-        run, _ = compiled(z_times, *args, unseen=True)  # one program, not one per operation
-        return np.asarray(run(*args))
+        refs = [np.asarray(r) for r in terms_refs]
+        z = [np.asarray(zl, dtype=float) for zl in terms_z]
+        return np.asarray(z_times(refs, z, [np.asarray(b) for b in self.b], unseen=True))
 
     def _fitted_values(self) -> np.ndarray:
         m = self.model
