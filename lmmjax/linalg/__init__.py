@@ -22,7 +22,7 @@ from lmmjax.linalg.blocked import (
     logdet,
     make_lambdas,
 )
-from lmmjax.linalg.dense import cholesky, lapack_blocks, logdet_quad, tri_solve
+from lmmjax.linalg.dense import cholesky, host_inverse, lapack_blocks, logdet_quad, tri_solve
 from lmmjax.linalg.eigen import (
     EigenSystem,
     Rotated,
@@ -77,6 +77,7 @@ __all__ = [
     "factor_entries",
     "factorize",
     "gls_gram",
+    "host_inverse",
     "lapack_blocks",
     "linear_predictor",
     "logdet",

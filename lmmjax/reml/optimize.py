@@ -30,7 +30,7 @@ import numpy as np
 import scipy.optimize
 
 from lmmjax.cache import compiled
-from lmmjax.linalg import CrossProducts, SmallLayout, Structure
+from lmmjax.linalg import CrossProducts, SmallLayout, Structure, factor_entries, host_inverse
 from lmmjax.options import RemlOptions
 from lmmjax.reml.objective import Estimates, estimates, padded, profiled_objective
 
@@ -128,7 +128,8 @@ def _lbfgs(evaluate: _Evaluations, theta0: np.ndarray, maxiter: int, gtol: float
     return theta, value, grad, int(res.nit)
 
 
-def lbfgs_loop(theta0, struct: Structure, xp: CrossProducts, scale, maxiter, gtol, reml: bool):
+def lbfgs_loop(theta0, struct: Structure, xp: CrossProducts, scale, maxiter, gtol, reml: bool,
+               host: bool = False):  # fmt: skip
     """optax L-BFGS (zoom line search) in one compiled ``while_loop``, then the estimates.
 
     For large problems, where an evaluation costs far more than compiling the
@@ -136,10 +137,19 @@ def lbfgs_loop(theta0, struct: Structure, xp: CrossProducts, scale, maxiter, gto
     for the bootstrap's vmapped refits. Runs in ``phi = theta * scale`` and
     stops on the same criterion as :func:`_lbfgs`.
 
+    ``host`` traces the gradient's ``A^{-1}`` as LAPACK's ``potri`` on the host
+    (:func:`lmmjax.linalg.host_inverse`); the program then cannot be differentiated
+    again.
+
     Returns
     -------
     theta, value, grad (with respect to theta), iterations, Estimates
     """
+    with host_inverse(host):
+        return _lbfgs_loop(theta0, struct, xp, scale, maxiter, gtol, reml)
+
+
+def _lbfgs_loop(theta0, struct, xp, scale, maxiter, gtol, reml):
     import optax  # only here: small fits never run this loop, and skip the import
 
     fun = lambda phi: profiled_objective(phi / scale, struct, xp, reml)  # noqa: E731
@@ -168,14 +178,15 @@ def lbfgs_loop(theta0, struct: Structure, xp: CrossProducts, scale, maxiter, gto
     return theta, value, grad, it, estimates(theta, struct, xp, reml)
 
 
-def _evaluate(theta, struct, xp, with_estimates, reml):
+def _evaluate(theta, struct, xp, with_estimates, reml, host=False):
     """Value and gradient of the objective, and the estimates when ``with_estimates``.
 
     One program for the whole fit: the estimates branch runs once, at the end,
     and sharing the program saves compiling a second one (0.36 of 1.66 s for
-    sleepstudy).
+    sleepstudy). ``host`` as in :func:`lbfgs_loop`.
     """
-    value, grad = jax.value_and_grad(profiled_objective)(theta, struct, xp, reml)
+    with host_inverse(host):
+        value, grad = jax.value_and_grad(profiled_objective)(theta, struct, xp, reml)
     shape = jax.eval_shape(lambda t: estimates(t, struct, xp, reml), theta)
     est = jax.lax.cond(
         with_estimates,
@@ -186,6 +197,15 @@ def _evaluate(theta, struct, xp, with_estimates, reml):
 
 
 QUICK_MAX_Q = 2000  # random effects up to which the objective is compiled quickly
+# Dense Schur blocks from this size have their gradient's A^{-1} from LAPACK's potri on the
+# host (linalg.host_inverse): a third of the time of two triangular solves, but the program
+# then holds a host callback, which JAX neither exports nor keeps in its persistent cache
+HOST_INVERSE_MIN = 1000
+
+
+def _host_inverse(struct) -> bool:
+    """Whether the gradient's ``A^{-1}`` comes from the host (see :data:`HOST_INVERSE_MIN`)."""
+    return isinstance(struct, Structure) and factor_entries(struct) >= HOST_INVERSE_MIN**2
 
 
 class _Objective:
@@ -201,11 +221,13 @@ class _Objective:
         self.compile_seconds = 0.0
         # small problems: compile without LLVM optimisation, run time is negligible there
         self.quick = struct.q <= QUICK_MAX_Q
+        self.host = _host_inverse(struct)
 
     def _run(self, theta, with_estimates: bool):
         th = np.asarray(padded(self.padding, theta), self.dtype)  # no device_put: a copy
         flag = np.asarray(with_estimates)
-        run, seconds = compiled(_evaluate, th, *self.args, flag, quick=self.quick, reml=self.reml)
+        run, seconds = compiled(_evaluate, th, *self.args, flag, quick=self.quick, reml=self.reml,
+                                host=self.host)  # fmt: skip
         self.compile_seconds += seconds
         return run(th, *self.args, flag)
 
@@ -344,7 +366,7 @@ def optimize_theta(
 
         def minimise(start):
             th = jnp.asarray(start, dtype)
-            run, seconds = compiled(lbfgs_loop, th, *args, reml=reml)
+            run, seconds = compiled(lbfgs_loop, th, *args, reml=reml, host=f.host)
             f.compile_seconds += seconds
             theta, value, grad, it, est = run(th, *args)
             evaluate.count += int(it) + 1
