@@ -250,8 +250,9 @@ class NutsOptions(Options):
         the fixed effects' posterior (Orthodont: intercept ESS 1,894 -> 3,501),
         but a random slope of the centred column correlates them instead
         (sleepstudy: min ESS 4,354 -> 2,670).
-    priors : dict of str to dict
-        Prior overrides by parameter name (see :mod:`lmmjax.bayes.priors`).
+    priors : dict of str to dict or str
+        Prior overrides by parameter name, or by brms class with Stan-style
+        strings (``{"b": "normal(0, 10)"}``; see :mod:`lmmjax.bayes.priors`).
     fixed_scales : dict of str to float or list of float
         Random-effect SDs held fixed at the given values, by factor name.
     shared_scale : bool
@@ -286,7 +287,7 @@ class NutsOptions(Options):
     seed: int = Field(0, strict=True)
     likelihood: Literal["normal", "lognormal"] = "normal"
     center: StrictBool = False
-    priors: dict[str, dict] = Field(default_factory=dict)
+    priors: dict[str, dict | str] = Field(default_factory=dict)
     fixed_scales: dict[str, float | list[float]] = Field(default_factory=dict)
     shared_scale: StrictBool = False
     fast_path: StrictBool | None = None

@@ -10,6 +10,7 @@ import pytest
 
 import lmmjax
 from lmmjax.bayes import fit_nuts
+from lmmjax.bayes.priors import Prior, PriorSet, resolve_priors
 from lmmjax.datasets import load_data
 from lmmjax.design import build_model
 from lmmjax.errors import LmmInputError
@@ -36,6 +37,9 @@ def _check(tmp_path, nuts_section: str):
         ("priors: {sigma: {dist: Cauchy, scale: 1}}\n", "distribution 'Cauchy' not available"),
         ("marginalize: [Subjet]\n", "marginalize: 'Subjet' is not a grouping factor"),
         ("fixed_scales: {Subjet: 1.0}\n", "fixed_scales: 'Subjet'"),
+        ("priors: {b: 'normal(0)'}\n", "prior 'b': normal takes 2 argument(s)"),
+        ("priors: {sd: 'normal(1, 5)'}\n", "prior 'sd': an SD's prior is a half distribution"),
+        ("priors: {b_Dayz: 'normal(0, 5)'}\n", "prior 'b_Dayz': no fixed effect 'Dayz'"),
     ],
 )
 def test_check_fails_where_the_fit_would(tmp_path, section, message):
@@ -65,3 +69,25 @@ def test_fit_nuts_takes_a_model_or_a_fit_but_not_a_formula():
 def test_sampler_options_are_checked(key, value):
     with pytest.raises(LmmInputError, match=key):
         lmmjax.lmm(SLEEP, "bundled:sleepstudy", method="nuts", **{key: value})
+
+
+def test_brms_names_and_stan_strings_are_the_same_priors():
+    defaults = PriorSet(
+        beta=Prior("normal", loc=(0.0, 0.0), scale=(1.0, 1.0)),
+        sigma=Prior("halfnormal", scale=(1.0,)),
+        sd=(Prior("halfnormal", scale=(1.0, 1.0)),),
+        corr=(Prior("lkj", scale=(1.0,)),),
+    )
+    args = (["(Intercept)", "Days"], ["Subject"], ["Subject"])
+    ours = {"beta": {"dist": "student_t", "df": 3, "loc": 0, "scale": 10},
+            "beta[(Intercept)]": {"loc": 250, "scale": 50},
+            "sd_Subject": {"dist": "halfcauchy", "scale": 5},
+            "sigma": {"dist": "exponential", "rate": 0.1}, "corr": {"eta": 2.0}}  # fmt: skip
+    brms = {"b": "student_t(3, 0, 10)", "Intercept": "student_t(3, 250, 50)",
+            "sd_Subject": "cauchy(0, 5)", "sigma": "exponential(0.1)", "cor": "lkj(2)"}  # fmt: skip
+    want = resolve_priors(defaults, ours, *args)
+    assert resolve_priors(defaults, brms, *args) == want
+    assert want.beta.loc == (250.0, 0.0) and want.beta.df == (3.0, 3.0)
+    assert resolve_priors(defaults, {"b[Days]": "normal(1, 2)"}, *args).beta.loc == (0.0, 1.0)
+    with pytest.raises(LmmInputError, match="given twice"):
+        resolve_priors(defaults, {"b": "normal(0, 1)", "beta": {"scale": 2}}, *args)

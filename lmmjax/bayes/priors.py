@@ -22,6 +22,15 @@ Overrides are keyed by parameter name (the API's ``priors=`` and the YAML's
 
 Missing keys of an override keep the default's values.
 
+brms's names and prior strings are accepted too: classes ``b`` (``beta``),
+``b_<name>`` or ``b[<name>]`` (one coefficient), ``Intercept``
+(``beta[(Intercept)]``, here on the uncentred intercept), ``sd``, ``sd_<group>``,
+``sigma``, ``cor`` and ``cor_<group>``; a value may be a Stan-style string
+such as ``"normal(0, 10)"``, ``"student_t(3, 0, 2.5)"``, ``"cauchy(0, 2)"``,
+``"exponential(1)"`` or ``"lkj(2)"``. On an SD or on sigma, ``normal``,
+``student_t`` and ``cauchy`` are their half versions (location 0), as brms
+bounds those classes at zero.
+
 Every prior on a fixed effect is on the user's coefficient, also when the
 sampler uses centred coordinates (``nuts.center``): the intercept's prior is
 on the uncentred intercept ``beta[(Intercept)]`` (brms puts it on the centred one).
@@ -40,6 +49,7 @@ and overrides take the same keys prefixed with ``sigma.`` (``sigma.beta``,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -363,6 +373,75 @@ def _set_element(prior: Prior, k: int, other: Prior) -> Prior:
     )  # fmt: skip
 
 
+def _brms_key(key: str) -> str:
+    """lmmjax's name for a brms class or coefficient name (others unchanged)."""
+    if key in ("b", "cor"):
+        return {"b": "beta", "cor": "corr"}[key]
+    if key == "Intercept":
+        return "beta[(Intercept)]"
+    if key.startswith("b[") and key.endswith("]"):
+        return f"beta{key[1:]}"
+    if key.startswith("b_"):
+        return f"beta[{key[2:]}]"
+    if key.startswith("cor_"):
+        return f"corr_{key[4:]}"
+    return key
+
+
+_STAN_ARGS = {"normal": 2, "student_t": 3, "cauchy": 2, "exponential": 1, "lkj": 1,
+              "lkj_corr_cholesky": 1}  # fmt: skip
+
+
+def _stan_spec(text: str, key: str, scale_class: bool) -> dict:
+    """A Stan-style prior string (``"normal(0, 10)"``) as an override mapping."""
+    match = re.fullmatch(r"\s*([A-Za-z_]+)\s*\((.*)\)\s*", text)
+    name = match.group(1).lower() if match else ""
+    if name not in _STAN_ARGS:
+        raise LmmInputError(
+            f"prior {key!r}: cannot read {text!r}; write e.g. 'normal(0, 10)', "
+            f"'student_t(3, 0, 2.5)', 'cauchy(0, 2)', 'exponential(1)' or 'lkj(2)'"
+        )
+    try:
+        args = [float(a) for a in match.group(2).split(",")]
+    except ValueError:
+        raise LmmInputError(f"prior {key!r}: the arguments of {text!r} must be numbers") from None
+    if len(args) != _STAN_ARGS[name]:
+        raise LmmInputError(f"prior {key!r}: {name} takes {_STAN_ARGS[name]} argument(s)")
+    if name.startswith("lkj"):
+        return {"dist": "lkj", "eta": args[0]}
+    if name == "exponential":
+        return {"dist": "exponential", "rate": args[0]}
+    df, loc, scale = (args if name == "student_t" else [1.0, *args] if name == "cauchy"
+                      else [None, *args])  # fmt: skip
+    if scale_class:
+        if loc != 0.0:
+            raise LmmInputError(
+                f"prior {key!r}: an SD's prior is a half distribution at 0; write location 0"
+            )
+        family = {"normal": "halfnormal", "cauchy": "halfcauchy"}.get(name, "halfstudent_t")
+        spec = {"dist": family, "scale": scale}
+        return spec if df is None or name == "cauchy" else {**spec, "df": df}
+    spec = {"dist": "normal" if name == "normal" else "student_t", "loc": loc, "scale": scale}
+    return spec if df is None else {**spec, "df": df}
+
+
+def _brms_overrides(overrides: Mapping, prefix: str) -> dict:
+    """Overrides with brms's names and Stan-style strings in lmmjax's form.
+
+    Returns ``{name: (key as given, override mapping)}``.
+    """
+    out = {}
+    for full, spec in overrides.items():
+        key = _brms_key(str(full)[len(prefix) :]) if str(full).startswith(prefix) else str(full)
+        name = prefix + key
+        if isinstance(spec, str):
+            spec = _stan_spec(spec, str(full), key == "sigma" or key.startswith("sd"))
+        if name in out:
+            raise LmmInputError(f"prior {full!r} is given twice (as {name!r})")
+        out[name] = (str(full), spec)
+    return out
+
+
 def resolve_priors(
     defaults: PriorSet,
     overrides: Mapping | None,
@@ -397,7 +476,7 @@ def resolve_priors(
         For an unknown parameter name or a malformed override.
     """
     pri = defaults
-    overrides = dict(overrides or {})
+    overrides = _brms_overrides(overrides or {}, prefix)
     beta = pri.beta
     sigma = pri.sigma
     sd, corr = list(pri.sd), list(pri.corr)
@@ -409,8 +488,8 @@ def resolve_priors(
     # global keys first, then specific ones, so that specific ones win
     globals_ = ("beta", "sd", "corr") + (() if prefix else ("sigma",))
     order = sorted(overrides, key=lambda k: (k[len(prefix) :] not in globals_, k))
-    for full in order:
-        spec, key = overrides[full], full[len(prefix) :]
+    for name in order:  # messages name the key as the user wrote it
+        (full, spec), key = overrides[name], name[len(prefix) :]
         if key == "beta":
             beta = _override(beta, spec, full, _LOCATION_FAMILIES)
         elif key.startswith("beta[") and key.endswith("]"):
