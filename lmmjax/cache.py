@@ -21,6 +21,7 @@ holds one entry for it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -183,8 +184,9 @@ def _from_export(fn: Callable, args: tuple, static: dict, key: tuple, options):
             tmp.replace(path)
         executable = jax.jit(exported.call).lower(*leaves).compile(options)
     except Exception:  # noqa: BLE001  (anything export cannot take is compiled directly)
-        failed.parent.mkdir(parents=True, exist_ok=True)
-        failed.touch()  # and is not tried again
+        with contextlib.suppress(OSError):  # a read-only or full disk: compile directly
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            failed.touch()  # and is not tried again
         return None
 
     def run(*call_args):
