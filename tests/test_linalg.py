@@ -555,6 +555,13 @@ def test_small_system_matches_dense(case):
     got = conditional_moments(rsys[0], lam, rsys[1], 1.7).mean[0]
     want = Lam @ np.linalg.solve(A, Lam.T @ Z.T @ r)
     assert rel(np.concatenate([b.reshape(-1) for b in layout.unpack(got)]), want) <= RTOL
+    cov = conditional_moments(rsys[0], lam, rsys[1], 1.7, cov=True).cov[0]
+    dense = 1.7**2 * Lam @ np.linalg.solve(A, Lam.T)
+    for t, blocks, (o, m, d) in zip(case["terms"], layout.blocks(cov), layout.terms, strict=True):
+        assert blocks.shape == (t.nlevels, t.d, t.d)
+        want = np.stack([dense[o + j * d : o + (j + 1) * d, o + j * d : o + (j + 1) * d]
+                         for j in range(m)])  # fmt: skip
+        assert rel(blocks, want) <= RTOL
     X = case["X"][:, :2]  # p = 2: [X y] padded from 3 columns to 4
     xy = small_system(case["terms"], np.column_stack([X, case["y"]]), jnp.float64, pad_fixed=True)
     assert xy[1].gram.shape == (4, 4) and float(xy[0].p) == 2

@@ -36,7 +36,13 @@ from jax import lax
 
 from lmmjax.linalg.dense import cholesky, logdet_quad, tri_solve
 from lmmjax.linalg.products import CrossProducts
-from lmmjax.linalg.small import SmallSystem, small_gls_gram, small_lambda, small_mean
+from lmmjax.linalg.small import (
+    SmallSystem,
+    small_cov,
+    small_gls_gram,
+    small_lambda,
+    small_mean,
+)
 from lmmjax.linalg.structure import Layout, Structure, packed_index
 
 
@@ -371,13 +377,15 @@ def conditional_moments(
     Returns
     -------
     Moments
-        For a :class:`~lmmjax.linalg.small.SmallSystem`, the mean only, as one
-        flat padded vector (``SmallLayout.unpack`` splits it by term).
+        For a :class:`~lmmjax.linalg.small.SmallSystem`, the mean as one flat
+        padded vector (``SmallLayout.unpack`` splits it by term) and the whole
+        padded (Q, Q) covariance (``SmallLayout.blocks`` takes each level's block).
     """
     if isinstance(struct, SmallSystem):
-        if cov or key is not None:
-            raise NotImplementedError("a SmallSystem gives conditional means only")
-        return Moments((small_mean(struct, lambdas, xp),), None, None)
+        if key is not None:
+            raise NotImplementedError("a SmallSystem gives conditional means and covariances")
+        blocks = (sigma**2 * small_cov(struct, lambdas),) if cov else None
+        return Moments((small_mean(struct, lambdas, xp),), blocks, None)
     factor = factorize(struct, lambdas)
     w1, w2 = _solve_lower(struct, factor, *lambda_t(struct, lambdas, xp))
 

@@ -45,6 +45,7 @@ __all__ = [
     "SmallProducts",
     "SmallSystem",
     "small_gls_gram",
+    "small_cov",
     "small_lambda",
     "small_mean",
     "small_system",
@@ -142,6 +143,15 @@ class SmallLayout:
         """The true fixed effects and their covariance, without the padding."""
         p = self.nfixed
         return np.asarray(beta)[..., :p], np.asarray(vcov)[..., :p, :p]
+
+    def blocks(self, cov) -> tuple[np.ndarray, ...]:
+        """Each term's per-level (M_l, d_l, d_l) diagonal blocks of a padded (Q, Q) matrix."""
+        cov = np.asarray(cov, dtype=float)
+        out = []
+        for o, m, d in self.terms:
+            idx = o + np.arange(m)[:, None] * d + np.arange(d)  # (M, d)
+            out.append(cov[idx[:, :, None], idx[:, None, :]])
+        return tuple(out)
 
     def unpack(self, flat) -> tuple[np.ndarray, ...]:
         """Each term's (M_l, d_l) effects from the padded flat vector."""
@@ -242,6 +252,13 @@ def small_gls_gram(system: SmallSystem, lam: jax.Array, xp: SmallProducts):
     """
     logdet_a, quad = logdet_quad(_a_matrix(system, lam), lam.T @ xp.zt)
     return logdet_a, xp.gram - quad
+
+
+def small_cov(system: SmallSystem, lam: jax.Array) -> jax.Array:
+    """``Lambda A^{-1} Lambda'`` (Q, Q): the conditional covariance of b over ``sigma^2``."""
+    L = cholesky(_a_matrix(system, lam))
+    W = tri_solve(L, lam.T)  # L^{-1} Lambda'
+    return W.T @ W
 
 
 def small_mean(system: SmallSystem, lam: jax.Array, xp: SmallProducts) -> jax.Array:

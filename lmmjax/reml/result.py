@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import scipy.special
@@ -285,14 +284,24 @@ class LmmFit:
 
     # ------------------------------------------------------- random effects
     def _cond_var_blocks(self) -> list[np.ndarray]:
-        """Each term's conditional covariance blocks (M_l, d_l, d_l), lme4's ``condVar``."""
-        struct, xp = self._blocked()
+        """Each term's conditional covariance blocks (M_l, d_l, d_l), lme4's ``condVar``.
+
+        On a small model's padded system (one program for every small model)
+        when the fit has one, else on the blocked structure.
+        """
+        if self._small is not None:
+            struct, xp, layout = self._small
+            theta, beta = layout.pad(self.theta), np.zeros(xp.gram.shape[0] - 1)
+            beta[: self.beta.size] = self.beta
+        else:
+            (struct, xp), theta, beta, layout = self._blocked(), self.theta, self.beta, None
         dtype = struct.dtype
-        beta = jnp.asarray(self.beta, dtype)
-        args = (jnp.asarray(self.theta, dtype), jnp.asarray(self.sigma, dtype), beta,
+        args = (np.asarray(theta, dtype), np.asarray(self.sigma, dtype), np.asarray(beta, dtype),
                 struct, xp)  # fmt: skip
         run, _ = compiled(_condvar, *args)
-        return [np.asarray(b, dtype=float) for b in run(*args)]
+        cov = run(*args)
+        blocks = cov if layout is None else layout.blocks(cov[0])
+        return [np.asarray(b, dtype=float) for b in blocks]
 
     def ranef(self, condvar: bool = True) -> dict[str, pd.DataFrame]:
         """Conditional modes of the random effects, one DataFrame per grouping factor.
