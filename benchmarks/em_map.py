@@ -5,8 +5,9 @@
 2. Overfitting: 50 individuals with 2, 5 or 10 measurements of the cubic model;
    the selected b and the largest |correlation| of MAP against ML.
 3. Influence of repeats: 40 individuals, 2 fixed and 4 random effects, 2-8 repeats;
-   medians of the RMSE(beta) ratio, the KL(Sigma, Sigma_hat) ratio (MAP over the
-   unregularised fit, b = 0 and lambda = 0) and the selected b.
+   medians of the RMSE(beta) and KL(Sigma, Sigma_hat) ratios (unregularised over MAP,
+   so > 1 means MAP better; unregularised is ML, or EM without priors where N <= q)
+   and the selected b.
 4. High-dimensional fixed effects: 40 individuals x 7 repeats, 2 random effects,
    p = 2 and 500; medians of the selected (b, lambda), seconds, and the held-out
    prediction error against a ridge with no random effects (its lambda by its own
@@ -93,20 +94,57 @@ def experiment_2(rng, repeats) -> None:
 
 
 def _kl(S_true, S_hat) -> float:
-    """KL(N(0, S_true) || N(0, S_hat))."""
+    """``KL(N(0, S_true) || N(0, S_hat))``.
+
+    ``(tr(S_hat^-1 S_true) - d + log|S_hat| - log|S_true|) / 2``; infinite when
+    ``S_hat`` is singular (an ML fit on the boundary).
+    """
     d = len(S_true)
+    if np.linalg.eigvalsh(S_hat).min() <= 1e-12 * np.trace(S_hat):
+        return float("inf")
     inv = np.linalg.solve(S_hat, S_true)
     return 0.5 * (np.trace(inv) - d + np.linalg.slogdet(S_hat)[1] - np.linalg.slogdet(S_true)[1])
 
 
-def experiment_3(rng, repeats, reps) -> None:
+def _unregularised(model):
+    """The unregularised fit's ``(beta, Sigma, singular)``.
+
+    lmmjax ML (``fit_reml(reml=False)``) where ``N > q``; where ``N <= q`` (2 and
+    3 repeats: 80 and 120 observations, 160 random effects) ML refuses, as lme4
+    does, and EM without priors (``b = 0``, ``lambda = 0``: the same ML criterion)
+    is stopped after 2000 iterations on its way to a singular Sigma.
+    """
+    import warnings
+
+    if model.nobs > model.q:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ml = lmmjax.fit_reml(model, reml=False)
+        return np.asarray(ml.fixef), ml.covariances()[0], bool(ml.singular)
+    em = fit_map(model, b=0.0, lam=0.0, A=1.0, maxiter=2000)
+    S = em.covs[0]
+    return em.beta, S, bool(np.linalg.eigvalsh(S).min() < 1e-3 * np.trace(S))
+
+
+def experiment_3(rng, repeats, reps, fixed_a: bool = False, iw_df: float = 6.0) -> None:
+    """Medians of unregularised / MAP ratios (> 1: MAP better), the slides' orientation.
+
+    Their KL ratios exceed 1 and fall towards 1 as the repeats grow, which fits
+    this reading (inferred: the issue does not say). ``fixed_a``: ``A`` fixed at the
+    default's moment diagonal ``D`` (``a = 1``; no column is flat here, so ``D_j =
+    Var(y) / (2 d mean(z_j^2))``) instead of ``a D`` with ``a`` by empirical Bayes.
+    ``iw_df``: degrees of freedom ``nu`` of the inverse-Wishart the true Sigma is
+    drawn from, scale ``(nu - 5) I`` so that ``E(Sigma) = I_4`` (the issue fixes
+    only the mean; 6, the default, is the heaviest-tailed such law, and its Sigma
+    often has an eigenvalue near 0, where ML is singular).
+    """
     from scipy.stats import invwishart
 
     for m in repeats:
         rows = []
         for _ in range(reps):
             n_ind, d = 40, 4
-            Sigma = invwishart.rvs(df=d + 2, scale=np.eye(d), random_state=rng)  # mean I_4
+            Sigma = invwishart.rvs(df=iw_df, scale=(iw_df - d - 1) * np.eye(d), random_state=rng)
             ind = np.repeat(np.arange(n_ind), m)
             X = rng.normal(size=(ind.size, 4))
             beta = rng.normal(size=2)
@@ -114,14 +152,23 @@ def experiment_3(rng, repeats, reps) -> None:
             y = X[:, :2] @ beta + np.sum(X * gamma[ind], axis=1) + rng.normal(size=ind.size)
             df = pd.DataFrame(X, columns=["x1", "x2", "x3", "x4"]).assign(y=y, g=ind.astype(str))
             model = build_model(df, "y ~ 0 + x1 + x2 + (0 + x1 + x2 + x3 + x4 | g)")
-            fit = fit_map(model)
-            base = fit_map(model, b=0.0, lam=0.0, A=1.0)
-            rmse = [np.sqrt(np.mean((f.beta - beta) ** 2)) for f in (fit, base)]
-            rows.append((rmse[0] / rmse[1], _kl(Sigma, fit.covs[0]) / _kl(Sigma, base.covs[0]),
-                         fit.hyper["b"]["g"]))  # fmt: skip
-        med = np.median(np.asarray(rows), axis=0)
-        print(f"[3] repeats {m}: median RMSE ratio {med[0]:.2f}, KL ratio {med[1]:.2f}, "
-              f"b {med[2]:.2f} (slides {SLIDES_REPEATS[m]}; {reps} replications)")  # fmt: skip
+            if fixed_a:
+                z = model.terms[0].z
+                fit = fit_map(model, A=(0.5 * np.var(model.y) / (d * np.mean(z**2, 0))).tolist())
+            else:
+                fit = fit_map(model)
+            beta_u, S_u, singular = _unregularised(model)
+            rmse = [np.sqrt(np.mean((b - beta) ** 2)) for b in (beta_u, fit.beta)]
+            kl = [_kl(Sigma, S_u), _kl(Sigma, fit.covs[0])]
+            rows.append((rmse[0] / rmse[1], kl[0] / kl[1], fit.hyper["b"]["g"], kl[1], kl[0],
+                         singular, fit.seconds))  # fmt: skip
+        med = np.median(np.asarray(rows, dtype=float), axis=0)
+        nsing = int(sum(r[5] for r in rows))
+        label = ("A fixed at D" if fixed_a else "default") + f", IW df {iw_df:g}"
+        print(f"[3] repeats {m} ({label}): median RMSE ratio {med[0]:.2f}, KL ratio {med[1]:.2f}, "
+              f"b {med[2]:.2f} (slides {SLIDES_REPEATS[m]}); median KL map {med[3]:.2f}, "
+              f"unregularised {med[4]:.3g} ({nsing}/{reps} singular); "
+              f"median seconds {med[6]:.1f} ({reps} replications)", flush=True)  # fmt: skip
 
 
 def ridge_no_re(X: np.ndarray, y: np.ndarray):
@@ -192,6 +239,17 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--reps3", type=int, default=30, help="replications of experiment 3")
     parser.add_argument("--reps4", type=int, default=10, help="replications of experiment 4")
+    parser.add_argument(
+        "--fixed-a",
+        action="store_true",
+        help="experiment 3 with A fixed at its moment value, not a D by EB",
+    )
+    parser.add_argument(
+        "--iw-df",
+        type=float,
+        default=6.0,
+        help="experiment 3: the true Sigma's IW degrees of freedom",
+    )
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     run = lambda k: args.only in (None, k)  # noqa: E731
@@ -200,7 +258,13 @@ def main(argv=None) -> None:
     if run(2):
         experiment_2(rng, [2, 5] if args.quick else [2, 5, 10])
     if run(3):
-        experiment_3(rng, [3] if args.quick else [2, 3, 5, 8], 1 if args.quick else args.reps3)
+        experiment_3(
+            rng,
+            [3] if args.quick else [2, 3, 5, 8],
+            1 if args.quick else args.reps3,
+            fixed_a=args.fixed_a,
+            iw_df=args.iw_df,
+        )
     if run(4):
         experiment_4(rng, [2, 500], 1 if args.quick else args.reps4)
 
