@@ -27,6 +27,15 @@ _UNROLL = [True]  # the innermost lapack_blocks() context turns unrolling off wh
 
 
 @contextlib.contextmanager
+def _pushed(stack: list, value: bool):
+    """Make ``value`` the innermost setting of ``stack`` while the context lasts."""
+    stack.append(value)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
 def lapack_blocks():
     """Trace kernels with LAPACK for every block, unrolling none (:func:`cholesky`).
 
@@ -38,11 +47,7 @@ def lapack_blocks():
     everything inside this context. Only tracing reads the switch, so wrap
     the call that compiles.
     """
-    _UNROLL.append(False)
-    try:
-        yield
-    finally:
-        _UNROLL.pop()
+    return _pushed(_UNROLL, False)
 
 
 def cholesky(A: jax.Array) -> jax.Array:
@@ -117,7 +122,6 @@ def logdet_quad(A: jax.Array, R: jax.Array) -> tuple[jax.Array, jax.Array]:
 _HOST = [False]  # the innermost host_inverse() context: potri on the host for A^{-1}
 
 
-@contextlib.contextmanager
 def host_inverse(on: bool = True):
     """Trace :func:`logdet_quad`'s gradient with LAPACK's ``potri`` on the host for ``A^{-1}``.
 
@@ -129,11 +133,7 @@ def host_inverse(on: bool = True):
     only first-order optimisers of large problems use it (``reml.optimize``).
     Elsewhere, and on other backends, the solves run as before.
     """
-    _HOST.append(on)
-    try:
-        yield
-    finally:
-        _HOST.pop()
+    return _pushed(_HOST, on)
 
 
 def _potri(L: np.ndarray) -> np.ndarray:
