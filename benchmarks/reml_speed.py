@@ -28,7 +28,8 @@ import numpy as np
 import lmmjax
 from lmmjax.datasets import load_data
 from lmmjax.design import build_model
-from lmmjax.reml import fit_reml, optimize
+from lmmjax.linalg import dense
+from lmmjax.reml import fit_reml
 
 CASES = {
     "InstEval": dict(
@@ -126,7 +127,7 @@ def main(argv=None):
     parser.add_argument(
         "--xla-inverse", action="store_true",
         help="also fit with the gradient's A^-1 from triangular solves in XLA instead of "
-        "LAPACK's potri on the host (reml.optimize.HOST_INVERSE_MIN)",
+        "LAPACK's potri on the host (linalg.dense.HOST_INVERSE_MIN)",
     )  # fmt: skip
     args = parser.parse_args(argv)
 
@@ -146,9 +147,9 @@ def main(argv=None):
             rows.append((name, label, run["seconds"], run["compile"], lme4_s, run["objective"],
                          f"{run['fevals']} evals"))  # fmt: skip
         if args.xla_inverse:  # the program without the host callback: exported and cached
-            saved, optimize.HOST_INVERSE_MIN = optimize.HOST_INVERSE_MIN, 10**9
+            saved, dense.HOST_INVERSE_MIN = dense.HOST_INVERSE_MIN, 10**9
             runs = time_lmmjax(data, case, args.repeats)
-            optimize.HOST_INVERSE_MIN = saved
+            dense.HOST_INVERSE_MIN = saved
             for label, run in (
                 ("lmmjax A^-1 in XLA (first fit)", runs[0]),
                 (

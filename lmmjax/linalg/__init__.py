@@ -19,6 +19,7 @@ from lmmjax.linalg.blocked import (
     factor_entries,
     factorize,
     gls_gram,
+    host_inverse_pays,
     logdet,
     make_lambdas,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "factorize",
     "gls_gram",
     "host_inverse",
+    "host_inverse_pays",
     "lapack_blocks",
     "linear_predictor",
     "logdet",

@@ -12,6 +12,7 @@ block (``benchmarks/reml_speed.py``).
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -96,13 +97,6 @@ def tri_solve(L: jax.Array, B: jax.Array, *, transpose: bool = False) -> jax.Arr
     return jnp.stack(jnp.broadcast_arrays(*x), axis=-2)
 
 
-def _forward(A, R):
-    L = cholesky(A)
-    W = tri_solve(L, R)
-    return (2.0 * jnp.sum(jnp.log(jnp.diagonal(L))), W.T @ W), (L, W)
-
-
-@jax.custom_vjp
 def logdet_quad(A: jax.Array, R: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``log|A|`` and ``R' A^{-1} R`` for symmetric positive definite ``A``.
 
@@ -116,10 +110,28 @@ def logdet_quad(A: jax.Array, R: jax.Array) -> tuple[jax.Array, jax.Array]:
     logdet : scalar
     Q : array (k, k)
     """
-    return _forward(A, R)[0]
+    # The switches are arguments of the custom rule, not globals read inside it: JAX keeps
+    # the traces of a custom_vjp's rules, and would reuse one traced under other settings
+    return _logdet_quad(A, R, _UNROLL[-1], _HOST[-1])
+
+
+def _forward(A, R, unroll, host):
+    with _pushed(_UNROLL, unroll):
+        L = cholesky(A)
+        W = tri_solve(L, R)
+    return (2.0 * jnp.sum(jnp.log(jnp.diagonal(L))), W.T @ W), (L, W)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _logdet_quad(A, R, unroll, host):
+    return _forward(A, R, unroll, host)[0]
 
 
 _HOST = [False]  # the innermost host_inverse() context: potri on the host for A^{-1}
+# Dense blocks from this size pay for the host call (see host_inverse_pays): a third of the
+# time of two triangular solves, but a program holding a host callback is neither exported
+# nor kept in JAX's persistent cache, so small blocks keep the solves
+HOST_INVERSE_MIN = 1000
 
 
 def host_inverse(on: bool = True):
@@ -156,14 +168,15 @@ def cholesky_inverse(L: jax.Array) -> jax.Array:
     return tri_solve(L, tri_solve(L, eye), transpose=True)
 
 
-def _backward(res, cotangents):
+def _backward(unroll, host, res, cotangents):
     L, W = res
     ld_bar, Q_bar = cotangents
-    A_inv = cholesky_inverse(L)
-    A_inv_R = tri_solve(L, W, transpose=True)
+    with _pushed(_UNROLL, unroll), _pushed(_HOST, host):
+        A_inv = cholesky_inverse(L)
+        A_inv_R = tri_solve(L, W, transpose=True)
     Q_sym = 0.5 * (Q_bar + Q_bar.T)
     A_bar = ld_bar * A_inv - A_inv_R @ Q_sym @ A_inv_R.T
     return A_bar, 2.0 * A_inv_R @ Q_sym
 
 
-logdet_quad.defvjp(_forward, _backward)
+_logdet_quad.defvjp(_forward, _backward)

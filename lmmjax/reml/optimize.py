@@ -30,7 +30,13 @@ import numpy as np
 import scipy.optimize
 
 from lmmjax.cache import compiled
-from lmmjax.linalg import CrossProducts, SmallLayout, Structure, factor_entries, host_inverse
+from lmmjax.linalg import (
+    CrossProducts,
+    SmallLayout,
+    Structure,
+    host_inverse,
+    host_inverse_pays,
+)
 from lmmjax.options import RemlOptions
 from lmmjax.reml.objective import Estimates, estimates, padded, profiled_objective
 
@@ -197,15 +203,6 @@ def _evaluate(theta, struct, xp, with_estimates, reml, host=False):
 
 
 QUICK_MAX_Q = 2000  # random effects up to which the objective is compiled quickly
-# Dense Schur blocks from this size have their gradient's A^{-1} from LAPACK's potri on the
-# host (linalg.host_inverse): a third of the time of two triangular solves, but the program
-# then holds a host callback, which JAX neither exports nor keeps in its persistent cache
-HOST_INVERSE_MIN = 1000
-
-
-def _host_inverse(struct) -> bool:
-    """Whether the gradient's ``A^{-1}`` comes from the host (see :data:`HOST_INVERSE_MIN`)."""
-    return isinstance(struct, Structure) and factor_entries(struct) >= HOST_INVERSE_MIN**2
 
 
 class _Objective:
@@ -221,7 +218,7 @@ class _Objective:
         self.compile_seconds = 0.0
         # small problems: compile without LLVM optimisation, run time is negligible there
         self.quick = struct.q <= QUICK_MAX_Q
-        self.host = _host_inverse(struct)
+        self.host = host_inverse_pays(struct)  # A^{-1} by LAPACK's potri on the host
 
     def _run(self, theta, with_estimates: bool):
         th = np.asarray(padded(self.padding, theta), self.dtype)  # no device_put: a copy
