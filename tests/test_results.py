@@ -11,7 +11,7 @@ import scipy.linalg
 import lmmjax
 from lmmjax.datasets import load_bundled
 from lmmjax.design import build_model
-from lmmjax.linalg import build_structure, cross_products
+from lmmjax.linalg import build_structure, cross_products, small
 from lmmjax.reml import fit_reml
 from lmmjax.reml import optimize as reml_opt
 from lmmjax.reml.objective import profiled_objective
@@ -194,3 +194,31 @@ def test_unknown_option_names_the_option():
 
 def test_repr_is_short(sleep):
     assert len(repr(sleep)) < 200 and len(repr(sleep.model)) < 200
+
+
+def test_no_fixed_effects_on_both_paths(monkeypatch):
+    """``y ~ 0 + (1 | g)``: p = 0 on the small dense system and on the blocked one."""
+    data = load_bundled("sleepstudy")
+    fit = lmmjax.lmm("Reaction ~ 0 + (1 | Subject)", data)
+    monkeypatch.setattr(small, "MAX_Q", -1)
+    blocked = lmmjax.lmm("Reaction ~ 0 + (1 | Subject)", data)
+    assert fit.beta.size == 0 and blocked._small is None
+    assert fit.objective == pytest.approx(blocked.objective, abs=1e-8)
+    np.testing.assert_allclose(fit.theta, blocked.theta, rtol=1e-6)
+    assert fit.sigma == pytest.approx(blocked.sigma, rel=1e-8)
+
+
+def test_float32_fit_of_a_response_with_a_large_mean():
+    """float32 loses y' V^-1 y to cancellation unless y is first shifted by least squares."""
+    data = load_bundled("sleepstudy").assign(Reaction=lambda d: d["Reaction"] + 1e4)
+    ref = lmmjax.lmm("Reaction ~ Days + (Days | Subject)", data)
+    lmmjax.set_precision("float32")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            f32 = lmmjax.lmm("Reaction ~ Days + (Days | Subject)", data)
+    finally:
+        lmmjax.set_precision("float64")
+    assert f32.objective == pytest.approx(ref.objective, rel=1e-5)
+    np.testing.assert_allclose(f32.beta, ref.beta, rtol=1e-5)
+    np.testing.assert_allclose(f32.theta, ref.theta, rtol=2e-3, atol=2e-3)

@@ -45,6 +45,10 @@ def test_offset_column_option_equals_the_formula_term(data):
     pred = a.predict(new)
     base = a.predict(new.assign(o=0.0))
     np.testing.assert_allclose(pred - base, [0.0, 10.0, -10.0], atol=1e-10)
+    # and so do population-level predictions of the fit's own rows
+    population = a.predict(re_form=False)
+    np.testing.assert_allclose(population, data["o"] + a.model.X @ a.beta, rtol=1e-12)
+    np.testing.assert_allclose(population, a.predict(data, re_form=False), rtol=1e-12)
 
 
 @pytest.mark.parametrize(

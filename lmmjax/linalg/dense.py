@@ -64,7 +64,7 @@ def cholesky(A: jax.Array) -> jax.Array:
     definite gives NaN.
     """
     d = A.shape[-1]
-    if d > SMALL or not _UNROLL[-1]:
+    if d > SMALL or not _UNROLL[-1] or d == 0:
         return jnp.linalg.cholesky(A)
     L = [[None] * d for _ in range(d)]
     for j in range(d):
@@ -85,6 +85,8 @@ def tri_solve(L: jax.Array, B: jax.Array, *, transpose: bool = False) -> jax.Arr
     (elementwise over the batch and the ``k`` columns, see :func:`cholesky`).
     """
     d = L.shape[-1]
+    if d == 0:  # nothing to solve (a model without fixed effects)
+        return B
     if d > SMALL or not _UNROLL[-1]:
         return lax.linalg.triangular_solve(L, B, left_side=True, lower=True, transpose_a=transpose)
     lij = (lambda i, j: L[..., j, i, None]) if transpose else (lambda i, j: L[..., i, j, None])

@@ -70,15 +70,18 @@ def fit_reml(model, options: RemlOptions | None = None, *, reml: bool = True, **
     check_identifiable(model)
     small = small_problem(model)
     if small is not None:  # few random effects: a program shared with other small models
-        system, products, layout, shift = small
+        system, products, layout, shift, b0 = small
         struct = xp = None
     else:
-        struct, xp, shift = blocked_problem(model)
+        struct, xp, shift, b0 = blocked_problem(model, for_fit=True)
         system, products, layout = struct, xp, None
+        if np.any(b0):  # y was shifted (float32): not for methods that fix beta
+            struct = xp = None
     theta0 = np.concatenate([t.theta_init() for t in model.terms])
     theta, _, log, singular, est = optimize_theta(
         system, products, model.terms, theta0, opts, reml=reml, padding=layout
     )
+    est = est._replace(beta=np.asarray(est.beta) + b0)
     result = LmmFit.from_estimates(
         model, theta, est, reml=reml, log=log, singular=singular, blocked=(struct, xp),
         small=small[:3] if small is not None else None,

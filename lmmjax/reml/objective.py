@@ -38,6 +38,7 @@ from lmmjax.precision import float_dtype
 __all__ = [
     "Estimates",
     "blocked_problem",
+    "least_squares_shift",
     "small_problem",
     "estimates",
     "nfixed",
@@ -143,23 +144,53 @@ def weighted_problem(model) -> tuple[list, np.ndarray, float]:
     return terms, M, -float(np.sum(np.log(model.weights)))
 
 
-def blocked_problem(model) -> tuple[Structure, CrossProducts, float]:
+def least_squares_shift(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``[X, y - X b0]`` with ``b0`` the least-squares coefficients, and ``b0``.
+
+    The profiled criterion, sigma, Cov(beta) and the conditional modes are
+    unchanged and beta is ``b0`` plus the shifted fit's; but ``y' V^{-1} y``
+    no longer cancels against ``y' V^{-1} X beta``, which in float32 lost
+    most digits of a response with a large mean (a criterion 760 below the
+    float64 minimum for ``y`` shifted by 1000).
+    """
+    X = M[:, :-1]
+    b0 = np.linalg.lstsq(X, M[:, -1], rcond=None)[0] if X.shape[1] else np.zeros(0)
+    return np.column_stack([X, M[:, -1] - X @ b0]), b0
+
+
+def _fit_columns(model) -> tuple[list, np.ndarray, float, np.ndarray]:
+    """:func:`weighted_problem`, with y shifted by least squares in float32 (``b0`` else 0)."""
+    terms, M, shift = weighted_problem(model)
+    if np.dtype(float_dtype()) == np.float32:
+        M, b0 = least_squares_shift(M)
+        return terms, M, shift, b0
+    return terms, M, shift, np.zeros(M.shape[1] - 1)
+
+
+def blocked_problem(model, *, for_fit: bool = False):
     """The blocked :class:`~lmmjax.linalg.Structure` of a model and the cross products of [X y].
 
     Returns
     -------
-    struct, xp, shift
+    struct, xp, shift, b0
         ``shift`` as in :func:`weighted_problem` (0 for a streamed model, whose
-        sums were precomputed from its batches).
+        sums were precomputed from its batches). With ``for_fit``, in float32,
+        y is shifted by :func:`least_squares_shift` and ``b0`` is to be added
+        to the fitted beta (zeros otherwise): such products serve the fit
+        only, not methods that fix beta (profiles).
     """
     if getattr(model, "sufficient", None) is not None:
         struct, xp = model.sufficient
-        return struct, xp, 0.0
-    terms, M, shift = weighted_problem(model)
+        return struct, xp, 0.0, np.zeros(xp.gram.shape[0] - 1)
+    if for_fit:
+        terms, M, shift, b0 = _fit_columns(model)
+    else:
+        terms, M, shift = weighted_problem(model)
+        b0 = np.zeros(M.shape[1] - 1)
     struct = build_structure(terms, dtype=float_dtype())
     M = jnp.asarray(M, dtype=struct.dtype)
     products, _ = compiled(cross_products, struct, M)  # one program, not one per operation
-    return struct, products(struct, M), shift
+    return struct, products(struct, M), shift, b0
 
 
 def small_problem(model):
@@ -171,13 +202,16 @@ def small_problem(model):
 
     Returns
     -------
-    (system, products, layout, shift) or None
+    (system, products, layout, shift, b0) or None
+        ``b0`` as in :func:`blocked_problem` with ``for_fit`` (the system
+        serves the fit, Satterthwaite's derivatives and condVar, which do not
+        depend on it).
     """
     if getattr(model, "sufficient", None) is not None:
         return None
-    terms, M, shift = weighted_problem(model)
+    terms, M, shift, b0 = _fit_columns(model)
     system = small_system(terms, M, float_dtype(), pad_fixed=True)
-    return None if system is None else (*system, shift)
+    return None if system is None else (*system, shift, b0)
 
 
 def padded(layout: SmallLayout | None, theta) -> np.ndarray:

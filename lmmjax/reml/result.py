@@ -91,7 +91,7 @@ class LmmFit:
     def _blocked(self) -> tuple[Structure, CrossProducts]:
         """The model's blocked structure and cross products of [X y], built on first use."""
         if self._struct is None:
-            self._struct, self._xp, _ = blocked_problem(self.model)
+            self._struct, self._xp, _, _ = blocked_problem(self.model)
         return self._struct, self._xp
 
     # ------------------------------------------------------------ estimates
@@ -385,15 +385,19 @@ class LmmFit:
         Parameters
         ----------
         newdata : pandas.DataFrame, optional
-            Defaults to the data of the fit (then equal to :meth:`fitted`).
+            Defaults to the rows of the fit (then equal to :meth:`fitted` on
+            them; :meth:`fitted` also places NaN on rows removed for missing values).
         allow_new_levels : bool
             Levels not seen in the fit get random effect zero (the population
             prediction); when False they raise an error.
         re_form : bool
             False for population-level predictions (fixed effects only).
         """
-        if newdata is None:
-            return self._fitted_values() if re_form else self.model.X @ self.beta
+        if newdata is None:  # the fit's rows (those without missing values)
+            if re_form:
+                return self._fitted_values()
+            offset = 0.0 if self.model.offset is None else self.model.offset
+            return offset + self.model.X @ self.beta
         new = self.model.new_design(newdata, random=re_form, allow_new_levels=allow_new_levels)
         out = np.full(len(new.complete), np.nan)
         if not new.complete.any():
