@@ -89,5 +89,13 @@ def test_brms_names_and_stan_strings_are_the_same_priors():
     assert resolve_priors(defaults, brms, *args) == want
     assert want.beta.loc == (250.0, 0.0) and want.beta.df == (3.0, 3.0)
     assert resolve_priors(defaults, {"b[Days]": "normal(1, 2)"}, *args).beta.loc == (0.0, 1.0)
+    # brms's class b leaves the intercept's prior alone; one effect's SD by its brms name
+    only_b = resolve_priors(defaults, {"b": "normal(5, 2)"}, *args)
+    assert only_b.beta.loc == (0.0, 5.0) and only_b.beta.scale == (1.0, 2.0)
+    with pytest.raises(LmmInputError, match="give 'Intercept' a student_t prior too"):
+        resolve_priors(defaults, {"b": "student_t(3, 0, 1)"}, *args)
+    one_sd = resolve_priors(defaults, {"sd_Subject__Days": "normal(0, 3)"}, *args,
+                            term_effects=[("(Intercept)", "Days")])  # fmt: skip
+    assert one_sd.sd[0].scale == (1.0, 3.0)
     with pytest.raises(LmmInputError, match="given twice"):
-        resolve_priors(defaults, {"b": "normal(0, 1)", "beta": {"scale": 2}}, *args)
+        resolve_priors(defaults, {"b_Days": "normal(0, 1)", "beta[Days]": {"scale": 2}}, *args)

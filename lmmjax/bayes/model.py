@@ -552,7 +552,7 @@ def _sigma_spec(y, sub, overrides) -> SigmaSpec:
     names = unique_group_names(terms)
     defaults = default_sigma_priors(y, sub.X, terms)
     pri = resolve_priors(defaults, overrides, sub.fixef_names, names, [t.group for t in terms],
-                         prefix=SIGMA_PREFIX)  # fmt: skip
+                         prefix=SIGMA_PREFIX, term_effects=[t.names for t in terms])  # fmt: skip
     return SigmaSpec(
         p=sub.X.shape[1], names=tuple(safe_name(n) for n in names),
         d=tuple(t.d for t in terms), nlevels=tuple(t.nlevels for t in terms),
@@ -646,7 +646,8 @@ def _resolve(model, *, marginalize, likelihood, priors, fixed_scales, shared_sca
         defaults = default_priors(y, model.X, terms)
     else:
         defaults = priors_from_moments(*moments.means_and_sds())
-    pri = resolve_priors(defaults, overrides, model.fixef_names, names, [t.group for t in terms])
+    pri = resolve_priors(defaults, overrides, model.fixef_names, names, [t.group for t in terms],
+                         term_effects=[t.names for t in terms])  # fmt: skip
     sigma_spec = None
     if sub is not None:
         sigma_spec = _sigma_spec(y, sub, sigma_overrides)

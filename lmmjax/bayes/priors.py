@@ -22,14 +22,17 @@ Overrides are keyed by parameter name (the API's ``priors=`` and the YAML's
 
 Missing keys of an override keep the default's values.
 
-brms's names and prior strings are accepted too: classes ``b`` (``beta``),
-``b_<name>`` or ``b[<name>]`` (one coefficient), ``Intercept``
-(``beta[(Intercept)]``, here on the uncentred intercept), ``sd``, ``sd_<group>``,
-``sigma``, ``cor`` and ``cor_<group>``; a value may be a Stan-style string
-such as ``"normal(0, 10)"``, ``"student_t(3, 0, 2.5)"``, ``"cauchy(0, 2)"``,
-``"exponential(1)"`` or ``"lkj(2)"``. On an SD or on sigma, ``normal``,
-``student_t`` and ``cauchy`` are their half versions (location 0), as brms
-bounds those classes at zero.
+brms's names and prior strings are accepted too: class ``b`` (every
+coefficient but the intercept, as in brms), ``b_<name>`` or ``b[<name>]`` (one
+coefficient), ``Intercept`` or ``b_Intercept`` (``beta[(Intercept)]``, here on
+the uncentred intercept), ``sd``, ``sd_<group>``, ``sd_<group>__<effect>``
+(one effect's SD, also written ``sd_<group>[<effect>]``), ``sigma``, ``cor``
+and ``cor_<group>``. All fixed effects share one family (so ``b`` with a
+Student-t needs a Student-t ``Intercept`` too), as do a term's SDs. A value
+may be a Stan-style string such as ``"normal(0, 10)"``,
+``"student_t(3, 0, 2.5)"``, ``"cauchy(0, 2)"``, ``"exponential(1)"`` or
+``"lkj(2)"``. On an SD or on sigma, ``normal``, ``student_t`` and ``cauchy``
+are their half versions (location 0), as brms bounds those classes at zero.
 
 Every prior on a fixed effect is on the user's coefficient, also when the
 sampler uses centred coordinates (``nuts.center``): the intercept's prior is
@@ -375,10 +378,15 @@ def _set_element(prior: Prior, k: int, other: Prior) -> Prior:
 
 def _brms_key(key: str) -> str:
     """lmmjax's name for a brms class or coefficient name (others unchanged)."""
-    if key in ("b", "cor"):
-        return {"b": "beta", "cor": "corr"}[key]
-    if key == "Intercept":
+    if key == "b":  # brms's class b: every coefficient but the intercept
+        return "beta[*]"
+    if key == "cor":
+        return "corr"
+    if key in ("Intercept", "b_Intercept"):
         return "beta[(Intercept)]"
+    if key.startswith("sd_") and "__" in key:  # brms's sd_<group>__<coef>
+        group, coef = key[3:].split("__", 1)
+        return f"sd_{group}[{coef}]"
     if key.startswith("b[") and key.endswith("]"):
         return f"beta{key[1:]}"
     if key.startswith("b_"):
@@ -425,6 +433,11 @@ def _stan_spec(text: str, key: str, scale_class: bool) -> dict:
     return spec if df is None else {**spec, "df": df}
 
 
+def _stan_or_mapping_family(spec) -> str:
+    """The family an override names (its ``dist``), or '' when it keeps the default's."""
+    return str(spec.get("dist", spec.get("family", ""))) if isinstance(spec, Mapping) else ""
+
+
 def _brms_overrides(overrides: Mapping, prefix: str) -> dict:
     """Overrides with brms's names and Stan-style strings in lmmjax's form.
 
@@ -449,6 +462,7 @@ def resolve_priors(
     term_names,
     term_groups,
     prefix: str = "",
+    term_effects=None,
 ) -> PriorSet:
     """Apply per-parameter overrides to the default priors.
 
@@ -465,6 +479,9 @@ def resolve_priors(
     prefix : str
         Every key starts with it (``"sigma."`` for the sigma formula, which has
         no ``sigma`` key); messages name the keys in full.
+    term_effects : sequence of sequences of str, optional
+        Each term's effect names, for one effect's SD (``sd_<group>[<effect>]``,
+        brms's ``sd_<group>__<effect>``).
 
     Returns
     -------
@@ -485,13 +502,43 @@ def resolve_priors(
         hits = [k for k, t in enumerate(term_names) if t == name]
         return hits or [k for k, g in enumerate(term_groups) if g == name]
 
+    def one_of(prior: Prior, k: int) -> Prior:
+        return Prior(prior.family, loc=prior.loc[k : k + 1], scale=prior.scale[k : k + 1],
+                     df=prior.df[k : k + 1])  # fmt: skip
+
     # global keys first, then specific ones, so that specific ones win
-    globals_ = ("beta", "sd", "corr") + (() if prefix else ("sigma",))
+    globals_ = ("beta", "beta[*]", "sd", "corr") + (() if prefix else ("sigma",))
     order = sorted(overrides, key=lambda k: (k[len(prefix) :] not in globals_, k))
+    intercept = "(Intercept)" in fixef_names
     for name in order:  # messages name the key as the user wrote it
         (full, spec), key = overrides[name], name[len(prefix) :]
         if key == "beta":
             beta = _override(beta, spec, full, _LOCATION_FAMILIES)
+        elif key == "beta[*]":  # brms's b: the intercept keeps its own prior
+            new = _override(beta, spec, full, _LOCATION_FAMILIES)
+            own = overrides.get(prefix + "beta[(Intercept)]")
+            if intercept and new.family != beta.family:
+                fam = own and _family_name(_stan_or_mapping_family(own[1]))
+                if fam != new.family:
+                    raise LmmInputError(
+                        f"prior {full!r}: class b is every coefficient but the Intercept, "
+                        f"whose prior is {beta.family}; give 'Intercept' a {new.family} prior "
+                        "too (all coefficients share one family), or set 'beta' for all"
+                    )
+                beta = new  # the Intercept's own prior follows
+                continue
+            for k, coef in enumerate(fixef_names):
+                if coef != "(Intercept)":
+                    beta = _set_element(beta, k, one_of(new, k))
+        elif key.startswith("sd_") and key.endswith("]") and "[" in key:
+            group, effect = key[3:-1].split("[", 1)
+            hits = [(k, list(term_effects[k]).index(effect)) for k in terms_for(group)
+                    if term_effects is not None and effect in term_effects[k]]  # fmt: skip
+            if not hits:
+                raise LmmInputError(f"prior {full!r}: no random effect {effect!r} of {group!r}")
+            for k, j in hits:
+                sd[k] = _set_element(sd[k], j, _override(one_of(sd[k], j), spec, full,
+                                                         _SCALE_FAMILIES))  # fmt: skip
         elif key.startswith("beta[") and key.endswith("]"):
             name = key[5:-1]
             if name not in fixef_names:
@@ -500,9 +547,8 @@ def resolve_priors(
                     f"{', '.join(fixef_names)}"
                 )
             k = list(fixef_names).index(name)
-            one = Prior(beta.family, loc=beta.loc[k : k + 1], scale=beta.scale[k : k + 1],
-                        df=beta.df[k : k + 1])  # fmt: skip
-            beta = _set_element(beta, k, _override(one, spec, full, _LOCATION_FAMILIES))
+            beta = _set_element(beta, k, _override(one_of(beta, k), spec, full,
+                                                   _LOCATION_FAMILIES))  # fmt: skip
         elif key == "sigma" and not prefix:
             sigma = _override(sigma, spec, full, _SCALE_FAMILIES)
         elif key == "sd":
