@@ -352,7 +352,8 @@ def optimize_theta(
     """
     log = OptimizerLog()
     start = time.perf_counter()
-    gtol = options.gtol
+    # float32 gradients carry rounding of about sqrt(eps) relative: no tighter than that
+    gtol = max(options.gtol, float(np.sqrt(np.finfo(struct.dtype).eps)))
     f = _Objective(struct, xp, reml, padding)
     evaluate = _Evaluations(f, theta_scale(terms))
     est = None
