@@ -28,7 +28,6 @@ import numpy as np
 import lmmjax
 from lmmjax.datasets import load_data
 from lmmjax.design import build_model
-from lmmjax.linalg import dense
 from lmmjax.reml import fit_reml
 
 CASES = {
@@ -124,11 +123,6 @@ def main(argv=None):
         "--float32", action="store_true", help="also fit in float32 and report its accuracy"
     )
     parser.add_argument("--cases", nargs="*", default=list(CASES))
-    parser.add_argument(
-        "--xla-inverse", action="store_true",
-        help="also fit with the gradient's A^-1 from triangular solves in XLA instead of "
-        "LAPACK's potri on the host (linalg.dense.HOST_INVERSE_MIN)",
-    )  # fmt: skip
     args = parser.parse_args(argv)
 
     rows = []
@@ -146,19 +140,6 @@ def main(argv=None):
                 continue
             rows.append((name, label, run["seconds"], run["compile"], lme4_s, run["objective"],
                          f"{run['fevals']} evals"))  # fmt: skip
-        if args.xla_inverse:  # the program without the host callback: exported and cached
-            saved, dense.HOST_INVERSE_MIN = dense.HOST_INVERSE_MIN, 10**9
-            runs = time_lmmjax(data, case, args.repeats)
-            dense.HOST_INVERSE_MIN = saved
-            for label, run in (
-                ("lmmjax A^-1 in XLA (first fit)", runs[0]),
-                (
-                    "lmmjax A^-1 in XLA (compiled)",
-                    min(runs[1:] or runs, key=lambda r: r["seconds"]),
-                ),
-            ):
-                rows.append((name, label, run["seconds"], run["compile"], lme4_s,
-                             run["objective"], f"{run['fevals']} evals"))  # fmt: skip
         if args.float32:
             lmmjax.set_precision("float32")
             run = min(time_lmmjax(data, case, 2)[1:], key=lambda r: r["seconds"])

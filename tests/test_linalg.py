@@ -29,7 +29,6 @@ from lmmjax.linalg import (
     eigen_precompute,
     factorize,
     gls_gram,
-    host_inverse,
     lapack_blocks,
     linear_predictor,
     logdet,
@@ -436,13 +435,10 @@ def test_logdet_quad_gradient_matches_autodiff_through_cholesky(rng, q):
         return 0.7 * 2.0 * jnp.sum(jnp.log(jnp.diag(L))) + jnp.sum(weights * (W.T @ W))
 
     assert float(custom(A, R)) == pytest.approx(float(plain(A, R)), rel=1e-12)
-    with host_inverse():  # A^{-1} by LAPACK's potri on the host, traced inside jit
-        on_host = jax.jit(jax.grad(custom, (0, 1)))(A, R)
-    for ours, host, ref in zip(
-        jax.grad(custom, (0, 1))(A, R), on_host, jax.grad(plain, (0, 1))(A, R), strict=True
+    for ours, ref in zip(
+        jax.grad(custom, (0, 1))(A, R), jax.grad(plain, (0, 1))(A, R), strict=True
     ):
         np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(host, ref, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("d", [1, 2, 3, 4, 5])
@@ -569,27 +565,3 @@ def test_small_system_matches_dense(case):
         got = float(profiled_objective(theta, xy[0], xy[1], reml))
         expected = dense_objective(Z, Lam, X, case["y"], reml)
         assert got == pytest.approx(expected, rel=RTOL)
-
-
-def test_host_inverse_gives_the_same_reml_fit_and_draws(monkeypatch):
-    """LAPACK's potri on the host, forced on for a small crossed model: same fit, same draws."""
-    import lmmjax
-    from lmmjax.datasets import load_data
-    from lmmjax.linalg import dense, small
-
-    data = load_data("bundled:Penicillin")
-    formula = "diameter ~ 1 + (1 | plate) + (1 | sample)"
-    monkeypatch.setattr(small, "MAX_Q", -1)  # the blocked path, which has a dense block
-    nuts = dict(method="nuts", marginalize="all", num_chains=2, num_warmup=30, num_samples=20,
-                progress_bar=False, seed=3)  # fmt: skip
-    before = lmmjax.lmm(formula, data), lmmjax.lmm(formula, data, **nuts)
-    monkeypatch.setattr(dense, "HOST_INVERSE_MIN", 1)
-    calls, potri = [], dense._potri
-    monkeypatch.setattr(dense, "_potri", lambda L: calls.append(1) or potri(L))
-    after = lmmjax.lmm(formula, data), lmmjax.lmm(formula, data, **nuts)
-    assert len(calls) > 20  # every gradient of the fit and of the sampler went to the host
-    assert after[0].objective == pytest.approx(before[0].objective, abs=1e-9)
-    np.testing.assert_allclose(after[0].theta, before[0].theta, rtol=1e-6)
-    for name in ("beta", "sigma"):
-        np.testing.assert_allclose(after[1].idata.posterior[name], before[1].idata.posterior[name],
-                                   rtol=1e-7)  # fmt: skip

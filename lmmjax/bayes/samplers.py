@@ -31,7 +31,6 @@ from numpyro.infer.util import constrain_fn, potential_energy
 from lmmjax.bayes.auto import gradient_seconds
 from lmmjax.bayes.model import BayesModel, BayesSpec, lmm_model, user_beta
 from lmmjax.cache import compile_seconds, compiled
-from lmmjax.linalg import host_inverse, host_inverse_pays
 from lmmjax.options import NutsOptions
 
 __all__ = ["Draws", "run_sampler"]
@@ -174,7 +173,7 @@ def _nuts_state_shapes(init_params, keys, *, num_warmup, target, depth, dense):
 
 
 def _nuts_run(state, starts, keys, start, n, data, *, spec, num_warmup, target, depth,
-              dense, buffer, host=False):  # fmt: skip
+              dense, buffer):  # fmt: skip
     """``n`` NUTS transitions of every chain, from ``starts`` when ``start``.
 
     ``starts`` holds the chains' initial positions and inverse mass matrices.
@@ -182,16 +181,7 @@ def _nuts_run(state, starts, keys, start, n, data, *, spec, num_warmup, target, 
     ``n`` and ``start`` are traced, so one program serves initialisation,
     warm-up, sampling and every progress-bar chunk; the first ``min(n,
     buffer)`` positions and statistics are written into arrays of ``buffer`` steps.
-    ``host``: the gradient's inverse of a large dense Schur block by LAPACK on
-    the host (:func:`lmmjax.linalg.host_inverse`).
     """
-    with host_inverse(host):
-        return _nuts_loop(state, starts, keys, start, n, data, spec=spec, num_warmup=num_warmup,
-                          target=target, depth=depth, dense=dense, buffer=buffer)  # fmt: skip
-
-
-def _nuts_loop(state, starts, keys, start, n, data, *, spec, num_warmup, target, depth,
-               dense, buffer):  # fmt: skip
     opts = dict(num_warmup=num_warmup, target=target, depth=depth, dense=dense)
     init, sample_kernel = _nuts_kernels(spec, data, **opts)
     positions, inverse_mass = starts
@@ -273,13 +263,12 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
         state = jax.device_put(state, _chain_sharding())
     started = [False]
     quick = quick_compile(bm, s)
-    host = s.chain_method != "sharded" and host_inverse_pays(data.struct)
 
     def advance(state, n):
         flag = jnp.asarray(not started[0])
         started[0] = True
         run, _ = compiled(_nuts_run, state, starts, ckeys, flag, jnp.asarray(n), data,
-                          buffer=buffer, quick=quick, host=host, **opts)  # fmt: skip
+                          buffer=buffer, quick=quick, **opts)  # fmt: skip
         return run(state, starts, ckeys, flag, jnp.asarray(n), data)
 
     with _Phase() as warm:

@@ -19,11 +19,10 @@ from lmmjax.linalg.blocked import (
     factor_entries,
     factorize,
     gls_gram,
-    host_inverse_pays,
     logdet,
     make_lambdas,
 )
-from lmmjax.linalg.dense import cholesky, host_inverse, lapack_blocks, logdet_quad, tri_solve
+from lmmjax.linalg.dense import cholesky, lapack_blocks, logdet_quad, tri_solve
 from lmmjax.linalg.eigen import (
     EigenSystem,
     Rotated,
@@ -78,8 +77,6 @@ __all__ = [
     "factor_entries",
     "factorize",
     "gls_gram",
-    "host_inverse",
-    "host_inverse_pays",
     "lapack_blocks",
     "linear_predictor",
     "logdet",

@@ -34,7 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lmmjax.linalg import dense
 from lmmjax.linalg.dense import cholesky, logdet_quad, tri_solve
 from lmmjax.linalg.products import CrossProducts
 from lmmjax.linalg.small import (
@@ -435,16 +434,6 @@ def _inverse_diag_blocks(struct: Structure, factor: Factor, chunk: int) -> list[
         blocks = lax.map(solve_chunk, starts).reshape(-1, t.d, t.d)
         out.append(blocks[: t.nlevels])
     return out
-
-
-def host_inverse_pays(struct) -> bool:
-    """Whether first-order programs on ``struct`` should trace under :func:`host_inverse`.
-
-    For blocked structures whose dense Schur block has at least
-    ``dense.HOST_INVERSE_MIN`` rows (InstEval's 1156), on a CPU.
-    """
-    return (isinstance(struct, Structure) and struct.layout.has_rest and jax.default_backend()
-            == "cpu" and struct.layout.q_rest >= dense.HOST_INVERSE_MIN)  # fmt: skip
 
 
 def factor_entries(struct: Structure) -> int:

@@ -16,8 +16,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import scipy.linalg
 from jax import lax
 
 # Matrices up to this size are factored and solved by unrolled elementwise code. Larger
@@ -112,69 +110,29 @@ def logdet_quad(A: jax.Array, R: jax.Array) -> tuple[jax.Array, jax.Array]:
     logdet : scalar
     Q : array (k, k)
     """
-    # The switches are arguments of the custom rule, not globals read inside it: JAX keeps
-    # the traces of a custom_vjp's rules, and would reuse one traced under other settings
-    return _logdet_quad(A, R, _UNROLL[-1], _HOST[-1])
+    # The switch is an argument of the custom rule, not a global read inside it: JAX keeps
+    # the traces of a custom_vjp's rules, and would reuse one traced under the other setting
+    return _logdet_quad(A, R, _UNROLL[-1])
 
 
-def _forward(A, R, unroll, host):
+def _forward(A, R, unroll):
     with _pushed(_UNROLL, unroll):
         L = cholesky(A)
         W = tri_solve(L, R)
     return (2.0 * jnp.sum(jnp.log(jnp.diagonal(L))), W.T @ W), (L, W)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _logdet_quad(A, R, unroll, host):
-    return _forward(A, R, unroll, host)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _logdet_quad(A, R, unroll):
+    return _forward(A, R, unroll)[0]
 
 
-_HOST = [False]  # the innermost host_inverse() context: potri on the host for A^{-1}
-# Dense blocks from this size pay for the host call (see host_inverse_pays): a third of the
-# time of two triangular solves, but a program holding a host callback is neither exported
-# nor kept in JAX's persistent cache, so small blocks keep the solves
-HOST_INVERSE_MIN = 1000
-
-
-def host_inverse(on: bool = True):
-    """Trace :func:`logdet_quad`'s gradient with LAPACK's ``potri`` on the host for ``A^{-1}``.
-
-    On a CPU, two triangular solves against the identity cost about three
-    times LAPACK's ``potri``, which uses the triangular structure: for
-    InstEval's 1156 x 1156 block 157 ms against 45 ms, most of a gradient
-    evaluation. The host call is a :func:`jax.pure_callback`, so a program
-    traced inside this context cannot be differentiated again nor exported:
-    only first-order optimisers of large problems use it (``reml.optimize``).
-    Elsewhere, and on other backends, the solves run as before.
-    """
-    return _pushed(_HOST, on)
-
-
-def _potri(L: np.ndarray) -> np.ndarray:
-    """``(L L')^{-1}`` from the lower Cholesky factor, by LAPACK on the host."""
-    L = np.asarray(L)
-    potri = scipy.linalg.lapack.dpotri if L.dtype == np.float64 else scipy.linalg.lapack.spotri
-    inv, info = potri(L, lower=1)
-    if info != 0:
-        return np.full_like(L, np.nan)
-    low = np.tril(inv)
-    return low + np.tril(low, -1).T
-
-
-def cholesky_inverse(L: jax.Array) -> jax.Array:
-    """``A^{-1}`` from the lower Cholesky factor ``L`` of ``A`` (q x q), for gradients."""
-    if _HOST[-1] and L.ndim == 2 and jax.default_backend() == "cpu":
-        shape = jax.ShapeDtypeStruct(L.shape, L.dtype)
-        return jax.pure_callback(_potri, shape, L, vmap_method="sequential")
-    eye = jnp.eye(L.shape[0], dtype=L.dtype)
-    return tri_solve(L, tri_solve(L, eye), transpose=True)
-
-
-def _backward(unroll, host, res, cotangents):
+def _backward(unroll, res, cotangents):
     L, W = res
     ld_bar, Q_bar = cotangents
-    with _pushed(_UNROLL, unroll), _pushed(_HOST, host):
-        A_inv = cholesky_inverse(L)
+    with _pushed(_UNROLL, unroll):
+        eye = jnp.eye(L.shape[0], dtype=L.dtype)
+        A_inv = tri_solve(L, tri_solve(L, eye), transpose=True)
         A_inv_R = tri_solve(L, W, transpose=True)
     Q_sym = 0.5 * (Q_bar + Q_bar.T)
     A_bar = ld_bar * A_inv - A_inv_R @ Q_sym @ A_inv_R.T

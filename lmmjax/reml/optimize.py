@@ -30,13 +30,7 @@ import numpy as np
 import scipy.optimize
 
 from lmmjax.cache import compiled
-from lmmjax.linalg import (
-    CrossProducts,
-    SmallLayout,
-    Structure,
-    host_inverse,
-    host_inverse_pays,
-)
+from lmmjax.linalg import CrossProducts, SmallLayout, Structure
 from lmmjax.options import RemlOptions
 from lmmjax.reml.objective import Estimates, estimates, padded, profiled_objective
 
@@ -134,8 +128,7 @@ def _lbfgs(evaluate: _Evaluations, theta0: np.ndarray, maxiter: int, gtol: float
     return theta, value, grad, int(res.nit)
 
 
-def lbfgs_loop(theta0, struct: Structure, xp: CrossProducts, scale, maxiter, gtol, reml: bool,
-               host: bool = False):  # fmt: skip
+def lbfgs_loop(theta0, struct: Structure, xp: CrossProducts, scale, maxiter, gtol, reml: bool):
     """optax L-BFGS (zoom line search) in one compiled ``while_loop``, then the estimates.
 
     For large problems, where an evaluation costs far more than compiling the
@@ -143,19 +136,10 @@ def lbfgs_loop(theta0, struct: Structure, xp: CrossProducts, scale, maxiter, gto
     for the bootstrap's vmapped refits. Runs in ``phi = theta * scale`` and
     stops on the same criterion as :func:`_lbfgs`.
 
-    ``host`` traces the gradient's ``A^{-1}`` as LAPACK's ``potri`` on the host
-    (:func:`lmmjax.linalg.host_inverse`); the program then cannot be differentiated
-    again.
-
     Returns
     -------
     theta, value, grad (with respect to theta), iterations, Estimates
     """
-    with host_inverse(host):
-        return _lbfgs_loop(theta0, struct, xp, scale, maxiter, gtol, reml)
-
-
-def _lbfgs_loop(theta0, struct, xp, scale, maxiter, gtol, reml):
     import optax  # only here: small fits never run this loop, and skip the import
 
     fun = lambda phi: profiled_objective(phi / scale, struct, xp, reml)  # noqa: E731
@@ -184,15 +168,14 @@ def _lbfgs_loop(theta0, struct, xp, scale, maxiter, gtol, reml):
     return theta, value, grad, it, estimates(theta, struct, xp, reml)
 
 
-def _evaluate(theta, struct, xp, with_estimates, reml, host=False):
+def _evaluate(theta, struct, xp, with_estimates, reml):
     """Value and gradient of the objective, and the estimates when ``with_estimates``.
 
     One program for the whole fit: the estimates branch runs once, at the end,
     and sharing the program saves compiling a second one (0.36 of 1.66 s for
-    sleepstudy). ``host`` as in :func:`lbfgs_loop`.
+    sleepstudy).
     """
-    with host_inverse(host):
-        value, grad = jax.value_and_grad(profiled_objective)(theta, struct, xp, reml)
+    value, grad = jax.value_and_grad(profiled_objective)(theta, struct, xp, reml)
     shape = jax.eval_shape(lambda t: estimates(t, struct, xp, reml), theta)
     est = jax.lax.cond(
         with_estimates,
@@ -218,13 +201,11 @@ class _Objective:
         self.compile_seconds = 0.0
         # small problems: compile without LLVM optimisation, run time is negligible there
         self.quick = struct.q <= QUICK_MAX_Q
-        self.host = host_inverse_pays(struct)  # A^{-1} by LAPACK's potri on the host
 
     def _run(self, theta, with_estimates: bool):
         th = np.asarray(padded(self.padding, theta), self.dtype)  # no device_put: a copy
         flag = np.asarray(with_estimates)
-        run, seconds = compiled(_evaluate, th, *self.args, flag, quick=self.quick, reml=self.reml,
-                                host=self.host)  # fmt: skip
+        run, seconds = compiled(_evaluate, th, *self.args, flag, quick=self.quick, reml=self.reml)
         self.compile_seconds += seconds
         return run(th, *self.args, flag)
 
@@ -364,7 +345,7 @@ def optimize_theta(
 
         def minimise(start):
             th = jnp.asarray(start, dtype)
-            run, seconds = compiled(lbfgs_loop, th, *args, reml=reml, host=f.host)
+            run, seconds = compiled(lbfgs_loop, th, *args, reml=reml)
             f.compile_seconds += seconds
             theta, value, grad, it, est = run(th, *args)
             evaluate.count += int(it) + 1
