@@ -25,7 +25,6 @@ from lmmjax.linalg.blocked import (
 from lmmjax.linalg.dense import cholesky, lapack_blocks, logdet_quad, tri_solve
 from lmmjax.linalg.eigen import (
     EigenSystem,
-    Rotated,
     eigen_gls_gram,
     eigen_moments,
     eigen_precompute,
@@ -33,12 +32,13 @@ from lmmjax.linalg.eigen import (
 from lmmjax.linalg.products import (
     ColumnMap,
     CrossProducts,
+    DenseProducts,
     column_map,
     cross_products,
     linear_predictor,
     z_times,
 )
-from lmmjax.linalg.small import SmallLayout, SmallProducts, SmallSystem, small_system
+from lmmjax.linalg.small import SmallLayout, SmallSystem, small_system
 from lmmjax.linalg.structure import (
     Structure,
     build_structure,
@@ -57,12 +57,11 @@ __all__ = [
     "term_layouts",
     "ColumnMap",
     "CrossProducts",
+    "DenseProducts",
     "EigenSystem",
     "Factor",
     "Moments",
-    "Rotated",
     "SmallLayout",
-    "SmallProducts",
     "SmallSystem",
     "Structure",
     "build_structure",

@@ -24,24 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmmjax.linalg.blocked import Moments, effects, lambda_t, to_blocked
-from lmmjax.linalg.products import CrossProducts, residual_coef
+from lmmjax.linalg.products import CrossProducts, DenseProducts
 from lmmjax.linalg.structure import Structure, dense_gram
-
-
-class Rotated(NamedTuple):
-    """``c = Q' T' Z' M`` (q, k) and ``M' M`` (k, k) for dense columns ``M``."""
-
-    c: jax.Array
-    gram: jax.Array
-
-    def combine(self, coef: jax.Array) -> Rotated:
-        """The rotated products of the single column ``M coef``."""
-        k = coef[:, None]
-        return Rotated(self.c @ k, k.T @ self.gram @ k)
-
-    def residual(self, beta: jax.Array) -> Rotated:
-        """For ``M = [X y]``: the rotated products of the residual ``y - X beta``."""
-        return self.combine(residual_coef(beta))
 
 
 class EigenSystem(NamedTuple):
@@ -56,14 +40,15 @@ class EigenSystem(NamedTuple):
         Eigenvalues (clipped at zero).
     T : tuple of arrays (d_l, d_l)
         Each term's constant covariance factor.
-    products : Rotated
-        Of the columns given to :func:`eigen_precompute`.
+    products : DenseProducts
+        Of the columns ``M`` given to :func:`eigen_precompute`, rotated: ``zt``
+        holds ``Q' T' Z' M``.
     """
 
     Qt: jax.Array
     lam: jax.Array
     T: tuple
-    products: Rotated
+    products: DenseProducts
 
 
 def _t_sandwich(G: np.ndarray, struct: Structure, factors) -> np.ndarray:
@@ -104,27 +89,27 @@ def eigen_precompute(struct: Structure, factors, xp: CrossProducts) -> EigenSyst
         jnp.asarray(Qt, dtype=dtype),
         jnp.asarray(np.clip(lam, 0.0, None), dtype=dtype),
         T,
-        Rotated(jnp.asarray(Qt @ tz, dtype=dtype), jnp.asarray(xp.gram, dtype=dtype)),
+        DenseProducts(jnp.asarray(Qt @ tz, dtype=dtype), jnp.asarray(xp.gram, dtype=dtype)),
     )
 
 
-def eigen_gls_gram(eig: EigenSystem, rho, rot: Rotated):
+def eigen_gls_gram(eig: EigenSystem, rho, rot: DenseProducts):
     """``log|V|`` and ``M' V^{-1} M`` for ``V = I + rho^2 Z T T' Z'``, in O(q k^2).
 
     Same values as :func:`lmmjax.linalg.gls_gram` with ``Lambda_l = rho T_l``.
     """
     s = rho**2 * eig.lam
-    quad = rho**2 * (rot.c.T / (1.0 + s)) @ rot.c
+    quad = rho**2 * (rot.zt.T / (1.0 + s)) @ rot.zt
     return jnp.sum(jnp.log1p(s)), rot.gram - quad
 
 
-def eigen_moments(struct: Structure, eig: EigenSystem, rho, rot: Rotated, sigma, *,
+def eigen_moments(struct: Structure, eig: EigenSystem, rho, rot: DenseProducts, sigma, *,
                   key: jax.Array | None = None) -> Moments:  # fmt: skip
     """Conditional mean (and a draw) of the effects, as :func:`lmmjax.linalg.conditional_moments`.
 
     ``u | y ~ N(rho A^{-1} T' Z' r, sigma^2 A^{-1})``: one pass over ``Q`` each.
     """
-    c = rot.c[:, 0]
+    c = rot.zt[:, 0]
     s = 1.0 + rho**2 * eig.lam
     lambdas = tuple(rho * t for t in eig.T)
 

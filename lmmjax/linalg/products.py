@@ -46,6 +46,27 @@ class CrossProducts(NamedTuple):
         return self.combine(residual_coef(beta))
 
 
+class DenseProducts(NamedTuple):
+    """``Z' M`` held as one dense (q, k) array (or a rotation of it) and ``M' M`` (k, k).
+
+    The cross products of a small model's padded dense system
+    (:mod:`lmmjax.linalg.small`) and the rotated ones of the eigen fast path
+    (:mod:`lmmjax.linalg.eigen`), where :class:`CrossProducts` holds them blocked.
+    """
+
+    zt: jax.Array
+    gram: jax.Array
+
+    def combine(self, coef: jax.Array) -> DenseProducts:
+        """The products of the single column ``M coef``."""
+        c = coef[:, None]
+        return DenseProducts(self.zt @ c, c.T @ self.gram @ c)
+
+    def residual(self, beta: jax.Array) -> DenseProducts:
+        """For ``M = [X y]``: the products of the residual ``y - X beta``."""
+        return self.combine(residual_coef(beta))
+
+
 def residual_coef(beta: jax.Array) -> jax.Array:
     """``[-beta; 1]``, so that ``[X y] @ coef = y - X beta``."""
     beta = jnp.asarray(beta)

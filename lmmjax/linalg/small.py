@@ -37,12 +37,11 @@ import numpy as np
 import scipy.sparse
 
 from lmmjax.linalg.dense import cholesky, logdet_quad, tri_solve
-from lmmjax.linalg.products import residual_coef
+from lmmjax.linalg.products import DenseProducts
 
 __all__ = [
     "MAX_Q",
     "SmallLayout",
-    "SmallProducts",
     "SmallSystem",
     "small_gls_gram",
     "small_cov",
@@ -94,22 +93,6 @@ class SmallSystem(NamedTuple):
     def q(self) -> int:
         """The padded number of random effects ``Q`` (static)."""
         return self.ZtZ.shape[0]
-
-
-class SmallProducts(NamedTuple):
-    """``Z' M`` (Q, k) and ``M' M`` (k, k) of dense columns ``M``."""
-
-    zt: jax.Array
-    gram: jax.Array
-
-    def combine(self, coef: jax.Array) -> SmallProducts:
-        """The cross products of the single column ``M coef``."""
-        c = coef[:, None]
-        return SmallProducts(self.zt @ c, c.T @ self.gram @ c)
-
-    def residual(self, beta: jax.Array) -> SmallProducts:
-        """For ``M = [X y]``: the cross products of ``y - X beta``."""
-        return self.combine(residual_coef(beta))
 
 
 @dataclass(frozen=True)
@@ -193,7 +176,7 @@ def small_system(terms, M: np.ndarray, dtype, *, pad_fixed: bool = False):
 
     Returns
     -------
-    (SmallSystem, SmallProducts, SmallLayout) or None
+    (SmallSystem, DenseProducts, SmallLayout) or None
     """
     if sum(t.q for t in terms) > MAX_Q:
         return None
@@ -229,7 +212,7 @@ def small_system(terms, M: np.ndarray, dtype, *, pad_fixed: bool = False):
         jnp.asarray(float(M.shape[0]), dtype),
         jnp.asarray(float(k - 1), dtype),
     )
-    products = SmallProducts(jnp.asarray(ZtM, dtype), jnp.asarray(MtM, dtype))
+    products = DenseProducts(jnp.asarray(ZtM, dtype), jnp.asarray(MtM, dtype))
     return system, products, SmallLayout(nth, T, tuple(spans), k - 1)
 
 
@@ -244,7 +227,7 @@ def _a_matrix(system: SmallSystem, lam: jax.Array) -> jax.Array:
     return lam.T @ system.ZtZ @ lam + jnp.eye(system.q, dtype=lam.dtype)
 
 
-def small_gls_gram(system: SmallSystem, lam: jax.Array, xp: SmallProducts):
+def small_gls_gram(system: SmallSystem, lam: jax.Array, xp: DenseProducts):
     """``log|V|`` and ``M' V^{-1} M`` with ``V = I + Z Lambda Lambda' Z'``.
 
     Through ``A = Lambda' Z'Z Lambda + I``: ``log|V| = log|A|`` and
@@ -261,7 +244,7 @@ def small_cov(system: SmallSystem, lam: jax.Array) -> jax.Array:
     return W.T @ W
 
 
-def small_mean(system: SmallSystem, lam: jax.Array, xp: SmallProducts) -> jax.Array:
+def small_mean(system: SmallSystem, lam: jax.Array, xp: DenseProducts) -> jax.Array:
     """Conditional mean ``Lambda A^{-1} Lambda' Z' r`` (Q,) of the single column ``r`` of ``xp``."""
     L = cholesky(_a_matrix(system, lam))
     u = tri_solve(L, tri_solve(L, lam.T @ xp.zt), transpose=True)

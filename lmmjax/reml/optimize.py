@@ -311,7 +311,7 @@ def optimize_theta(
     ----------
     struct : Structure or SmallSystem
         The Z-only blocked system, or a small model's padded dense one.
-    xp : CrossProducts or SmallProducts
+    xp : CrossProducts or DenseProducts
         Cross products of ``[X y]``.
     terms : sequence of Term
         The random-effect terms (theta's layout).

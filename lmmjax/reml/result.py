@@ -75,7 +75,7 @@ class LmmFit:
 
         ``blocked`` is the model's ``(Structure, CrossProducts)`` when the fit
         built them (they are built on first use otherwise), ``small`` its
-        ``(SmallSystem, SmallProducts, SmallLayout)`` when it has one.
+        ``(SmallSystem, DenseProducts, SmallLayout)`` when it has one.
         """
         est = jax.tree.map(np.asarray, estimates)
         struct, xp = blocked
