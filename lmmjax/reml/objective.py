@@ -158,10 +158,10 @@ def least_squares_shift(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.column_stack([X, M[:, -1] - X @ b0]), b0
 
 
-def _fit_columns(model) -> tuple[list, np.ndarray, float, np.ndarray]:
-    """:func:`weighted_problem`, with y shifted by least squares in float32 (``b0`` else 0)."""
+def _columns(model, for_fit: bool) -> tuple[list, np.ndarray, float, np.ndarray]:
+    """:func:`weighted_problem` and ``b0``: y shifted by least squares for a float32 fit, else 0."""
     terms, M, shift = weighted_problem(model)
-    if np.dtype(float_dtype()) == np.float32:
+    if for_fit and np.dtype(float_dtype()) == np.float32:
         M, b0 = least_squares_shift(M)
         return terms, M, shift, b0
     return terms, M, shift, np.zeros(M.shape[1] - 1)
@@ -182,11 +182,7 @@ def blocked_problem(model, *, for_fit: bool = False):
     if getattr(model, "sufficient", None) is not None:
         struct, xp = model.sufficient
         return struct, xp, 0.0, np.zeros(xp.gram.shape[0] - 1)
-    if for_fit:
-        terms, M, shift, b0 = _fit_columns(model)
-    else:
-        terms, M, shift = weighted_problem(model)
-        b0 = np.zeros(M.shape[1] - 1)
+    terms, M, shift, b0 = _columns(model, for_fit)
     struct = build_structure(terms, dtype=float_dtype())
     M = jnp.asarray(M, dtype=struct.dtype)
     products, _ = compiled(cross_products, struct, M)  # one program, not one per operation
@@ -209,7 +205,7 @@ def small_problem(model):
     """
     if getattr(model, "sufficient", None) is not None:
         return None
-    terms, M, shift, b0 = _fit_columns(model)
+    terms, M, shift, b0 = _columns(model, for_fit=True)
     system = small_system(terms, M, float_dtype(), pad_fixed=True)
     return None if system is None else (*system, shift, b0)
 

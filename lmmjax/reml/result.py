@@ -348,14 +348,15 @@ class LmmFit:
         z = [np.asarray(zl, dtype=float) for zl in terms_z]
         return np.asarray(z_times(refs, z, [np.asarray(b) for b in self.b], unseen=True))
 
+    def _fixed_part(self) -> np.ndarray:
+        """``offset + X beta`` on the fit's rows."""
+        m = self.model
+        return (0.0 if m.offset is None else m.offset) + m.X @ self.beta
+
     def _fitted_values(self) -> np.ndarray:
         m = self.model
-        known = 0.0 if m.offset is None else m.offset
-        return (
-            known
-            + m.X @ self.beta
-            + self._random_part([t.z for t in m.terms], [t.refs for t in m.terms])
-        )
+        return self._fixed_part() + self._random_part([t.z for t in m.terms],
+                                                      [t.refs for t in m.terms])  # fmt: skip
 
     def fitted(self) -> pd.Series:
         """Fitted values ``offset + X beta + Z b`` at the conditional modes.
@@ -394,10 +395,7 @@ class LmmFit:
             False for population-level predictions (fixed effects only).
         """
         if newdata is None:  # the fit's rows (those without missing values)
-            if re_form:
-                return self._fitted_values()
-            offset = 0.0 if self.model.offset is None else self.model.offset
-            return offset + self.model.X @ self.beta
+            return self._fitted_values() if re_form else self._fixed_part()
         new = self.model.new_design(newdata, random=re_form, allow_new_levels=allow_new_levels)
         out = np.full(len(new.complete), np.nan)
         if not new.complete.any():
