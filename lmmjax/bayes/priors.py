@@ -433,8 +433,8 @@ def _stan_spec(text: str, key: str, scale_class: bool) -> dict:
     return spec if df is None else {**spec, "df": df}
 
 
-def _stan_or_mapping_family(spec) -> str:
-    """The family an override names (its ``dist``), or '' when it keeps the default's."""
+def _override_family(spec) -> str:
+    """The family an override mapping names (its ``dist``), or '' when it keeps the default's."""
     return str(spec.get("dist", spec.get("family", ""))) if isinstance(spec, Mapping) else ""
 
 
@@ -518,7 +518,7 @@ def resolve_priors(
             new = _override(beta, spec, full, _LOCATION_FAMILIES)
             own = overrides.get(prefix + "beta[(Intercept)]")
             if intercept and new.family != beta.family:
-                fam = own and _family_name(_stan_or_mapping_family(own[1]))
+                fam = own and _family_name(_override_family(own[1]))
                 if fam != new.family:
                     raise LmmInputError(
                         f"prior {full!r}: class b is every coefficient but the Intercept, "
