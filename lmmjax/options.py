@@ -227,10 +227,14 @@ class NutsOptions(Options):
         header and the JSON's ``marginalize`` and ``marginalize_auto``).
     num_warmup, num_samples, num_chains : int
         Warm-up draws, kept draws per chain, and number of chains.
-    chain_method : {"vectorized", "sharded"}
-        Chains vectorised on one device, or placed along a mesh of all local
-        devices with ``jax.sharding`` (the number of chains a multiple of the
-        device count; the same draws as vectorised, up to rounding).
+    chain_method : {"auto", "parallel", "vectorized", "sharded"}
+        How the chains run. "parallel": each chain is its own program, as many
+        at once as there are CPU cores (threads); "vectorized": all chains in
+        one vectorised program; "sharded": vectorised and placed along a mesh
+        of all local devices with ``jax.sharding`` (the number of chains a
+        multiple of the device count). "auto" (default) is "parallel" on a CPU
+        and "vectorized" on an accelerator. Each chain draws the same numbers
+        whichever the method, up to rounding.
     target_accept : float
         Target acceptance probability of step-size adaptation (0 < x < 1).
     max_tree_depth : int
@@ -280,7 +284,7 @@ class NutsOptions(Options):
     num_warmup: int = Field(1000, ge=0, strict=True)
     num_samples: int = Field(1000, gt=0, strict=True)
     num_chains: int = Field(4, gt=0, strict=True)
-    chain_method: Literal["vectorized", "sharded"] = "vectorized"
+    chain_method: Literal["auto", "parallel", "vectorized", "sharded"] = "auto"
     target_accept: float = Field(0.8, gt=0, lt=1)
     max_tree_depth: int = Field(10, gt=0, strict=True)
     dense_mass: StrictBool = False

@@ -55,10 +55,22 @@ def _row_sigma(bm, samples: dict) -> np.ndarray:
     model, spec = bm.model, bm.spec
     built = model.submodels["sigma"]
     eta = np.einsum("np,cdp->cdn", built.X, samples["beta_sigma"])
-    for t, name in zip(built.terms, spec.sigma_model.names, strict=True):
-        r = np.asarray(samples[f"r_sigma_{name}"])
-        eta = eta + np.sum(t.z[None, None] * r[:, :, t.refs, :], axis=-1)
+    _add_effects(eta, built.terms, [samples[f"r_sigma_{n}"] for n in spec.sigma_model.names])
     return np.exp(eta)
+
+
+def _add_effects(out: np.ndarray, terms, effects) -> None:
+    """``out += sum_l Z_l b_l`` per draw, in place.
+
+    ``out`` is (chains, draws, N) and each ``b_l`` (chains, draws, M_l, d_l).
+
+    One (chains, draws, N) gather per column of each term: dillonE1's 4,000
+    draws of two slopes took 1.7 s as a gather of whole (M, d) rows.
+    """
+    for t, b in zip(terms, effects, strict=True):
+        b = np.asarray(b)
+        for k in range(t.d):
+            out += t.z[:, k] * np.take(b[..., k], t.refs, axis=-1)
 
 
 def pointwise(bm, samples: dict, effects, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -78,8 +90,7 @@ def pointwise(bm, samples: dict, effects, seed: int) -> tuple[np.ndarray, np.nda
     y = np.asarray(model.y, dtype=float)
     y_mod = np.log(y) if spec.likelihood == "lognormal" else y
     mu = np.einsum("np,cdp->cdn", model.X, samples["beta"])
-    for t, b in zip(model.terms, effects, strict=True):
-        mu = mu + np.sum(t.z[None, None] * np.asarray(b)[:, :, t.refs, :], axis=-1)
+    _add_effects(mu, model.terms, effects)
     if spec.sigma_model is None:
         sigma = np.asarray(samples["sigma"])[..., None]
     else:

@@ -19,7 +19,10 @@ halved the compile (20.4 -> 10.2 s) and doubled the per-gradient cost (0.09 ->
 from __future__ import annotations
 
 import math
+import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -150,7 +153,7 @@ def _inverse_mass(bm: BayesModel, num_chains: int, dense: bool) -> jax.Array:
     return jnp.broadcast_to(flat, (num_chains, *flat.shape))
 
 
-def _nuts_state_shapes(init_params, keys, *, num_warmup, target, depth, dense):
+def _nuts_state_shapes(init_params, keys, *, num_warmup, target, depth, dense, vectorize):
     """Shapes and dtypes of the chains' NUTS state, without tracing the potential.
 
     The state's structure depends on the positions' shapes alone, so NumPyro's
@@ -169,14 +172,17 @@ def _nuts_state_shapes(init_params, keys, *, num_warmup, target, depth, dense):
         return init_kernel(z, num_warmup, target_accept_prob=target, dense_mass=dense,
                            max_tree_depth=depth, rng_key=key)  # fmt: skip
 
-    return jax.eval_shape(jax.vmap(init), init_params, keys)
+    return jax.eval_shape(jax.vmap(init) if vectorize else init, init_params, keys)
 
 
 def _nuts_run(state, starts, keys, start, n, data, *, spec, num_warmup, target, depth,
-              dense, buffer):  # fmt: skip
+              dense, buffer, vectorize=True):  # fmt: skip
     """``n`` NUTS transitions of every chain, from ``starts`` when ``start``.
 
-    ``starts`` holds the chains' initial positions and inverse mass matrices.
+    ``starts`` holds the chains' initial positions and inverse mass matrices;
+    with ``vectorize``, every array has a leading axis of chains, otherwise
+    the program runs one chain (a while loop over a batch of one chain costs
+    batching rules: tracing dillonE1's program took 5.7 s, 3.8 s of it in them).
 
     ``n`` and ``start`` are traced, so one program serves initialisation,
     warm-up, sampling and every progress-bar chunk; the first ``min(n,
@@ -185,10 +191,9 @@ def _nuts_run(state, starts, keys, start, n, data, *, spec, num_warmup, target, 
     opts = dict(num_warmup=num_warmup, target=target, depth=depth, dense=dense)
     init, sample_kernel = _nuts_kernels(spec, data, **opts)
     positions, inverse_mass = starts
-    state = jax.lax.cond(
-        start, lambda: jax.vmap(init)(positions, keys, inverse_mass), lambda: state
-    )
-    step = jax.vmap(lambda st: sample_kernel(st, model_args=(data,)))
+    over = jax.vmap if vectorize else (lambda f: f)
+    state = jax.lax.cond(start, lambda: over(init)(positions, keys, inverse_mass), lambda: state)
+    step = over(lambda st: sample_kernel(st, model_args=(data,)))
 
     def record(st):
         return (st.z, st.diverging, st.num_steps, st.adapt_state.step_size, st.accept_prob,
@@ -231,14 +236,63 @@ def _shard_chains(init, keys, data, num_chains: int):
             jax.device_put(data, replicated))  # fmt: skip
 
 
+def chain_lanes(num_chains: int, chain_method: str) -> list:
+    """The chains of each program run: one vectorised lane (an index array), or one per chain.
+
+    ``"auto"`` is ``"parallel"`` on a CPU and ``"vectorized"`` elsewhere. On a
+    CPU a vectorised batch of chains costs the sum of their gradients (the
+    dense factorisations are LAPACK calls, one per chain) and every iteration
+    waits for the chain with the longest trajectory, so chains run as
+    separate programs, one per core at a time: dillonE1 with both classes
+    marginalised, 500 gradients of one chain in 0.07 s, of two chains on two
+    threads in 0.07 s, of four vectorised chains in 0.30 s.
+    """
+    if chain_method == "auto":
+        chain_method = "parallel" if jax.default_backend() == "cpu" else "vectorized"
+    if chain_method == "parallel":
+        return list(range(num_chains))
+    return [np.arange(num_chains)]
+
+
+def _workers(lanes: int) -> int:
+    """Threads that run lanes at once: one per core this process may use."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(lanes, cores))
+
+
+def _over_lanes(fn, lanes: list) -> list:
+    """``[fn(lane) for lane in lanes]``, the lanes run on a pool of :func:`_workers` threads.
+
+    JAX releases the interpreter lock while a compiled program runs, so the
+    lanes' programs run side by side on the cores. The LAPACK that JAX calls
+    on a CPU (SciPy's OpenBLAS) is held to one thread meanwhile: its threads
+    fought the lanes' (dillonE1 as in :func:`chain_lanes`, 500 gradients of
+    two chains on two threads took 0.47-0.71 s with OpenBLAS's own two
+    threads, 0.15 s with one) and gain nothing on blocks this small.
+    """
+    from threadpoolctl import threadpool_limits
+
+    if len(lanes) == 1:
+        return [fn(lanes[0])]
+    with (
+        threadpool_limits(limits=1, user_api="blas"),
+        ThreadPoolExecutor(_workers(len(lanes))) as pool,
+    ):
+        return list(pool.map(fn, lanes))
+
+
 def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
-    """NumPyro's NUTS kernel with vectorised chains, driven by one compiled loop.
+    """NumPyro's NUTS kernel driven by one compiled loop, over lanes of chains.
 
     NumPyro's ``MCMC`` compiles one loop for warm-up and another for sampling
     and initialises chains with many small eager operations; on sleepstudy
     those compilations were most of a fit's time. Here the same kernels run in
     a loop whose length is an argument, so warm-up, sampling and every
-    progress-bar chunk share one program.
+    progress-bar chunk share one program; it is vectorised over the chains of
+    a lane (:func:`chain_lanes`), and every lane runs the same program.
     """
     from tqdm.auto import tqdm
 
@@ -249,46 +303,65 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
     ckeys = jax.random.split(keys["warmup"], s.num_chains)
     if s.chain_method == "sharded":
         starts, ckeys, data = _shard_chains(starts, ckeys, data, s.num_chains)
-        init = starts[0]
+    lanes = chain_lanes(s.num_chains, s.chain_method)
+    vectorize = not isinstance(lanes[0], int)
+    if vectorize:  # every chain in one lane (a sharded placement is kept)
+        lane_starts = [(starts, ckeys)]
+    else:
+        lane_starts = [jax.tree.map(lambda a, c=c: a[c], (starts, ckeys)) for c in lanes]
     opts = dict(spec=spec, num_warmup=s.num_warmup, target=s.target_accept,
                 depth=s.max_tree_depth, dense=s.dense_mass)  # fmt: skip
     warm_chunks = _chunks(s.num_warmup, s.progress_bar) if s.num_warmup else []
     sample_chunks = _chunks(s.num_samples, s.progress_bar)
     buffer = max([*warm_chunks, *sample_chunks])
-    bar = tqdm(total=s.num_warmup + s.num_samples, disable=not s.progress_bar, desc="warmup")
-    shapes = _nuts_state_shapes(init, ckeys, num_warmup=s.num_warmup, target=s.target_accept,
-                                depth=s.max_tree_depth, dense=s.dense_mass)  # fmt: skip
-    state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    bar = tqdm(
+        total=(s.num_warmup + s.num_samples) * s.num_chains,
+        unit="draw",
+        disable=not s.progress_bar,
+        desc="warmup",
+    )  # draws of all chains
+    lock = threading.Lock()
+    first_starts, first_keys = lane_starts[0]
+    shapes = _nuts_state_shapes(first_starts[0], first_keys, num_warmup=s.num_warmup,
+                                target=s.target_accept, depth=s.max_tree_depth,
+                                dense=s.dense_mass, vectorize=vectorize)  # fmt: skip
+    state0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
     if s.chain_method == "sharded":
-        state = jax.device_put(state, _chain_sharding())
-    started = [False]
+        state0 = jax.device_put(state0, _chain_sharding())
+    flag = jnp.asarray(True)
     quick = quick_compile(bm, s)
+    with _Phase() as warm:  # compiled here, once for every lane
+        run, _ = compiled(_nuts_run, state0, first_starts, first_keys, flag, jnp.asarray(1),
+                          data, buffer=buffer, quick=quick, vectorize=vectorize,
+                          **opts)  # fmt: skip
 
-    def advance(state, n):
-        flag = jnp.asarray(not started[0])
-        started[0] = True
-        run, _ = compiled(_nuts_run, state, starts, ckeys, flag, jnp.asarray(n), data,
-                          buffer=buffer, quick=quick, **opts)  # fmt: skip
-        return run(state, starts, ckeys, flag, jnp.asarray(n), data)
+        def advance(lane, chunks):
+            state, (lane_start, lane_keys), outs, steps = lane
+            for n in chunks:
+                first = jnp.asarray(state is None)
+                state, out = run(state0 if state is None else state, lane_start, lane_keys,
+                                 first, jnp.asarray(n), data)  # fmt: skip
+                out = jax.tree.map(lambda a, n=n: np.asarray(a[:n]), out)
+                outs.append(out)
+                steps += int(np.sum(out[2]))
+                with lock:
+                    bar.update(n * (len(lane_keys) if vectorize else 1))
+            return state, (lane_start, lane_keys), outs, steps
 
-    with _Phase() as warm:
-        warm_steps = 0
-        for n in warm_chunks:
-            state, out = advance(state, n)
-            warm_steps += int(np.sum(np.asarray(out[2])[:n]))
-            bar.update(n)
-        jax.block_until_ready(state)
+        state = [(None, st, [], 0) for st in lane_starts]
+        state = _over_lanes(lambda lane: advance(lane, warm_chunks), state)
+        warm_steps = sum(lane[3] for lane in state)
     bar.set_description("sample")
     with _Phase() as sample:
-        outs = []
-        for n in sample_chunks:
-            state, out = advance(state, n)
-            outs.append(jax.tree.map(lambda a, n=n: np.asarray(a[:n]), out))
-            bar.update(n)
+        state = [(st, ls, [], 0) for st, ls, _, _ in state]
+        state = _over_lanes(lambda lane: advance(lane, sample_chunks), state)
     bar.close()
-    positions, div, n_steps, eps, acc, energy, pe = jax.tree.map(
-        lambda *xs: np.swapaxes(np.concatenate(xs, axis=0), 0, 1), *outs
-    )  # (chains, draws, ...)
+    per_lane = [jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *lane[2]) for lane in state]
+    if vectorize:  # (draws, chains, ...) -> (chains, draws, ...)
+        out = jax.tree.map(lambda a: np.swapaxes(a, 0, 1), per_lane[0])
+    else:
+        out = jax.tree.map(lambda *xs: np.stack(xs), *per_lane)
+    positions, div, n_steps, eps, acc, energy, pe = out
     samples = _constrained_samples(positions, data, spec, quick)
     stats = {
         "diverging": np.asarray(div, dtype=bool),
@@ -314,7 +387,7 @@ def _logdensity(spec: BayesSpec, data):
     return lambda params: -potential_energy(model, (data,), {}, params)
 
 
-def _bj_warmup(keys, init, data, *, spec, num_steps, dense, target, depth):
+def _bj_warmup(keys, init, data, *, spec, num_steps, dense, target, depth, vectorize=True):
     import blackjax
     from blackjax.adaptation.base import get_filter_adapt_info_fn
 
@@ -330,10 +403,11 @@ def _bj_warmup(keys, init, data, *, spec, num_steps, dense, target, depth):
         steps = jnp.sum(info.info.num_integration_steps)
         return state, params["step_size"], params["inverse_mass_matrix"], steps
 
-    return jax.vmap(one)(keys, init)
+    return (jax.vmap(one) if vectorize else one)(keys, init)
 
 
-def _bj_sample(keys, states, step_size, inv_mass, data, *, spec, num_steps, depth):
+def _bj_sample(keys, states, step_size, inv_mass, data, *, spec, num_steps, depth,
+               vectorize=True):  # fmt: skip
     import blackjax
 
     logdensity = _logdensity(spec, data)
@@ -350,7 +424,7 @@ def _bj_sample(keys, states, step_size, inv_mass, data, *, spec, num_steps, dept
 
         return jax.lax.scan(body, state, jax.random.split(key, num_steps))
 
-    return jax.vmap(one)(keys, states, step_size, inv_mass)
+    return (jax.vmap(one) if vectorize else one)(keys, states, step_size, inv_mass)
 
 
 def _constrain_all(positions, data, spec):
@@ -383,36 +457,65 @@ def _chunks(n: int, progress: bool) -> list[int]:
 
 
 def run_blackjax(bm: BayesModel, s: NutsOptions) -> Draws:
-    """BlackJAX NUTS after Stan-style window adaptation, chains vectorised with vmap."""
+    """BlackJAX NUTS after Stan-style window adaptation, over the lanes of :func:`chain_lanes`."""
     from tqdm.auto import tqdm
 
     keys = _keys(s.seed)
     init = bm.init_params(keys["init"], s.num_chains)
     spec, data = bm.spec, bm.data
-    bar = tqdm(total=s.num_warmup + s.num_samples, disable=not s.progress_bar, desc="warmup")
+    bar = tqdm(total=(s.num_warmup + s.num_samples) * s.num_chains, unit="draw",
+               disable=not s.progress_bar, desc="warmup")  # fmt: skip
     wkeys = jax.random.split(keys["warmup"], s.num_chains)
+    lanes = chain_lanes(s.num_chains, s.chain_method)
+    vectorize = not isinstance(lanes[0], int)
+    width = len(lanes[0]) if vectorize else 1
+
+    def pick(tree, c):  # a lane's part of every chain's tree
+        return tree if vectorize else jax.tree.map(lambda a: a[c], tree)
+
     quick = quick_compile(bm, s)
+    opts = dict(spec=spec, depth=s.max_tree_depth, quick=quick, vectorize=vectorize)
+    lock = threading.Lock()
     with _Phase() as warm:
-        warmup, _ = compiled(
-            _bj_warmup, wkeys, init, data, spec=spec, num_steps=max(s.num_warmup, 1),
-            dense=s.dense_mass, target=s.target_accept, depth=s.max_tree_depth, quick=quick,
-        )  # fmt: skip
-        states, eps, imm, warm_steps = jax.block_until_ready(warmup(wkeys, init, data))
-    bar.update(s.num_warmup)
+        warmup, _ = compiled(_bj_warmup, pick(wkeys, lanes[0]), pick(init, lanes[0]), data,
+                             num_steps=max(s.num_warmup, 1), dense=s.dense_mass,
+                             target=s.target_accept, **opts)  # fmt: skip
+
+        def warm_lane(c):
+            out = jax.block_until_ready(warmup(pick(wkeys, c), pick(init, c), data))
+            with lock:
+                bar.update(s.num_warmup * width)
+            return out
+
+        adapted = _over_lanes(warm_lane, lanes)
     bar.set_description("sample")
     chunks = _chunks(s.num_samples, s.progress_bar)
     with _Phase() as sample:
-        step, _ = compiled(_bj_sample, wkeys, states, eps, imm, data, spec=spec,
-                           num_steps=chunks[0], depth=s.max_tree_depth, quick=quick)  # fmt: skip
-        outs = []
-        for i, n in enumerate(chunks):
-            ckeys = jax.random.split(jax.random.fold_in(keys["sample"], i), s.num_chains)
-            states, out = step(ckeys, states, eps, imm, data)
-            outs.append(jax.block_until_ready(out))
-            bar.update(n)
+        states, eps, imm, _ = adapted[0]
+        step, _ = compiled(_bj_sample, pick(wkeys, lanes[0]), states, eps, imm, data,
+                           num_steps=chunks[0], **opts)  # fmt: skip
+
+        def sample_lane(lane):
+            c, (states, eps, imm, _) = lane
+            outs = []
+            for i, n in enumerate(chunks):
+                ckeys = jax.random.split(jax.random.fold_in(keys["sample"], i), s.num_chains)
+                states, out = step(pick(ckeys, c), states, eps, imm, data)
+                outs.append(jax.tree.map(np.asarray, out))
+                with lock:
+                    bar.update(n * width)
+            return jax.tree.map(lambda *xs: np.concatenate(xs, axis=int(vectorize)),
+                                *outs)  # fmt: skip
+
+        per_lane = _over_lanes(sample_lane, list(zip(lanes, adapted, strict=True)))
     bar.close()
-    out = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *outs)
+    if vectorize:  # (chains, draws, ...) already
+        out = per_lane[0]
+    else:
+        out = jax.tree.map(lambda *xs: np.stack(xs), *per_lane)
     positions, div, depth, n_steps, acc, energy, lp = out
+    eps = np.stack([np.asarray(a[1]) for a in adapted]) if not vectorize else adapted[0][1]
+    warm_steps = sum(int(np.sum(a[3])) for a in adapted)
     samples = _constrained_samples(positions, data, spec, quick)
     stats = {
         "diverging": np.asarray(div, dtype=bool),
@@ -423,7 +526,7 @@ def run_blackjax(bm: BayesModel, s: NutsOptions) -> Draws:
         "energy": np.asarray(energy),
         "lp": np.asarray(lp),
     }
-    grads = {"warmup": int(np.sum(warm_steps)), "sampling": int(np.sum(n_steps))}
+    grads = {"warmup": warm_steps, "sampling": int(np.sum(n_steps))}
     return Draws(samples, stats, warm.seconds, sample.seconds, warm.compile + sample.compile,
                  grads, keys)  # fmt: skip
 
