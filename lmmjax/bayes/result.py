@@ -64,13 +64,16 @@ def _add_effects(out: np.ndarray, terms, effects) -> None:
 
     ``out`` is (chains, draws, N) and each ``b_l`` (chains, draws, M_l, d_l).
 
-    One (chains, draws, N) gather per column of each term: dillonE1's 4,000
-    draws of two slopes took 1.7 s as a gather of whole (M, d) rows.
+    One (chains, draws, N) gather per column of each term, multiplied in
+    place: for dillonE1's 4,000 draws, 0.15 s against 1.7 s for a gather of
+    whole (M, d) rows.
     """
     for t, b in zip(terms, effects, strict=True):
         b = np.asarray(b)
         for k in range(t.d):
-            out += t.z[:, k] * np.take(b[..., k], t.refs, axis=-1)
+            column = np.take(b[..., k], t.refs, axis=-1)
+            column *= t.z[:, k]
+            out += column
 
 
 def pointwise(bm, samples: dict, effects, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,19 +92,25 @@ def pointwise(bm, samples: dict, effects, seed: int) -> tuple[np.ndarray, np.nda
     model, spec = bm.model, bm.spec
     y = np.asarray(model.y, dtype=float)
     y_mod = np.log(y) if spec.likelihood == "lognormal" else y
-    mu = np.einsum("np,cdp->cdn", model.X, samples["beta"])
+    mu = np.asarray(samples["beta"]) @ model.X.T
     _add_effects(mu, model.terms, effects)
     if spec.sigma_model is None:
         sigma = np.asarray(samples["sigma"])[..., None]
     else:
         sigma = _row_sigma(bm, samples)
-    resid = (y_mod - mu) / sigma
-    log_lik = -0.5 * resid**2 - np.log(sigma) - 0.5 * np.log(2.0 * np.pi)
-    rng = np.random.default_rng(seed)
-    y_rep = mu + sigma * rng.standard_normal(mu.shape)
+    # in place: each (chains, draws, N) temporary costs its page faults (dillonE1's 4,000
+    # draws: 1.0-1.5 s with a new array per operation)
+    log_lik = np.subtract(y_mod, mu)
+    log_lik /= sigma
+    log_lik *= log_lik
+    log_lik *= -0.5
+    log_lik -= np.log(sigma) + 0.5 * np.log(2.0 * np.pi)
+    y_rep = np.random.default_rng(seed).standard_normal(mu.shape)
+    y_rep *= sigma
+    y_rep += mu
     if spec.likelihood == "lognormal":
-        log_lik = log_lik - y_mod
-        y_rep = np.exp(y_rep)
+        log_lik -= y_mod
+        np.exp(y_rep, out=y_rep)
     return log_lik, y_rep
 
 
