@@ -115,8 +115,9 @@ def test_bad_marginalize_is_one_line(value):
 
 def test_quick_compile_only_for_short_runs():
     from lmmjax.bayes import NutsOptions
-    from lmmjax.bayes.samplers import quick_compile
+    from lmmjax.bayes.samplers import _sampler_gradients, quick_compile
 
     bm = build_bayes_model(build_model(load_bundled("sleepstudy"), SLEEP), marginalize="all")
-    assert quick_compile(bm, NutsOptions())
-    assert not quick_compile(bm, NutsOptions(num_warmup=50_000, num_samples=50_000))
+    assert quick_compile(bm, _sampler_gradients(NutsOptions()))
+    long = NutsOptions(num_warmup=50_000, num_samples=50_000)
+    assert not quick_compile(bm, _sampler_gradients(long))

@@ -87,18 +87,24 @@ QUICK_STEPS = 32  # gradients per iteration assumed by the quick-compile rule
 QUICK_SECONDS = 4.0  # predicted sampling seconds below which the sampler compiles quickly
 
 
-def quick_compile(bm: BayesModel, s: NutsOptions) -> bool:
-    """Whether the sampler's run is predicted short enough to compile without LLVM passes.
+def quick_compile(bm: BayesModel, gradients: float) -> bool:
+    """Whether a program that costs about ``gradients`` gradients is quick to compile.
 
-    Never for streamed data (``bm.moments``): large by construction, and the cost
-    model's count of ``B``'s pairs reads the rows.
+    True when the cost model predicts them below :data:`QUICK_SECONDS`. Never for
+    streamed data (``bm.moments``): large by construction, and the cost model's
+    count of ``B``'s pairs reads the rows.
     """
     spec, model = bm.spec, bm.model
     if bm.moments is not None:
         return False
     t = gradient_seconds(model.terms, spec.marginal, model.nobs, spec.p, fast=spec.fast,
                          row_sigma=spec.sigma_model is not None)  # fmt: skip
-    return (s.num_warmup + s.num_samples) * QUICK_STEPS * t < QUICK_SECONDS
+    return gradients * t < QUICK_SECONDS
+
+
+def _sampler_gradients(s: NutsOptions) -> float:
+    """The gradients the quick-compile rule assumes for a sampler's run."""
+    return (s.num_warmup + s.num_samples) * QUICK_STEPS
 
 
 def _keys(seed: int) -> dict:
@@ -329,7 +335,7 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
     if s.chain_method == "sharded":
         state0 = jax.device_put(state0, _chain_sharding())
     flag = jnp.asarray(True)
-    quick = quick_compile(bm, s)
+    quick = quick_compile(bm, _sampler_gradients(s))
     with _Phase() as warm:  # compiled here, once for every lane
         run, _ = compiled(_nuts_run, state0, first_starts, first_keys, flag, jnp.asarray(1),
                           data, buffer=buffer, quick=quick, vectorize=vectorize,
@@ -473,7 +479,7 @@ def run_blackjax(bm: BayesModel, s: NutsOptions) -> Draws:
     def pick(tree, c):  # a lane's part of every chain's tree
         return tree if vectorize else jax.tree.map(lambda a: a[c], tree)
 
-    quick = quick_compile(bm, s)
+    quick = quick_compile(bm, _sampler_gradients(s))
     opts = dict(spec=spec, depth=s.max_tree_depth, quick=quick, vectorize=vectorize)
     lock = threading.Lock()
     with _Phase() as warm:
