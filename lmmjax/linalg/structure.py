@@ -342,14 +342,23 @@ def dense_b_pays(counts: np.ndarray, q_rest: int, d1: int, max_entries: float = 
     pair costs about as much as 8 multiply-adds of a dense product) is a rough
     figure: eeg (dense 4 ms per gradient against 420 ms for the pairs, see
     ``benchmarks/gradient_cost.py``) and InstEval (pairs; the dense product
-    would be 1142 x 2972 x 1142) fall far on either side of it. B must also fit
-    in ``max_entries`` numbers.
+    would be 1142 x 2972 x 1142) fall far on either side of it. Below
+    :data:`SMALL_DENSE_B` multiply-adds the dense form is taken whatever the
+    pairs. B must also fit in ``max_entries`` numbers.
     """
     q1 = counts.size * d1
     if q_rest * q1 > max_entries:
         return False
     pairs = float(np.sum(counts * (counts + 1) / 2.0))
-    return q_rest * q1 * (q_rest + d1) <= 8.0 * pairs * d1 * d1
+    dense = q_rest * q1 * (q_rest + d1)
+    return dense <= max(8.0 * pairs * d1 * d1, SMALL_DENSE_B)
+
+
+# Multiply-adds of B W B' below which B is held dense whatever its pairs: a small dense
+# product is a few fast matrix products, where the pairs are gathers and a scatter
+# (dillonE1 with both classes marginalised, 8e5 multiply-adds against 2,640 pairs of
+# 2 x 2 blocks: 0.34 against 0.44 ms per gradient of the NUTS potential)
+SMALL_DENSE_B = 1e6
 
 
 def _check_schur(schur: str) -> None:
