@@ -5,7 +5,7 @@ Usage::
     python benchmarks/vs_bambi.py [--quick] [--chains 4] [--warmup 1000] [--samples 1000]
         [--datasets sleepstudy orthodont dillonE1 dutch]
         [--engines bambi auto all none auto-cached]
-        [--data-dir /work/shared/data/bcogsci] [--seed 1] [--out benchmarks/results]
+        [--data-dir /work/shared/data/bcogsci] [--seed 1] [--repeats 1] [--out benchmarks/results]
 
 bambi is optional (``pip install -e ".[bambi]"``: bambi 0.17.2 with
 ``matplotlib<3.10``, since its ArviZ plotting import fails on newer
@@ -19,6 +19,11 @@ every run compiles from scratch, as a first fit does. The extra engine
 ``auto-cached`` is ``auto`` in a process whose cache an identical earlier
 ``auto`` run filled (the compiled and traced programs of lmmjax's disk
 cache): a model fitted again, in a later session.
+
+With ``--repeats N`` every (data set, engine) pair runs N times, in N rounds
+over all pairs (so that a change of machine load falls on every engine), and
+the table reports the median wall time and ESS: single runs of the same
+program varied by up to 30% in wall time on the shared 2-core machine.
 
 Data sets (the bcogsci CSVs are read from ``--data-dir``, never copied):
 
@@ -185,6 +190,16 @@ def spawn(engine: str, dataset: str, args) -> dict | None:
     return row
 
 
+def _median_run(part: list[dict]) -> dict:
+    """One row for the runs of one pair: median wall time and ESS, the runs' count."""
+    row = dict(part[0])
+    row["wall_s"] = float(np.median([r["wall_s"] for r in part]))
+    row["ess"] = float(np.median([r["ess"] for r in part]))
+    row["ess_per_s"] = row["ess"] / row["wall_s"]
+    row["runs"] = len(part)
+    return row
+
+
 def ratios(table: pd.DataFrame) -> pd.DataFrame:
     """Per data set: auto over the better of all / none, and lmmjax auto over bambi."""
     rows = []
@@ -211,6 +226,7 @@ def main(argv=None) -> pd.DataFrame | None:
     parser.add_argument("--warmup", type=int, default=1000)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per pair; medians reported")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DIR)
@@ -228,22 +244,25 @@ def main(argv=None) -> pd.DataFrame | None:
         engines.remove("bambi")
     print(f"{args.chains} chains x {args.samples} draws after {args.warmup} warm-up, "
           f"seed {args.seed}; each run a fresh process", flush=True)  # fmt: skip
-    rows = []
-    for name in args.datasets:
-        for engine in engines:
-            row = spawn(engine, name, args)
-            if row is not None:
-                rows.append(row)
-                print(
-                    f"  {name:>10} {engine:>5}: {row['wall_s']:6.1f} s, ESS {row['ess']:7.0f}, "
-                    f"ESS/s {row['ess_per_s']:7.1f} {row['marginalize']}",
-                    flush=True,
-                )
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(max(args.repeats, 1)):
+        for name in args.datasets:
+            for engine in engines:
+                row = spawn(engine, name, args)
+                if row is not None:
+                    runs.setdefault((name, engine), []).append(row)
+                    print(
+                        f"  {name:>10} {engine:>5}: {row['wall_s']:6.1f} s, ESS {row['ess']:7.0f}, "
+                        f"ESS/s {row['ess_per_s']:7.1f} {row['marginalize']}",
+                        flush=True,
+                    )
+    rows = [_median_run(part) for part in runs.values()]
     if not rows:
         print("no run succeeded", file=sys.stderr)
         raise SystemExit(1)
     table = pd.DataFrame(rows)
-    cols = ["data", "engine", "marginalize", "wall_s", "ess", "ess_per_s", "divergences", "rhat"]
+    cols = ["data", "engine", "marginalize", "wall_s", "ess", "ess_per_s", "divergences", "rhat",
+            "runs"]  # fmt: skip
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
         print(ratios(table).to_string(index=False, float_format=lambda v: f"{v:.3g}"))

@@ -63,8 +63,9 @@ def test_bootstrap_smoke():
 @pytest.mark.slow
 def test_vs_bambi_quick_smoke(tmp_path):
     out = run("vs_bambi.py", "--quick", "--datasets", "sleepstudy", "--engines", "auto",
-              "--out", str(tmp_path))  # fmt: skip
+              "--repeats", "2", "--out", str(tmp_path))  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     table = pd.read_csv(tmp_path / "vs_bambi_quick.csv")
     assert list(table["engine"]) == ["auto"] and (table["ess"] > 0).all()
+    assert list(table["runs"]) == [2]
     assert table["marginalize"].iloc[0] == "Subject" and "auto / bambi" in out.stdout
