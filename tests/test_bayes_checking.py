@@ -118,3 +118,14 @@ def test_prior_summary_lists_every_prior_in_force(fit):
     assert "beta[Days]" in table.index and "sd_Subject[Days]" in table.index
     assert table.loc["corr_Subject", "prior"] == "lkj(eta=2)"
     assert table.loc["sigma", "prior"].startswith("halfnormal(scale=")
+
+
+def test_mixed_fixed_effect_families_sample_and_are_listed():
+    """brms's Student-t Intercept beside Normal slopes; a tight slope prior pulls the slope."""
+    priors = {"Intercept": "student_t(3, 250, 50)", "b": "normal(0, 0.5)"}
+    fit = lmmjax.lmm(SLEEP, "bundled:sleepstudy", method="nuts", priors=priors, num_chains=1,
+                     num_warmup=150, num_samples=150, progress_bar=False, seed=1)  # fmt: skip
+    table = fit.prior_summary()
+    assert table.loc["beta[(Intercept)]", "prior"] == "student_t(loc=250, scale=50, df=3)"
+    assert table.loc["beta[Days]", "prior"] == "normal(loc=0, scale=0.5)"
+    assert abs(fit.fixef["Days"]) < 2.0  # unpenalised, about 10.5

@@ -6,11 +6,14 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import numpy as np
 import pytest
+from scipy import stats
 
 import lmmjax
 from lmmjax.bayes import fit_nuts
-from lmmjax.bayes.priors import Prior, PriorSet, resolve_priors
+from lmmjax.bayes.priors import Prior, PriorSet, resolve_priors, to_distribution
 from lmmjax.datasets import load_data
 from lmmjax.design import build_model
 from lmmjax.errors import LmmInputError
@@ -92,8 +95,23 @@ def test_brms_names_and_stan_strings_are_the_same_priors():
     # brms's class b leaves the intercept's prior alone; one effect's SD by its brms name
     only_b = resolve_priors(defaults, {"b": "normal(5, 2)"}, *args)
     assert only_b.beta.loc == (0.0, 5.0) and only_b.beta.scale == (1.0, 2.0)
-    with pytest.raises(LmmInputError, match="give 'Intercept' a student_t prior too"):
-        resolve_priors(defaults, {"b": "student_t(3, 0, 1)"}, *args)
+    # brms's usual pair: a Student-t Intercept beside Normal coefficients, and the reverse
+    mixed = resolve_priors(defaults, {"Intercept": "student_t(3, 250, 50)",
+                                      "b": "normal(0, 10)"}, *args).beta  # fmt: skip
+    assert mixed.to_dict()["dist"] == ["student_t", "normal"] and mixed.df == (3.0, np.inf)
+    value = np.array([240.0, 3.0])
+    want_lp = [stats.t.logpdf(240.0, 3, 250, 50), stats.norm.logpdf(3.0, 0, 10)]
+    assert np.allclose(to_distribution(mixed).log_prob(value), want_lp, rtol=1e-12)
+    draws = to_distribution(mixed).sample(jax.random.PRNGKey(0), (20000,))
+    assert abs(np.median(draws[:, 0]) - 250) < 3 and abs(np.std(draws[:, 1]) - 10) < 0.3
+    t_b = resolve_priors(defaults, {"b": "student_t(3, 0, 1)"}, *args).beta
+    assert t_b.df == (np.inf, 3.0) and t_b.loc == (0.0, 0.0)
+    # naming a family on one element of a mixed prior sets that element alone
+    back = resolve_priors(defaults, {"Intercept": "normal(1, 2)", "b": "normal(0, 10)"}, *args)
+    assert back.beta.family == "normal" and back.beta.df == ()
+    with pytest.raises(LmmInputError, match="a term's SDs share one family"):
+        resolve_priors(defaults, {"sd_Subject__Days": "exponential(1)"}, *args,
+                       term_effects=[("(Intercept)", "Days")])  # fmt: skip
     one_sd = resolve_priors(defaults, {"sd_Subject__Days": "normal(0, 3)"}, *args,
                             term_effects=[("(Intercept)", "Days")])  # fmt: skip
     assert one_sd.sd[0].scale == (1.0, 3.0)

@@ -27,8 +27,11 @@ coefficient but the intercept, as in brms), ``b_<name>`` or ``b[<name>]`` (one
 coefficient), ``Intercept`` or ``b_Intercept`` (``beta[(Intercept)]``, here on
 the uncentred intercept), ``sd``, ``sd_<group>``, ``sd_<group>__<effect>``
 (one effect's SD, also written ``sd_<group>[<effect>]``), ``sigma``, ``cor``
-and ``cor_<group>``. All fixed effects share one family (so ``b`` with a
-Student-t needs a Student-t ``Intercept`` too), as do a term's SDs. A value
+and ``cor_<group>``. Fixed effects may mix Normal and Student-t priors (brms's
+default pairs a Student-t ``Intercept`` with a flat ``b``; here ``b`` can be
+``normal(0, 1)`` beside a ``student_t(3, 250, 50)`` ``Intercept``): such a
+prior is held as a Student-t whose Normal elements have ``df`` infinite. A
+term's SDs share one family. A value
 may be a Stan-style string such as ``"normal(0, 10)"``,
 ``"student_t(3, 0, 2.5)"``, ``"cauchy(0, 2)"``, ``"exponential(1)"`` or
 ``"lkj(2)"``. On an SD or on sigma, ``normal``, ``student_t`` and ``cauchy``
@@ -97,8 +100,13 @@ class Prior:
     scale: tuple[float, ...] = ()
     df: tuple[float, ...] = ()
 
+    @property
+    def mixed(self) -> bool:
+        """Student-t with some Normal elements (``df`` infinite there)."""
+        return self.family == "student_t" and not all(np.isfinite(self.df))
+
     def to_dict(self) -> dict:
-        """Plain description for output files."""
+        """Plain description for output files (a mixed prior lists each element's family)."""
         out: dict = {"dist": self.family}
         if self.family == "lkj":
             out["eta"] = self.scale[0]
@@ -109,7 +117,10 @@ class Prior:
             out["rate"] = [1.0 / s for s in self.scale]
         else:
             out["scale"] = list(self.scale)
-        if self.df:
+        if self.mixed:
+            out["dist"] = ["student_t" if np.isfinite(v) else "normal" for v in self.df]
+            out["df"] = [float(v) if np.isfinite(v) else None for v in self.df]
+        elif self.df:
             out["df"] = list(self.df)
         return out
 
@@ -343,7 +354,10 @@ def _override(prior: Prior, spec: Mapping, key: str, families: tuple[str, ...]) 
     if "scale" in spec:
         new = replace(new, scale=_broadcast(spec["scale"], n, key, "scale"))
     if family in ("student_t", "halfstudent_t"):
-        new = replace(new, df=_broadcast(spec.get("df", prior.df or 3.0), n, key, "df"))
+        base = prior.df
+        if "dist" in spec or "family" in spec:  # named: a mixed prior's Normal elements too
+            base = tuple(v if np.isfinite(v) else 3.0 for v in base)
+        new = replace(new, df=_broadcast(spec.get("df", base or 3.0), n, key, "df"))
     else:
         if "df" in spec:
             raise LmmInputError(f"prior {key!r}: {family} has no 'df'")
@@ -355,12 +369,28 @@ def _override(prior: Prior, spec: Mapping, key: str, families: tuple[str, ...]) 
     return new
 
 
+def _as_student_t(prior: Prior) -> Prior:
+    """A Normal prior as the Student-t with infinite ``df`` (others unchanged)."""
+    if prior.family != "normal":
+        return prior
+    return replace(prior, family="student_t", df=(np.inf,) * len(prior.scale))
+
+
 def _set_element(prior: Prior, k: int, other: Prior) -> Prior:
-    """Replace element k of a vector prior with the single-element prior ``other``."""
+    """Replace element k of a vector prior with the single-element prior ``other``.
+
+    Normal and Student-t elements mix (held as a Student-t with infinite ``df``
+    at the Normal elements); other families do not.
+    """
     if other.family != prior.family:
+        if {prior.family, other.family} <= set(_LOCATION_FAMILIES):
+            mixed = _set_element(_as_student_t(prior), k, _as_student_t(other))
+            if mixed.mixed and not any(np.isfinite(mixed.df)):  # every element Normal
+                return replace(mixed, family="normal", df=())
+            return mixed
         raise LmmInputError(
-            "a single fixed effect's prior must use the same family as the others "
-            f"({prior.family}); set 'beta' to change the family of all of them"
+            f"one element's prior is {other.family} where the others of its parameter are "
+            f"{prior.family}; a term's SDs share one family: set the whole term's prior"
         )
 
     def put(values, new):
@@ -431,11 +461,6 @@ def _stan_spec(text: str, key: str, scale_class: bool) -> dict:
         return spec if df is None or name == "cauchy" else {**spec, "df": df}
     spec = {"dist": "normal" if name == "normal" else "student_t", "loc": loc, "scale": scale}
     return spec if df is None else {**spec, "df": df}
-
-
-def _override_family(spec) -> str:
-    """The family an override mapping names (its ``dist``), or '' when it keeps the default's."""
-    return str(spec.get("dist", spec.get("family", ""))) if isinstance(spec, Mapping) else ""
 
 
 def _brms_overrides(overrides: Mapping, prefix: str) -> dict:
@@ -509,24 +534,12 @@ def resolve_priors(
     # global keys first, then specific ones, so that specific ones win
     globals_ = ("beta", "beta[*]", "sd", "corr") + (() if prefix else ("sigma",))
     order = sorted(overrides, key=lambda k: (k[len(prefix) :] not in globals_, k))
-    intercept = "(Intercept)" in fixef_names
     for name in order:  # messages name the key as the user wrote it
         (full, spec), key = overrides[name], name[len(prefix) :]
         if key == "beta":
             beta = _override(beta, spec, full, _LOCATION_FAMILIES)
         elif key == "beta[*]":  # brms's b: the intercept keeps its own prior
             new = _override(beta, spec, full, _LOCATION_FAMILIES)
-            own = overrides.get(prefix + "beta[(Intercept)]")
-            if intercept and new.family != beta.family:
-                fam = own and _family_name(_override_family(own[1]))
-                if fam != new.family:
-                    raise LmmInputError(
-                        f"prior {full!r}: class b is every coefficient but the Intercept, "
-                        f"whose prior is {beta.family}; give 'Intercept' a {new.family} prior "
-                        "too (all coefficients share one family), or set 'beta' for all"
-                    )
-                beta = new  # the Intercept's own prior follows
-                continue
             for k, coef in enumerate(fixef_names):
                 if coef != "(Intercept)":
                     beta = _set_element(beta, k, one_of(new, k))
@@ -591,6 +604,8 @@ def to_distribution(prior: Prior, dtype=None, scalar: bool = False) -> dist.Dist
     fam = prior.family
     if fam == "normal":
         return dist.Normal(arr(prior.loc), arr(prior.scale))
+    if fam == "student_t" and prior.mixed:
+        return _NormalOrStudentT(arr(prior.df), arr(prior.loc), arr(prior.scale))
     if fam == "student_t":
         return dist.StudentT(arr(prior.df), arr(prior.loc), arr(prior.scale))
     if fam == "halfnormal":
@@ -602,3 +617,33 @@ def to_distribution(prior: Prior, dtype=None, scalar: bool = False) -> dist.Dist
     if fam == "exponential":
         return dist.Exponential(1.0 / arr(prior.scale))
     raise ValueError(f"no vector distribution for prior family {fam!r}")
+
+
+class _NormalOrStudentT(dist.Distribution):
+    """Independent elements, each Student-t or, where ``df`` is infinite, Normal."""
+
+    arg_constraints = {}
+    support = dist.constraints.real
+    reparametrized_params = ["loc", "scale"]
+
+    def __init__(self, df, loc, scale, *, validate_args=None):
+        self.t = np.isfinite(df)
+        self.df, self.loc, self.scale = np.where(self.t, df, 1.0), loc, scale
+        super().__init__(batch_shape=np.shape(loc), validate_args=validate_args)
+
+    def _parts(self):
+        return dist.StudentT(self.df, self.loc, self.scale), dist.Normal(self.loc, self.scale)
+
+    def sample(self, key, sample_shape=()):
+        import jax
+
+        student, normal = self._parts()
+        k_t, k_n = jax.random.split(key)
+        t, z = student.sample(k_t, sample_shape), normal.sample(k_n, sample_shape)
+        return jax.numpy.where(self.t, t, z)
+
+    def log_prob(self, value):
+        import jax
+
+        student, normal = self._parts()
+        return jax.numpy.where(self.t, student.log_prob(value), normal.log_prob(value))

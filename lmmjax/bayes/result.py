@@ -668,11 +668,12 @@ class BayesFit:
             )  # fmt: skip
             for i in range(n):
                 args = {k: v[i] if isinstance(v, list) and len(v) == n else v
-                        for k, v in prior.items() if k not in ("dist", "names")}  # fmt: skip
+                        for k, v in prior.items() if k != "names"}  # fmt: skip
+                family = args.pop("dist")  # a mixed prior names each element's family
                 text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                 for k, v in args.items())  # fmt: skip
+                                 for k, v in args.items() if v is not None)  # fmt: skip
                 label = f"{key}[{names[i]}]" if names else (key if n == 1 else f"{key}[{i}]")
-                rows.append({"parameter": label, "prior": f"{prior['dist']}({text})"})
+                rows.append({"parameter": label, "prior": f"{family}({text})"})
         return pd.DataFrame(rows).set_index("parameter")
 
     def _priors(self) -> dict:
