@@ -8,6 +8,8 @@ as statistically equivalent chains).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -22,6 +24,9 @@ def _draws(chain_method: str, marginalize: str, backend: str = "numpyro") -> np.
                      backend=backend)  # fmt: skip
     stats = fit.idata.sample_stats
     assert stats["step_size"].shape == (3, 4) and stats["n_steps"].values.min() >= 1
+    # gradients at once: the 3 vectorised chains, or as many lanes as cores (at most 3)
+    at_once = 3 if chain_method == "vectorized" else min(3, len(os.sched_getaffinity(0)))
+    assert fit.concurrent == at_once and fit.seconds_per_gradient() > 0
     post = fit.posterior
     assert post["beta"].shape[:2] == (3, 4)
     return np.concatenate([post[v].values.reshape(3, 4, -1)

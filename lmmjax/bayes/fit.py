@@ -78,6 +78,7 @@ def sample_model(bm: BayesModel, options: NutsOptions) -> BayesFit:
         bm=bm, idata=idata, options=options, warmup_seconds=draws.warmup_seconds,
         sampling_seconds=draws.sampling_seconds, recovery_seconds=rec,
         compile_seconds=draws.compile_seconds + rec_compile, grad_evals=dict(draws.grad_evals),
+        concurrent=draws.concurrent,
     )  # fmt: skip
     fit.posterior_summary()
     fit.seconds = time.perf_counter() - start

@@ -263,6 +263,8 @@ class BayesFit:
         ``{"warmup": n, "sampling": n}``: gradient evaluations (leapfrog steps)
         summed over chains; :meth:`seconds_per_gradient` turns them into the
         cost of one gradient of one chain.
+    concurrent : int
+        Gradients evaluated at once while sampling (see ``Draws.concurrent``).
     """
 
     bm: object
@@ -274,6 +276,7 @@ class BayesFit:
     recovery_seconds: float = float("nan")
     compile_seconds: float = float("nan")
     grad_evals: dict = field(default_factory=dict)
+    concurrent: int = 1
     _table: pd.DataFrame | None = field(default=None, repr=False)
 
     method = "nuts"
@@ -642,7 +645,7 @@ class BayesFit:
             eigen_fast_path=spec.fast, warmup_seconds=self.warmup_seconds,
             sampling_seconds=self.sampling_seconds, recovery_seconds=self.recovery_seconds,
             compile_seconds=self.compile_seconds, grad_evals=self.grad_evals,
-            seconds_per_gradient=self.seconds_per_gradient(),
+            seconds_per_gradient=self.seconds_per_gradient(), gradients_at_once=self.concurrent,
             priors=self._priors(),
         )  # fmt: skip
         return result_dict(
@@ -730,9 +733,14 @@ class BayesFit:
         return f" (marginalize auto; funnel depth {depths})"
 
     def seconds_per_gradient(self) -> float:
-        """Sampling seconds per gradient evaluation (per chain, chains run together)."""
+        """Sampling seconds per gradient of one chain, as the gradients ran.
+
+        Wall seconds per gradient times :attr:`concurrent`, the gradients
+        evaluated at once (a vectorised step's chains, or the chains run side
+        by side on threads).
+        """
         n = self.grad_evals.get("sampling", 0)
-        return self.sampling_seconds * self.options.num_chains / n if n else float("nan")
+        return self.sampling_seconds * self.concurrent / n if n else float("nan")
 
     def _per_gradient(self) -> str:
         n = self.grad_evals.get("sampling", 0)

@@ -60,6 +60,9 @@ class Draws:
         summed over chains and iterations.
     keys : dict
         The recovery key (``"recovery"``) derived from the seed.
+    concurrent : int
+        Gradients evaluated at once: the chains of a vectorised step, or the
+        lanes run side by side on threads.
     """
 
     samples: dict
@@ -69,6 +72,7 @@ class Draws:
     compile_seconds: float = 0.0
     grad_evals: dict = field(default_factory=dict)
     keys: dict = field(default_factory=dict)
+    concurrent: int = 1
 
 
 class _Phase:
@@ -348,7 +352,7 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
                 first = jnp.asarray(state is None)
                 state, out = run(state0 if state is None else state, lane_start, lane_keys,
                                  first, jnp.asarray(n), data)  # fmt: skip
-                out = jax.tree.map(lambda a, n=n: np.asarray(a[:n]), out)
+                out = jax.tree.map(lambda a, n=n: np.asarray(a)[:n], out)  # no program
                 outs.append(out)
                 steps += int(np.sum(out[2]))
                 with lock:
@@ -380,8 +384,9 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
         "lp": -np.asarray(pe),
     }
     grads = {"warmup": warm_steps, "sampling": int(np.sum(n_steps))}
+    concurrent = len(lanes[0]) if vectorize else _workers(len(lanes))
     return Draws(samples, stats, warm.seconds, sample.seconds, warm.compile + sample.compile,
-                 grads, keys)  # fmt: skip
+                 grads, keys, concurrent)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------
@@ -472,7 +477,11 @@ def run_blackjax(bm: BayesModel, s: NutsOptions) -> Draws:
     spec, data = bm.spec, bm.data
     bar = tqdm(total=(s.num_warmup + s.num_samples) * s.num_chains, unit="draw",
                disable=not s.progress_bar, desc="warmup")  # fmt: skip
-    wkeys = jax.random.split(keys["warmup"], s.num_chains)
+    # NumPy, as every key and start a lane picks: indexing a JAX array would compile
+    # small programs in the lanes' threads at once, whose summed compile times the
+    # phases' wall times cannot absorb
+    wkeys = np.asarray(jax.random.split(keys["warmup"], s.num_chains))
+    init = jax.tree.map(np.asarray, init)
     lanes = chain_lanes(s.num_chains, s.chain_method)
     vectorize = not isinstance(lanes[0], int)
     width = len(lanes[0]) if vectorize else 1
@@ -502,11 +511,16 @@ def run_blackjax(bm: BayesModel, s: NutsOptions) -> Draws:
         step, _ = compiled(_bj_sample, pick(wkeys, lanes[0]), states, eps, imm, data,
                            num_steps=chunks[0], **opts)  # fmt: skip
 
+        chunk_keys = [
+            np.asarray(jax.random.split(jax.random.fold_in(keys["sample"], i), s.num_chains))
+            for i in range(len(chunks))
+        ]
+
         def sample_lane(lane):
             c, (states, eps, imm, _) = lane
             outs = []
             for i, n in enumerate(chunks):
-                ckeys = jax.random.split(jax.random.fold_in(keys["sample"], i), s.num_chains)
+                ckeys = chunk_keys[i]
                 states, out = step(pick(ckeys, c), states, eps, imm, data)
                 outs.append(jax.tree.map(np.asarray, out))
                 with lock:
@@ -534,8 +548,9 @@ def run_blackjax(bm: BayesModel, s: NutsOptions) -> Draws:
         "lp": np.asarray(lp),
     }
     grads = {"warmup": warm_steps, "sampling": int(np.sum(n_steps))}
+    concurrent = len(lanes[0]) if vectorize else _workers(len(lanes))
     return Draws(samples, stats, warm.seconds, sample.seconds, warm.compile + sample.compile,
-                 grads, keys)  # fmt: skip
+                 grads, keys, concurrent)  # fmt: skip
 
 
 def run_sampler(bm: BayesModel, options: NutsOptions) -> Draws:
