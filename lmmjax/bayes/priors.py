@@ -59,6 +59,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
@@ -635,15 +637,11 @@ class _NormalOrStudentT(dist.Distribution):
         return dist.StudentT(self.df, self.loc, self.scale), dist.Normal(self.loc, self.scale)
 
     def sample(self, key, sample_shape=()):
-        import jax
-
         student, normal = self._parts()
         k_t, k_n = jax.random.split(key)
         t, z = student.sample(k_t, sample_shape), normal.sample(k_n, sample_shape)
-        return jax.numpy.where(self.t, t, z)
+        return jnp.where(self.t, t, z)
 
     def log_prob(self, value):
-        import jax
-
         student, normal = self._parts()
-        return jax.numpy.where(self.t, student.log_prob(value), normal.log_prob(value))
+        return jnp.where(self.t, student.log_prob(value), normal.log_prob(value))

@@ -265,6 +265,16 @@ def chain_lanes(num_chains: int, chain_method: str) -> list:
     return [np.arange(num_chains)]
 
 
+def _lane_of(tree, lane):
+    """A lane's part of every chain's arrays: all of them, or one chain's slice."""
+    return jax.tree.map(lambda a: a[lane], tree) if isinstance(lane, int) else tree
+
+
+def _at_once(lanes: list) -> int:
+    """Gradients evaluated at once: a vectorised lane's chains, or the lanes run side by side."""
+    return _workers(len(lanes)) if isinstance(lanes[0], int) else len(lanes[0])
+
+
 def _workers(lanes: int) -> int:
     """Threads that run lanes at once: one per core this process may use."""
     try:
@@ -284,10 +294,10 @@ def _over_lanes(fn, lanes: list) -> list:
     two chains on two threads took 0.47-0.71 s with OpenBLAS's own two
     threads, 0.15 s with one) and gain nothing on blocks this small.
     """
-    from threadpoolctl import threadpool_limits
-
     if len(lanes) == 1:
         return [fn(lanes[0])]
+    from threadpoolctl import threadpool_limits
+
     with (
         threadpool_limits(limits=1, user_api="blas"),
         ThreadPoolExecutor(_workers(len(lanes))) as pool,
@@ -316,10 +326,7 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
         starts, ckeys, data = _shard_chains(starts, ckeys, data, s.num_chains)
     lanes = chain_lanes(s.num_chains, s.chain_method)
     vectorize = not isinstance(lanes[0], int)
-    if vectorize:  # every chain in one lane (a sharded placement is kept)
-        lane_starts = [(starts, ckeys)]
-    else:
-        lane_starts = [jax.tree.map(lambda a, c=c: a[c], (starts, ckeys)) for c in lanes]
+    lane_starts = [_lane_of((starts, ckeys), c) for c in lanes]  # a sharded placement is kept
     opts = dict(spec=spec, num_warmup=s.num_warmup, target=s.target_accept,
                 depth=s.max_tree_depth, dense=s.dense_mass)  # fmt: skip
     warm_chunks = _chunks(s.num_warmup, s.progress_bar) if s.num_warmup else []
@@ -346,28 +353,30 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
                           data, buffer=buffer, quick=quick, vectorize=vectorize,
                           **opts)  # fmt: skip
 
-        def advance(lane, chunks):
-            state, (lane_start, lane_keys), outs, steps = lane
+        def advance(state, lane, chunks):
+            """The lane's state after ``chunks`` (from its start when None), and the records."""
+            (lane_start, lane_keys), outs = lane, []
             for n in chunks:
                 first = jnp.asarray(state is None)
                 state, out = run(state0 if state is None else state, lane_start, lane_keys,
                                  first, jnp.asarray(n), data)  # fmt: skip
-                out = jax.tree.map(lambda a, n=n: np.asarray(a)[:n], out)  # no program
-                outs.append(out)
-                steps += int(np.sum(out[2]))
+                outs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], out))  # no program
                 with lock:
                     bar.update(n * (len(lane_keys) if vectorize else 1))
-            return state, (lane_start, lane_keys), outs, steps
+            return state, outs
 
-        state = [(None, st, [], 0) for st in lane_starts]
-        state = _over_lanes(lambda lane: advance(lane, warm_chunks), state)
-        warm_steps = sum(lane[3] for lane in state)
+        warmed = _over_lanes(lambda lane: advance(None, lane, warm_chunks), lane_starts)
+        warm_steps = sum(int(np.sum(out[2])) for _, outs in warmed for out in outs)
     bar.set_description("sample")
     with _Phase() as sample:
-        state = [(st, ls, [], 0) for st, ls, _, _ in state]
-        state = _over_lanes(lambda lane: advance(lane, sample_chunks), state)
+
+        def resume(pair):
+            (state, _), lane = pair
+            return advance(state, lane, sample_chunks)
+
+        sampled = _over_lanes(resume, list(zip(warmed, lane_starts, strict=True)))
     bar.close()
-    per_lane = [jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *lane[2]) for lane in state]
+    per_lane = [jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *outs) for _, outs in sampled]
     if vectorize:  # (draws, chains, ...) -> (chains, draws, ...)
         out = jax.tree.map(lambda a: np.swapaxes(a, 0, 1), per_lane[0])
     else:
@@ -384,9 +393,8 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
         "lp": -np.asarray(pe),
     }
     grads = {"warmup": warm_steps, "sampling": int(np.sum(n_steps))}
-    concurrent = len(lanes[0]) if vectorize else _workers(len(lanes))
     return Draws(samples, stats, warm.seconds, sample.seconds, warm.compile + sample.compile,
-                 grads, keys, concurrent)  # fmt: skip
+                 grads, keys, _at_once(lanes))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------
@@ -486,19 +494,16 @@ def run_blackjax(bm: BayesModel, s: NutsOptions) -> Draws:
     vectorize = not isinstance(lanes[0], int)
     width = len(lanes[0]) if vectorize else 1
 
-    def pick(tree, c):  # a lane's part of every chain's tree
-        return tree if vectorize else jax.tree.map(lambda a: a[c], tree)
-
     quick = quick_compile(bm, _sampler_gradients(s))
     opts = dict(spec=spec, depth=s.max_tree_depth, quick=quick, vectorize=vectorize)
     lock = threading.Lock()
     with _Phase() as warm:
-        warmup, _ = compiled(_bj_warmup, pick(wkeys, lanes[0]), pick(init, lanes[0]), data,
+        warmup, _ = compiled(_bj_warmup, _lane_of(wkeys, lanes[0]), _lane_of(init, lanes[0]), data,
                              num_steps=max(s.num_warmup, 1), dense=s.dense_mass,
                              target=s.target_accept, **opts)  # fmt: skip
 
         def warm_lane(c):
-            out = jax.block_until_ready(warmup(pick(wkeys, c), pick(init, c), data))
+            out = jax.block_until_ready(warmup(_lane_of(wkeys, c), _lane_of(init, c), data))
             with lock:
                 bar.update(s.num_warmup * width)
             return out
@@ -508,7 +513,7 @@ def run_blackjax(bm: BayesModel, s: NutsOptions) -> Draws:
     chunks = _chunks(s.num_samples, s.progress_bar)
     with _Phase() as sample:
         states, eps, imm, _ = adapted[0]
-        step, _ = compiled(_bj_sample, pick(wkeys, lanes[0]), states, eps, imm, data,
+        step, _ = compiled(_bj_sample, _lane_of(wkeys, lanes[0]), states, eps, imm, data,
                            num_steps=chunks[0], **opts)  # fmt: skip
 
         chunk_keys = [
@@ -521,7 +526,7 @@ def run_blackjax(bm: BayesModel, s: NutsOptions) -> Draws:
             outs = []
             for i, n in enumerate(chunks):
                 ckeys = chunk_keys[i]
-                states, out = step(pick(ckeys, c), states, eps, imm, data)
+                states, out = step(_lane_of(ckeys, c), states, eps, imm, data)
                 outs.append(jax.tree.map(np.asarray, out))
                 with lock:
                     bar.update(n * width)
@@ -548,9 +553,8 @@ def run_blackjax(bm: BayesModel, s: NutsOptions) -> Draws:
         "lp": np.asarray(lp),
     }
     grads = {"warmup": warm_steps, "sampling": int(np.sum(n_steps))}
-    concurrent = len(lanes[0]) if vectorize else _workers(len(lanes))
     return Draws(samples, stats, warm.seconds, sample.seconds, warm.compile + sample.compile,
-                 grads, keys, concurrent)  # fmt: skip
+                 grads, keys, _at_once(lanes))  # fmt: skip
 
 
 def run_sampler(bm: BayesModel, options: NutsOptions) -> Draws:
