@@ -9,7 +9,7 @@ import numpy as np
 
 from lmmjax.bayes.model import BayesModel, build_bayes_model
 from lmmjax.bayes.recovery import recover_effects
-from lmmjax.bayes.result import BayesFit, build_inference_data
+from lmmjax.bayes.result import BayesFit, build_inference_data, import_arviz
 from lmmjax.bayes.samplers import quick_compile, run_sampler
 from lmmjax.cache import compile_seconds
 from lmmjax.errors import LmmInputError
@@ -61,6 +61,7 @@ def sample_model(bm: BayesModel, options: NutsOptions) -> BayesFit:
     BayesFit
     """
     start = time.perf_counter()
+    import_arviz()  # in the background, while the sampler compiles
     draws = run_sampler(bm, options)
     compile0 = compile_seconds()
     t0 = time.perf_counter()

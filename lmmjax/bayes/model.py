@@ -419,7 +419,7 @@ class BayesModel:
                 v = 1.0 / s.nlevels[s.names.index(site[2:])]
             else:
                 v = 1.0
-            out[site] = jnp.asarray(np.broadcast_to(v, shape), self.data.y.dtype)
+            out[site] = np.full(shape, v, self.data.y.dtype)
         return out
 
     def _least_squares(self) -> tuple[np.ndarray, float, float, float]:
@@ -475,7 +475,7 @@ class BayesModel:
                 val = 0.5 * u
             else:
                 val = u
-            out[site] = jnp.asarray(val, dtype=dtype)
+            out[site] = np.asarray(val, dtype=dtype)
         return out
 
 

@@ -10,7 +10,7 @@ draws are mapped with ``jax.lax.map`` (batched ``vmap``) over the posterior.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from lmmjax.bayes.marginal import (
     KernelData,
@@ -75,7 +75,10 @@ def draw_effects(params, data: KernelData, spec: BayesSpec, key) -> tuple:
     return tuple(next(drawn) if m else b for b, m in zip(effects, spec.marginal, strict=True))
 
 
-def _recover(samples, keys, data, spec, batch_size):
+def _recover(samples, key, data, spec, batch_size, draws):
+    """Effects of ``samples`` (padded to whole batches); draw i uses the i-th split of ``key``."""
+    n = jax.tree.leaves(samples)[0].shape[0]
+    keys = jax.random.split(key, draws)[np.arange(n) % draws]
     return jax.lax.map(
         lambda xs: draw_effects(xs[0], data, spec, xs[1]), (samples, keys), batch_size=batch_size
     )
@@ -110,16 +113,16 @@ def recover_effects(samples, data: KernelData, spec: BayesSpec, key, batch_size:
 
     Returns
     -------
-    tuple of arrays (n_draws, M_l, d_l)
+    tuple of numpy.ndarray (n_draws, M_l, d_l)
     """
     n = jax.tree.leaves(samples)[0].shape[0]
     if batch_size is None:
         batch_size = _default_batch(data, spec)
-    keys = jax.random.split(key, n)
     batch = max(1, min(batch_size, n))
     # whole batches only: padded with repeats of the first draws, cut off afterwards
-    # (lax.map's separate remainder batch has been seen to stall XLA on the CPU)
-    idx = jnp.arange(-(-n // batch) * batch) % n
-    args = (jax.tree.map(lambda a: jnp.asarray(a)[idx], dict(samples)), keys[idx], data)
-    run, _ = compiled(_recover, *args, spec=spec, batch_size=batch, quick=quick)
-    return tuple(e[:n] for e in run(*args))
+    # (lax.map's separate remainder batch has been seen to stall XLA on the CPU); on the
+    # host, as the key's split inside the program: eager JAX would compile small programs
+    idx = np.arange(-(-n // batch) * batch) % n
+    args = (jax.tree.map(lambda a: np.asarray(a)[idx], dict(samples)), key, data)
+    run, _ = compiled(_recover, *args, spec=spec, batch_size=batch, draws=n, quick=quick)
+    return tuple(np.asarray(e)[:n] for e in run(*args))

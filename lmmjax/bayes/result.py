@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -27,11 +28,49 @@ from lmmjax.errors import LmmInputError
 from lmmjax.output import result_dict, varcorr_rows
 from lmmjax.terms import unique_group_names
 
-with warnings.catch_warnings():  # ArviZ announces its refactor on import
-    warnings.simplefilter("ignore", FutureWarning)
+if TYPE_CHECKING:
+    import threading
+
     import arviz as az
 
-__all__ = ["BayesFit", "NutsSummary", "build_inference_data", "pointwise"]
+__all__ = ["BayesFit", "NutsSummary", "build_inference_data", "import_arviz", "pointwise"]
+
+# ArviZ announces its refactor on import (once a day); the import may run in a thread,
+# where catching warnings is not safe, so this one message is filtered for good
+warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing a major refactor",
+                        category=FutureWarning)  # fmt: skip
+
+
+def _arviz():
+    """The ``arviz`` module, imported on first use."""
+    import arviz
+
+    return arviz
+
+
+def import_arviz() -> threading.Thread | None:
+    """Start importing ArviZ in a background thread, unless it is imported already.
+
+    A fit starts it before compiling its sampler: the import (about 1-2 s of
+    Python) then runs while XLA compiles, which releases the interpreter lock.
+    A failed import is left to the first use, which raises it.
+    """
+    import sys
+    import threading
+
+    if "arviz" in sys.modules:
+        return None
+
+    def load():
+        try:
+            _arviz()
+        except Exception:  # noqa: BLE001  (raised again where ArviZ is used)
+            pass
+
+    thread = threading.Thread(target=load, name="lmmjax-import-arviz", daemon=True)
+    thread.start()
+    return thread
+
 
 HDI_PROB = 0.95
 
@@ -187,7 +226,7 @@ def build_inference_data(bm, draws, effects, options=None) -> az.InferenceData:
         )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        idata = az.from_dict(
+        idata = _arviz().from_dict(
             posterior=posterior,
             sample_stats=sample_stats,
             attrs=attrs,
@@ -340,7 +379,8 @@ class BayesFit:
             var_names = list(self.posterior.data_vars) if ranef else self.parameter_names()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            table = NutsSummary(az.summary(self.idata, var_names=var_names, hdi_prob=HDI_PROB))
+            table = _arviz().summary(self.idata, var_names=var_names, hdi_prob=HDI_PROB)
+            table = NutsSummary(table)
         if default:
             self._table = table
         table.header = self._header(table)
@@ -567,6 +607,7 @@ class BayesFit:
         """Per quantity {mean, sd, hdi_low, hdi_high, ess_bulk, r_hat} (JSON's ``posterior``)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            az = _arviz()
             ess = az.ess(self.idata, method="bulk")
             rhat = az.rhat(self.idata)
         out: dict[str, dict] = {}

@@ -3,9 +3,10 @@
 Both backends sample the same log density, NumPyro's ``potential_energy`` of
 :func:`lmmjax.bayes.model.lmm_model` as a function of the unconstrained
 parameters, with the data pytree passed as an argument of the compiled
-functions (never closed over as a constant). Chains are vectorised with
-``vmap``; seeds are reproducible: one ``jax.random`` key per run is split
-into initialisation, warm-up, sampling and recovery keys.
+functions (never closed over as a constant). Chains run side by side or
+vectorised with ``vmap`` (:func:`chain_lanes`); seeds are reproducible: a
+NumPy generator seeded by the run's seed draws the initialisation, warm-up,
+sampling and recovery keys (:func:`_keys`).
 
 Small models compile the sampler without XLA's LLVM optimisation passes
 (:data:`lmmjax.cache.QUICK_COMPILE`) when the run is predicted to be short:
@@ -111,9 +112,23 @@ def _sampler_gradients(s: NutsOptions) -> float:
     return (s.num_warmup + s.num_samples) * QUICK_STEPS
 
 
-def _keys(seed: int) -> dict:
-    k_init, k_warm, k_sample, k_rec = jax.random.split(jax.random.PRNGKey(seed), 4)
-    return {"init": k_init, "warmup": k_warm, "sample": k_sample, "recovery": k_rec}
+def _raw_keys(rng: np.random.Generator, *lead: int) -> np.ndarray:
+    """Raw keys of JAX's default random implementation, ``lead`` of them, drawn by ``rng``."""
+    shape = jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape
+    return rng.integers(0, 2**32, size=(*lead, *shape), dtype=np.uint32)
+
+
+def _keys(seed: int, num_chains: int) -> dict:
+    """The run's random keys, drawn with NumPy from ``seed``.
+
+    ``init`` seeds the starting points, ``warmup`` holds one key per chain,
+    ``sample`` seeds BlackJAX's per-chunk keys and ``recovery`` the recovered
+    effects. Splitting a JAX key eagerly would compile small programs (0.2-0.4 s
+    of each fit, none of them worth the persistent cache).
+    """
+    rng = np.random.default_rng(seed)
+    return {"init": _raw_keys(rng), "warmup": _raw_keys(rng, num_chains),
+            "sample": _raw_keys(rng), "recovery": _raw_keys(rng)}  # fmt: skip
 
 
 def _tree_depth(n_steps: np.ndarray) -> np.ndarray:
@@ -153,14 +168,13 @@ def _nuts_kernels(spec: BayesSpec, data, *, num_warmup, target, depth, dense):
 def _inverse_mass(bm: BayesModel, num_chains: int, dense: bool) -> jax.Array:
     """Each chain's starting inverse mass matrix, :meth:`BayesModel.inverse_mass_guess`.
 
-    Flattened in the order NumPyro ravels the positions (``ravel_pytree``);
-    ``(chains, D)``, or ``(chains, D, D)`` diagonal with ``dense``.
+    Flattened in the order NumPyro ravels the positions (``ravel_pytree``: the
+    leaves in tree order); ``(chains, D)``, or ``(chains, D, D)`` diagonal with
+    ``dense``. NumPy, like every start a lane picks.
     """
-    from jax.flatten_util import ravel_pytree
-
-    flat = ravel_pytree(bm.inverse_mass_guess())[0]
-    flat = jnp.diag(flat) if dense else flat
-    return jnp.broadcast_to(flat, (num_chains, *flat.shape))
+    flat = np.concatenate([np.ravel(a) for a in jax.tree.leaves(bm.inverse_mass_guess())])
+    flat = np.diag(flat) if dense else flat
+    return np.ascontiguousarray(np.broadcast_to(flat, (num_chains, *flat.shape)))
 
 
 def _nuts_state_shapes(init_params, keys, *, num_warmup, target, depth, dense, vectorize):
@@ -317,11 +331,11 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
     """
     from tqdm.auto import tqdm
 
-    keys = _keys(s.seed)
+    keys = _keys(s.seed, s.num_chains)
     spec, data = bm.spec, bm.data
     init = bm.init_params(keys["init"], s.num_chains)
     starts = (init, _inverse_mass(bm, s.num_chains, s.dense_mass))
-    ckeys = jax.random.split(keys["warmup"], s.num_chains)
+    ckeys = keys["warmup"]
     if s.chain_method == "sharded":
         starts, ckeys, data = _shard_chains(starts, ckeys, data, s.num_chains)
     lanes = chain_lanes(s.num_chains, s.chain_method)
@@ -343,13 +357,13 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
     shapes = _nuts_state_shapes(first_starts[0], first_keys, num_warmup=s.num_warmup,
                                 target=s.target_accept, depth=s.max_tree_depth,
                                 dense=s.dense_mass, vectorize=vectorize)  # fmt: skip
-    state0 = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    state0 = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
     if s.chain_method == "sharded":
         state0 = jax.device_put(state0, _chain_sharding())
-    flag = jnp.asarray(True)
+    flag = np.asarray(True)
     quick = quick_compile(bm, _sampler_gradients(s))
     with _Phase() as warm:  # compiled here, once for every lane
-        run, _ = compiled(_nuts_run, state0, first_starts, first_keys, flag, jnp.asarray(1),
+        run, _ = compiled(_nuts_run, state0, first_starts, first_keys, flag, np.asarray(1),
                           data, buffer=buffer, quick=quick, vectorize=vectorize,
                           **opts)  # fmt: skip
 
@@ -357,9 +371,9 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
             """The lane's state after ``chunks`` (from its start when None), and the records."""
             (lane_start, lane_keys), outs = lane, []
             for n in chunks:
-                first = jnp.asarray(state is None)
+                first = np.asarray(state is None)
                 state, out = run(state0 if state is None else state, lane_start, lane_keys,
-                                 first, jnp.asarray(n), data)  # fmt: skip
+                                 first, np.asarray(n), data)  # fmt: skip
                 outs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], out))  # no program
                 with lock:
                     bar.update(n * (len(lane_keys) if vectorize else 1))
@@ -459,7 +473,7 @@ def _constrain_all(positions, data, spec):
 def _constrained_samples(positions, data, spec, quick: bool = False) -> dict:
     """Unconstrained positions (chains, draws, ...) -> constrained sample sites, same shape."""
     chains, draws = jax.tree.leaves(positions)[0].shape[:2]
-    flat = jax.tree.map(lambda a: jnp.asarray(a).reshape(-1, *a.shape[2:]), positions)
+    flat = jax.tree.map(lambda a: np.asarray(a).reshape(-1, *a.shape[2:]), positions)
     constrain, _ = compiled(_constrain_all, flat, data, spec=spec, quick=quick)
     return {
         k: np.asarray(v).reshape(chains, draws, *v.shape[1:])
@@ -480,7 +494,7 @@ def run_blackjax(bm: BayesModel, s: NutsOptions) -> Draws:
     """BlackJAX NUTS after Stan-style window adaptation, over the lanes of :func:`chain_lanes`."""
     from tqdm.auto import tqdm
 
-    keys = _keys(s.seed)
+    keys = _keys(s.seed, s.num_chains)
     init = bm.init_params(keys["init"], s.num_chains)
     spec, data = bm.spec, bm.data
     bar = tqdm(total=(s.num_warmup + s.num_samples) * s.num_chains, unit="draw",
@@ -488,8 +502,7 @@ def run_blackjax(bm: BayesModel, s: NutsOptions) -> Draws:
     # NumPy, as every key and start a lane picks: indexing a JAX array would compile
     # small programs in the lanes' threads at once, whose summed compile times the
     # phases' wall times cannot absorb
-    wkeys = np.asarray(jax.random.split(keys["warmup"], s.num_chains))
-    init = jax.tree.map(np.asarray, init)
+    wkeys = keys["warmup"]
     lanes = chain_lanes(s.num_chains, s.chain_method)
     vectorize = not isinstance(lanes[0], int)
     width = len(lanes[0]) if vectorize else 1
@@ -516,10 +529,7 @@ def run_blackjax(bm: BayesModel, s: NutsOptions) -> Draws:
         step, _ = compiled(_bj_sample, _lane_of(wkeys, lanes[0]), states, eps, imm, data,
                            num_steps=chunks[0], **opts)  # fmt: skip
 
-        chunk_keys = [
-            np.asarray(jax.random.split(jax.random.fold_in(keys["sample"], i), s.num_chains))
-            for i in range(len(chunks))
-        ]
+        chunk_keys = _raw_keys(np.random.default_rng(keys["sample"]), len(chunks), s.num_chains)
 
         def sample_lane(lane):
             c, (states, eps, imm, _) = lane

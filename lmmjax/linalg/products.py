@@ -90,8 +90,13 @@ def zt_parts(layouts, refs, z, M: jax.Array) -> tuple[jax.Array, jax.Array]:
     return parts[0], jnp.concatenate([p.reshape(-1, M2.shape[1]) for p in parts[1:]], axis=0)
 
 
+@jax.jit
 def cross_products(struct: Structure, M: jax.Array) -> CrossProducts:
-    """``Z' M`` and ``M' M`` for dense columns ``M`` (N,) or (N, k); O(N k (d + k))."""
+    """``Z' M`` and ``M' M`` for dense columns ``M`` (N,) or (N, k); O(N k (d + k)).
+
+    One compiled program (called on host data, its operations one by one
+    compiled a small program each: 0.2 s on dillonE1).
+    """
     M2 = jnp.asarray(M, dtype=struct.dtype)
     M2 = M2[:, None] if M2.ndim == 1 else M2
     first, rest = zt_times(struct, M2)
