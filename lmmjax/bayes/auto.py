@@ -15,8 +15,12 @@ compiled, in milliseconds, and deterministic (no timing, no random numbers):
   blocked factorisation (``M_1 d_1^3`` for the first class, ``q_r^3`` for the
   dense Schur block of the others and the cheaper of the dense and the paired
   form of ``B = Z_rest' Z_1``, as :func:`lmmjax.linalg.build_structure` picks).
-  The constants were fitted to the per-gradient times of sleepstudy, Orthodont
-  and dillonE1 (``BayesFit.seconds_per_gradient``).
+  The constants are fitted by ``benchmarks/auto_cost.py``: one chain's value
+  and gradient in a compiled loop, LAPACK on one thread, as the sampler's
+  chains run on a CPU, for every candidate of sleepstudy, Orthodont and eight
+  cognitive-science data sets (38 candidates; predictions within a factor
+  1.3 of the measurement at the median, 2.8 at worst). The constants fitted
+  earlier to vectorised batches of 4 chains were 6x too high.
 * **Funnel depth** ``lambda_l`` of each class: the median over its levels of
   the largest eigenvalue of ``C' Z_m' Z_m C / sigma^2``, the data's precision
   on a level's effects relative to their prior precision, at moment estimates
@@ -45,13 +49,21 @@ from itertools import combinations
 
 import numpy as np
 
-__all__ = ["AutoChoice", "choose_marginal", "funnel_depths", "gradient_seconds"]
+__all__ = [
+    "AutoChoice",
+    "choose_marginal",
+    "funnel_depths",
+    "gradient_features",
+    "gradient_seconds",
+]
 
-T_FIXED = 20e-6  # seconds per gradient: the sampler's and the potential's fixed work
-T_CLASS = 30e-6  # per marginalised class: the factorisation's many small operations
-T_ROW = 20e-9  # per row and column of a gather or segment sum (value and gradient)
-T_FLOP = 1.5e-9  # per multiply-add of the blocked factorisation (value and gradient)
+# fitted by benchmarks/auto_cost.py (one chain, LAPACK on one thread; see the docstring)
+T_FIXED = 3e-6  # seconds per gradient: the sampler's and the potential's fixed work
+T_CLASS = 10e-6  # per marginalised class: the factorisation's many small operations
+T_ROW = 2.2e-9  # per row and column of a gather or segment sum (value and gradient)
+T_FLOP = 1.75e-10  # per multiply-add of the blocked factorisation (value and gradient)
 PAIR_FLOPS = 8.0  # a scattered pair of B rows costs about 8 multiply-adds (linalg's figure)
+COSTS = np.array([T_FIXED, T_CLASS, T_ROW, T_FLOP])
 MAX_SUBSETS_CLASSES = 4  # beyond this, only none, all and single classes are candidates
 
 
@@ -147,6 +159,30 @@ def _pairs_per_level(terms) -> float:
     return float(np.sum(counts * (counts + 1) / 2.0))
 
 
+def gradient_features(terms, marginal, nobs: int, p: int, *, fast: bool = False,
+                      row_sigma: bool = False) -> np.ndarray:  # fmt: skip
+    """The cost model's counts for one evaluation: what ``T_FIXED``, ``T_CLASS``,
+    ``T_ROW`` and ``T_FLOP`` multiply (1, marginalised classes, rows x columns
+    touched, multiply-adds). Arguments as for :func:`gradient_seconds`.
+    """
+    marg = [t for t, m in zip(terms, marginal, strict=True) if m]
+    sampled = [t for t, m in zip(terms, marginal, strict=True) if not m]
+    q = sum(t.q for t in marg)
+    if fast:
+        return np.array([1.0, 1.0, 0.0, q * (p + 1)])
+    cols = 0 if not sampled and not row_sigma else p + sum(t.d for t in terms)
+    cols += sum(t.d * t.d for t in marg) if row_sigma else 0
+    flops = sum(t.nlevels * t.d**2 for t in sampled) + (q * (p + 1) if not cols else 0)
+    if marg:
+        first, q_rest = marg[0], q - marg[0].q
+        flops += first.nlevels * first.d**3 + q_rest**3
+        if q_rest:
+            dense_b = q_rest * first.q * (q_rest + first.d)
+            paired = PAIR_FLOPS * _pairs_per_level(marg) * first.d**2
+            flops += dense_b if row_sigma else min(dense_b, paired)
+    return np.array([1.0, len(marg), nobs * cols, flops], dtype=float)
+
+
 def gradient_seconds(terms, marginal, nobs: int, p: int, *, fast: bool = False,
                      row_sigma: bool = False) -> float:  # fmt: skip
     """Predicted seconds of one potential-and-gradient evaluation (the module's cost model).
@@ -163,22 +199,8 @@ def gradient_seconds(terms, marginal, nobs: int, p: int, *, fast: bool = False,
     row_sigma : bool
         Sigma has a linear predictor (row-scaled Grams, dense ``B``).
     """
-    marg = [t for t, m in zip(terms, marginal, strict=True) if m]
-    sampled = [t for t, m in zip(terms, marginal, strict=True) if not m]
-    q = sum(t.q for t in marg)
-    if fast:
-        return T_FIXED + T_CLASS + T_FLOP * q * (p + 1)
-    cols = 0 if not sampled and not row_sigma else p + sum(t.d for t in terms)
-    cols += sum(t.d * t.d for t in marg) if row_sigma else 0
-    flops = sum(t.nlevels * t.d**2 for t in sampled) + (q * (p + 1) if not cols else 0)
-    if marg:
-        first, q_rest = marg[0], q - marg[0].q
-        flops += first.nlevels * first.d**3 + q_rest**3
-        if q_rest:
-            dense_b = q_rest * first.q * (q_rest + first.d)
-            paired = PAIR_FLOPS * _pairs_per_level(marg) * first.d**2
-            flops += dense_b if row_sigma else min(dense_b, paired)
-    return T_FIXED + T_CLASS * len(marg) + T_ROW * nobs * cols + T_FLOP * flops
+    counts = gradient_features(terms, marginal, nobs, p, fast=fast, row_sigma=row_sigma)
+    return float(np.dot(COSTS, counts))
 
 
 def _candidates(n: int) -> list[tuple[bool, ...]]:

@@ -12,9 +12,14 @@ Small models compile the sampler without XLA's LLVM optimisation passes
 (:data:`lmmjax.cache.QUICK_COMPILE`) when the run is predicted to be short:
 ``(num_warmup + num_samples) * QUICK_STEPS * t`` below ``QUICK_SECONDS``, with
 ``t`` the cost model's seconds per gradient (:func:`lmmjax.bayes.auto.gradient_seconds`).
-On Orthodont (``all``, 4 chains x 2,000 iterations, the 2-core CPU shared) that
-halved the compile (20.4 -> 10.2 s) and doubled the per-gradient cost (0.09 ->
-0.18 ms): the fit went from 28.9 to 22.0 s. Larger models keep the optimised build.
+When chains were vectorised, on Orthodont (``all``, 4 chains x 2,000
+iterations) that halved the compile (20.4 -> 10.2 s) and doubled the
+per-gradient cost (0.09 -> 0.18 ms): the fit went from 28.9 to 22.0 s. With
+one unbatched program per chain over a flat position vector the compile
+barely shrinks (sleepstudy and Orthodont, 2 chains x 300 iterations: 0-0.6 s,
+within the noise) while the gradient still costs 1.5-2x, and at 4 x 2,000
+iterations Orthodont took 7.2 s quick against 5.7 s optimised; so only runs
+predicted under a quarter of a second (and the recovery's draws) compile quickly.
 """
 
 from __future__ import annotations
@@ -89,7 +94,7 @@ class _Phase:
 
 
 QUICK_STEPS = 32  # gradients per iteration assumed by the quick-compile rule
-QUICK_SECONDS = 4.0  # predicted sampling seconds below which the sampler compiles quickly
+QUICK_SECONDS = 0.25  # predicted sampling seconds below which the sampler compiles quickly
 
 
 def quick_compile(bm: BayesModel, gradients: float) -> bool:
