@@ -607,9 +607,9 @@ class BayesFit:
         """Per quantity {mean, sd, hdi_low, hdi_high, ess_bulk, r_hat} (JSON's ``posterior``)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            az = _arviz()
-            ess = az.ess(self.idata, method="bulk")
-            rhat = az.rhat(self.idata)
+            az, names = _arviz(), self.parameter_names()  # not the effects: unused here
+            ess = az.ess(self.idata, var_names=names, method="bulk")
+            rhat = az.rhat(self.idata, var_names=names)
         out: dict[str, dict] = {}
 
         def add(label, draws, ess_v, rhat_v):
