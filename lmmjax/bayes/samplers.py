@@ -203,7 +203,7 @@ def _nuts_kernels(spec: BayesSpec, data, *, sites, num_warmup, target, depth, de
     return init, sample_kernel
 
 
-def _inverse_mass(bm: BayesModel, num_chains: int, dense: bool) -> jax.Array:
+def _inverse_mass(bm: BayesModel, num_chains: int, dense: bool) -> np.ndarray:
     """Each chain's starting inverse mass matrix, :meth:`BayesModel.inverse_mass_guess`.
 
     Flattened as the positions (:func:`_ravel`); ``(chains, D)``, or
