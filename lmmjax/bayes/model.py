@@ -46,6 +46,7 @@ import numpyro.distributions as dist
 from numpyro.infer.util import potential_energy
 
 from lmmjax.bayes.auto import AutoChoice, choose_marginal
+from lmmjax.bayes.lkj import lkj_cholesky
 from lmmjax.bayes.marginal import KernelData, marginal_loglik
 from lmmjax.bayes.moments import RowMoments, row_moments
 from lmmjax.bayes.priors import (
@@ -290,7 +291,7 @@ def lmm_model(data: KernelData, spec: BayesSpec) -> None:
             )
         if spec.correlated[k]:
             eta = jnp.asarray(pri.corr[k].scale[0], dtype)
-            params[f"L_{name}"] = numpyro.sample(f"L_{name}", dist.LKJCholesky(spec.d[k], eta))
+            params[f"L_{name}"] = numpyro.sample(f"L_{name}", lkj_cholesky(spec.d[k], eta))
         if not spec.marginal[k]:
             shape = (spec.nlevels[k], spec.d[k])
             params[f"z_{name}"] = numpyro.sample(
@@ -309,7 +310,7 @@ def _sigma_sites(sub: SigmaSpec, dtype) -> dict:
         out[f"sd_{site}"] = numpyro.sample(f"sd_{site}", sd_prior)
         if sub.correlated[k]:
             eta = jnp.asarray(pri.corr[k].scale[0], dtype)
-            out[f"L_{site}"] = numpyro.sample(f"L_{site}", dist.LKJCholesky(sub.d[k], eta))
+            out[f"L_{site}"] = numpyro.sample(f"L_{site}", lkj_cholesky(sub.d[k], eta))
         shape = (sub.nlevels[k], sub.d[k])
         out[f"z_{site}"] = numpyro.sample(
             f"z_{site}", dist.Normal(jnp.zeros(shape, dtype), 1.0).to_event(2)
