@@ -46,5 +46,5 @@ def test_density_integrates_to_one_and_draws_follow_it():
 
 
 def test_general_dimensions_stay_numpyro():
-    assert isinstance(lkj_cholesky(2, 2.0), LKJCholesky2)
-    assert isinstance(lkj_cholesky(3, 2.0), dist.LKJCholesky)
+    assert isinstance(lkj_cholesky(2, 2.0, jnp.float64), LKJCholesky2)
+    assert isinstance(lkj_cholesky(3, 2.0, jnp.float64), dist.LKJCholesky)

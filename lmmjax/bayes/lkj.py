@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
+import scipy.special
 from jax.scipy.special import betaln
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import Transform, biject_to
@@ -77,6 +79,19 @@ def _transform_to_corr_cholesky_2(constraint):
     return TanhCorrCholesky2()
 
 
+def _log_normalizer(eta):
+    """``(2 eta - 1) log 2 + log B(eta, eta)``, on the host when ``eta`` is a constant.
+
+    (JAX's ``betaln`` is about 50 operations in a traced potential, though its
+    argument is a prior's constant.)
+    """
+    try:
+        e = np.asarray(eta, dtype=float)
+    except jax.errors.TracerArrayConversionError:
+        return (2.0 * eta - 1.0) * jnp.log(2.0) + betaln(eta, eta)
+    return (2.0 * e - 1.0) * np.log(2.0) + scipy.special.betaln(e, e)
+
+
 class LKJCholesky2(dist.Distribution):
     """NumPyro's ``LKJCholesky(2, concentration)``, written out (see the module docstring).
 
@@ -91,14 +106,15 @@ class LKJCholesky2(dist.Distribution):
     reparametrized_params = ["concentration"]
 
     def __init__(self, concentration=1.0, *, validate_args=None):
-        self.concentration = jnp.asarray(concentration)
+        self.concentration = concentration  # a constant stays on the host: _log_normalizer
         super().__init__(batch_shape=jnp.shape(concentration), event_shape=(2, 2),
                          validate_args=validate_args)  # fmt: skip
 
     def log_prob(self, value):
         eta = self.concentration
         log_l22 = jnp.log(value[..., 1, 1])  # sqrt(1 - rho^2)
-        return 2.0 * (eta - 1.0) * log_l22 - (2.0 * eta - 1.0) * jnp.log(2.0) - betaln(eta, eta)
+        out = 2.0 * (eta - 1.0) * log_l22 - _log_normalizer(eta)
+        return jnp.asarray(out, dtype=value.dtype)
 
     def sample(self, key, sample_shape=()):
         shape = sample_shape + self.batch_shape
@@ -108,6 +124,12 @@ class LKJCholesky2(dist.Distribution):
         return jnp.stack(rows, -2)
 
 
-def lkj_cholesky(d: int, eta) -> dist.Distribution:
-    """The LKJ prior of a d x d correlation's Cholesky factor: written out for d = 2."""
-    return LKJCholesky2(eta) if d == 2 else dist.LKJCholesky(d, eta)
+def lkj_cholesky(d: int, eta, dtype) -> dist.Distribution:
+    """The LKJ prior of a d x d correlation's Cholesky factor: written out for d = 2.
+
+    ``eta`` a constant (a float or NumPy array) or a JAX array; ``dtype`` the
+    model's float type.
+    """
+    if d == 2:
+        return LKJCholesky2(eta if isinstance(eta, jax.Array) else np.asarray(eta, dtype))
+    return dist.LKJCholesky(d, jnp.asarray(eta, dtype))

@@ -290,8 +290,8 @@ def lmm_model(data: KernelData, spec: BayesSpec) -> None:
                 f"sd_{name}", to_distribution(pri.sd[k], dtype).to_event(1)
             )
         if spec.correlated[k]:
-            eta = jnp.asarray(pri.corr[k].scale[0], dtype)
-            params[f"L_{name}"] = numpyro.sample(f"L_{name}", lkj_cholesky(spec.d[k], eta))
+            eta = np.asarray(pri.corr[k].scale)[0]
+            params[f"L_{name}"] = numpyro.sample(f"L_{name}", lkj_cholesky(spec.d[k], eta, dtype))
         if not spec.marginal[k]:
             shape = (spec.nlevels[k], spec.d[k])
             params[f"z_{name}"] = numpyro.sample(
@@ -309,8 +309,8 @@ def _sigma_sites(sub: SigmaSpec, dtype) -> dict:
         sd_prior = to_distribution(pri.sd[k], dtype).to_event(1)
         out[f"sd_{site}"] = numpyro.sample(f"sd_{site}", sd_prior)
         if sub.correlated[k]:
-            eta = jnp.asarray(pri.corr[k].scale[0], dtype)
-            out[f"L_{site}"] = numpyro.sample(f"L_{site}", lkj_cholesky(sub.d[k], eta))
+            eta = np.asarray(pri.corr[k].scale)[0]
+            out[f"L_{site}"] = numpyro.sample(f"L_{site}", lkj_cholesky(sub.d[k], eta, dtype))
         shape = (sub.nlevels[k], sub.d[k])
         out[f"z_{site}"] = numpyro.sample(
             f"z_{site}", dist.Normal(jnp.zeros(shape, dtype), 1.0).to_event(2)
