@@ -2,10 +2,10 @@
 
 NumPyro's ``LKJCholesky`` and ``CorrCholeskyTransform`` serve any dimension
 through signed stick breaking. For d = 2 (a random intercept and slope, the
-commonest correlated term) they are most of the operations of a small model's
-potential: about 300 of the 1,475 in the value and gradient of dillonE1's
-(two such terms). With one correlation ``rho = tanh(x)`` everything is
-closed form:
+commonest correlated term) they are a large share of a small model's
+potential: the value and gradient of dillonE1's (two such terms) had 1,475
+operations in its jaxpr with them and 913 with this module. With one
+correlation ``rho = tanh(x)`` everything is closed form:
 
 * ``L = [[1, 0], [rho, sqrt(1 - rho^2)]]``, and ``sqrt(1 - rho^2) = sech(x)``;
 * ``(rho + 1) / 2 ~ Beta(eta, eta)``, so ``log p(L) = (eta - 1) log(1 - rho^2)
@@ -14,7 +14,7 @@ closed form:
 * ``log |d rho / d x| = log(1 - tanh(x)^2)``.
 
 These are NumPyro's own density and transform for d = 2, to rounding (a test
-compares them), at a tenth of the operations.
+compares them).
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ class TanhCorrCholesky2(Transform):
         return jnp.arctanh(y[..., 1, 0])[..., None]
 
     def log_abs_det_jacobian(self, x, y, intermediates=None):
-        return 2.0 * _log_sech(x[..., 0])
+        # log(1 - tanh(x)^2) = 2 log sech(x) = 2 log y[1, 1]: reuse the forward's value
+        return 2.0 * (_log_sech(x[..., 0]) if y is None else jnp.log(y[..., 1, 1]))
 
     def forward_shape(self, shape):
         return shape[:-1] + (2, 2)
