@@ -34,7 +34,14 @@ from threadpoolctl import threadpool_limits
 
 import lmmjax  # noqa: F401  (float64)
 from lmmjax.bayes import build_bayes_model
-from lmmjax.bayes.auto import COSTS, _candidates, funnel_depths, gradient_features
+from lmmjax.bayes.auto import (
+    COSTS,
+    _candidates,
+    candidate_label,
+    funnel_depths,
+    funnel_factor,
+    gradient_features,
+)
 from lmmjax.bayes.samplers import _ravel, _sites, _unravel
 from lmmjax.datasets import load_data
 from lmmjax.design import build_model
@@ -97,8 +104,7 @@ def measure(data_dir: Path, steps: int) -> pd.DataFrame:
         y = np.log(model.y) if likelihood == "lognormal" else np.asarray(model.y)
         depths = funnel_depths(y, model.X, terms)
         for marginal in _candidates(len(terms)):
-            label = "all" if all(marginal) else ("none" if not any(marginal) else "+".join(
-                t.group for t, m in zip(terms, marginal, strict=True) if m))  # fmt: skip
+            label = candidate_label(marginal, [t.group for t in terms])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 chosen = [t.group for t, m in zip(terms, marginal, strict=True) if m]
@@ -109,8 +115,7 @@ def measure(data_dir: Path, steps: int) -> pd.DataFrame:
             with threadpool_limits(limits=1, user_api="blas"):
                 t = seconds_per_gradient(bm, steps)
             feats = gradient_features(terms, bm.spec.marginal, len(y), model.X.shape[1])
-            factor = 1.0 + max([d for d, m in zip(depths, marginal, strict=True) if not m],
-                               default=0.0)  # fmt: skip
+            factor = funnel_factor(depths, marginal)
             rows.append({"data": name, "candidate": label, "measured_us": 1e6 * t,
                          "factor": factor, **dict(zip(NAMES, feats, strict=True))})  # fmt: skip
             print(f"  {name:>12} {label:>22}: {1e6 * t:8.1f} us", flush=True)

@@ -51,8 +51,10 @@ import numpy as np
 
 __all__ = [
     "AutoChoice",
+    "candidate_label",
     "choose_marginal",
     "funnel_depths",
+    "funnel_factor",
     "gradient_features",
     "gradient_seconds",
 ]
@@ -203,6 +205,20 @@ def gradient_seconds(terms, marginal, nobs: int, p: int, *, fast: bool = False,
     return float(np.dot(COSTS, counts))
 
 
+def funnel_factor(depths, marginal) -> float:
+    """``1 + max lambda`` over the sampled classes (1 when every class is marginalised)."""
+    return 1.0 + max([d for d, m in zip(depths, marginal, strict=True) if not m], default=0.0)
+
+
+def candidate_label(marginal, names) -> str:
+    """``"all"``, ``"none"`` or the marginalised classes' names joined by ``+``."""
+    if all(marginal):
+        return "all"
+    if not any(marginal):
+        return "none"
+    return "+".join(nm for nm, m in zip(names, marginal, strict=True) if m)
+
+
 def _candidates(n: int) -> list[tuple[bool, ...]]:
     """Marginalised sets to consider: all, none, then subsets (all of them up to 4 classes)."""
     out = [(True,) * n, (False,) * n]
@@ -256,10 +272,7 @@ def choose_marginal(
             continue
         fast = bool(fast_eligible(marginal)) if fast_eligible is not None else False
         t = gradient_seconds(terms, marginal, n, p, fast=fast, row_sigma=row_sigma)
-        factor = 1.0 + max([d for d, m in zip(depths, marginal, strict=True) if not m],
-                           default=0.0)  # fmt: skip
-        label = "all" if all(marginal) else ("none" if not any(marginal) else "+".join(
-            nm for nm, m in zip(names, marginal, strict=True) if m))  # fmt: skip
+        factor, label = funnel_factor(depths, marginal), candidate_label(marginal, names)
         rows.append((label, float(t), float(factor), float(t * factor)))
         if best is None or t * factor < best[1]:
             best = (marginal, t * factor)
