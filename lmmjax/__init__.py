@@ -14,6 +14,7 @@ from lmmjax.precision import get_precision, set_precision  # noqa: I001  (sets f
 import importlib
 
 from lmmjax.cache import enable_compilation_cache
+from lmmjax.memory import tune_allocator
 from lmmjax.errors import LmmInputError, LmmWarning, NotBuiltError
 from lmmjax.terms import Term
 from lmmjax.api import lmm
@@ -22,6 +23,7 @@ from lmmjax.options import NutsOptions, RemlOptions
 from lmmjax.output import Fit
 
 enable_compilation_cache()
+tune_allocator()
 
 # names exported here but defined in modules that load on first use
 _LAZY = {

@@ -16,7 +16,9 @@ trace it: tracing and lowering sleepstudy's Satterthwaite program took
 0.76 s, deserializing and lowering its export 0.02 s. The key holds a hash of
 lmmjax's own source, so any change to the code starts afresh. Every program
 is compiled from its export, first run or not, so that the persistent cache
-holds one entry for it.
+holds one entry for it. Programs that call :mod:`lmmjax.lapack`'s foreign
+target are exported with that target allowed, and a process registers it
+before it compiles such an export.
 """
 
 from __future__ import annotations
@@ -164,8 +166,12 @@ def _from_export(fn: Callable, args: tuple, static: dict, key: tuple, options):
     try:
         from jax import export
 
+        from lmmjax.lapack import TARGET, register
+
         if path.exists():
             out_tree, blob = pickle.loads(path.read_bytes())
+            if TARGET.encode() in blob:  # its handler, before the program is built
+                register()
             exported = export.deserialize(bytearray(blob))
         else:
             out_tree = []
@@ -176,7 +182,8 @@ def _from_export(fn: Callable, args: tuple, static: dict, key: tuple, options):
                 out_tree.append(tree)
                 return leaves_out
 
-            exported = export.export(jax.jit(flat))(*leaves)
+            allowed = [export.DisabledSafetyCheck.custom_call(TARGET)]
+            exported = export.export(jax.jit(flat), disabled_checks=allowed)(*leaves)
             out_tree = out_tree[0]
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")

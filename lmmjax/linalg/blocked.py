@@ -164,11 +164,17 @@ def schur_weights(struct: Structure, lam1: jax.Array) -> jax.Array:
     return jnp.einsum("gka,gkb->gab", Y, Y)
 
 
-def schur_blocks(struct: Structure, lambdas: tuple) -> tuple[jax.Array, jax.Array]:
+def schur_blocks(
+    struct: Structure, lambdas: tuple, *, lower: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """``L11`` (batched Cholesky of the first block) and the dense Schur complement ``A22``.
 
     ``A22 = Lambda_r' (C - B W B') Lambda_r + I`` is returned unfactored, shape
-    (q_rest, q_rest); it is empty when the model has one term.
+    (q_rest, q_rest); it is empty when the model has one term. With ``lower``
+    only its lower triangle is meant (for ``logdet_quad(..., lower=True)``):
+    where ``B W B'`` comes from the pairs and every other term is scalar,
+    ``A22`` is then assembled without a transpose of a (q_rest, q_rest) array
+    (InstEval's 1156 x 1156 block: value and gradient 88 -> 82 ms in one A/B run).
     """
     layout = struct.layout
     lam1 = lambdas[0]
@@ -187,10 +193,13 @@ def schur_blocks(struct: Structure, lambdas: tuple) -> tuple[jax.Array, jax.Arra
     elif layout.dense_pairs:  # S = sum_g <W_g, B_g B_g'> over the Gram groups, held dense
         tri = struct.pair_val.reshape(struct.pair_val.shape[0], -1) @ W.reshape(-1)
         S = tri[packed_index(q)]
-    else:  # S from the aggregated pairs of B rows that share a level
+    else:  # S from the aggregated pairs of B rows that share a level (lower triangle)
         vals = jnp.einsum("pab,pab->p", struct.pair_val, W[struct.pair_group])
         S = jax.ops.segment_sum(vals, struct.pair_entry, q * q, indices_are_sorted=True)
         S = S.reshape(q, q)
+        if lower and all(t.d == 1 for t in layout.rest):  # Lambda_r diagonal: no transposes
+            scale = rest_left(jnp.ones((q, 1), S.dtype), lambdas, layout)
+            return L11, scale * (struct.C - S) * scale.T + jnp.eye(q, dtype=S.dtype)
         S = S + S.T - jnp.diag(jnp.diag(S))
     M = struct.C - S
     A22 = rest_left(rest_left(M, lambdas, layout).T, lambdas, layout) + jnp.eye(q, dtype=M.dtype)
@@ -249,13 +258,13 @@ def logdet_and_quad(struct: Structure, lambdas: tuple, xp: CrossProducts):
     quad : array (k, k)
     """
     c1, c2 = lambda_t(struct, lambdas, xp)
-    L11, A22 = schur_blocks(struct, lambdas)
+    L11, A22 = schur_blocks(struct, lambdas, lower=True)
     w1 = tri_solve(L11, c1)
     logdet_A = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L11, axis1=1, axis2=2)))
     quad = jnp.einsum("mak,mal->kl", w1, w1)
     if struct.layout.has_rest:
         R2 = c2 - l21_times(struct, L11, lambdas, w1)
-        logdet_22, quad_22 = logdet_quad(A22, R2)
+        logdet_22, quad_22 = logdet_quad(A22, R2, lower=True)
         logdet_A, quad = logdet_A + logdet_22, quad + quad_22
     return logdet_A, quad
 

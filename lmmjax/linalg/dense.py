@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lmmjax.lapack import POTRI_MIN, spd_inverse
+
 # Matrices up to this size are factored and solved by unrolled elementwise code. Larger
 # blocks compile too slowly once differentiated: the third derivatives that the MAP
 # method's Laplace search takes of a 4 x 4 block compiled 5x slower than through LAPACK.
@@ -97,45 +99,58 @@ def tri_solve(L: jax.Array, B: jax.Array, *, transpose: bool = False) -> jax.Arr
     return jnp.stack(jnp.broadcast_arrays(*x), axis=-2)
 
 
-def logdet_quad(A: jax.Array, R: jax.Array) -> tuple[jax.Array, jax.Array]:
+def logdet_quad(A: jax.Array, R: jax.Array, *, lower: bool = False) -> tuple[jax.Array, jax.Array]:
     """``log|A|`` and ``R' A^{-1} R`` for symmetric positive definite ``A``.
 
     Parameters
     ----------
     A : array (q, q)
     R : array (q, k)
+    lower : bool
+        Read only ``A``'s lower triangle (the upper one may hold anything):
+        no pass over ``A`` symmetrises it, and ``A``'s gradient is in the same
+        form, lower triangle only, each off-diagonal entry counted twice.
 
     Returns
     -------
     logdet : scalar
     Q : array (k, k)
     """
-    # The switch is an argument of the custom rule, not a global read inside it: JAX keeps
-    # the traces of a custom_vjp's rules, and would reuse one traced under the other setting
-    return _logdet_quad(A, R, _UNROLL[-1])
+    # The switches are arguments of the custom rule, not globals read inside it: JAX keeps
+    # the traces of a custom_vjp's rules, and would reuse one traced under another setting
+    return _logdet_quad(A, R, _UNROLL[-1], lower)
 
 
-def _forward(A, R, unroll):
+def _forward(A, R, unroll, lower):
     with _pushed(_UNROLL, unroll):
-        L = cholesky(A)
+        if lower and A.shape[0] > SMALL:
+            L = lax.linalg.cholesky(A, symmetrize_input=False)
+        else:  # the unrolled factor reads the lower triangle only anyway
+            L = cholesky(A)
         W = tri_solve(L, R)
     return (2.0 * jnp.sum(jnp.log(jnp.diagonal(L))), W.T @ W), (L, W)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _logdet_quad(A, R, unroll):
-    return _forward(A, R, unroll)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _logdet_quad(A, R, unroll, lower):
+    return _forward(A, R, unroll, lower)[0]
 
 
-def _backward(unroll, res, cotangents):
+def _backward(unroll, lower, res, cotangents):
     L, W = res
     ld_bar, Q_bar = cotangents
     with _pushed(_UNROLL, unroll):
-        eye = jnp.eye(L.shape[0], dtype=L.dtype)
-        A_inv = tri_solve(L, tri_solve(L, eye), transpose=True)
+        if L.shape[0] >= POTRI_MIN:
+            A_inv = spd_inverse(L)
+        else:
+            A_inv = tri_solve(L, tri_solve(L, jnp.eye(L.shape[0], dtype=L.dtype)), transpose=True)
         A_inv_R = tri_solve(L, W, transpose=True)
     Q_sym = 0.5 * (Q_bar + Q_bar.T)
     A_bar = ld_bar * A_inv - A_inv_R @ Q_sym @ A_inv_R.T
+    if lower:  # d f / d A_ab for a > b, where A_ab stands for A_ba too
+        rows = lax.broadcasted_iota(jnp.int32, A_bar.shape, 0)
+        cols = lax.broadcasted_iota(jnp.int32, A_bar.shape, 1)
+        A_bar = jnp.where(rows > cols, 2.0 * A_bar, jnp.where(rows == cols, A_bar, 0.0))
     return A_bar, 2.0 * A_inv_R @ Q_sym
 
 

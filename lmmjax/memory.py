@@ -1,0 +1,48 @@
+"""Large XLA buffers from the heap, not from fresh pages each run.
+
+XLA's CPU runtime allocates every buffer of a program anew on each run.
+glibc's ``malloc`` serves blocks above its mmap threshold (128 KiB at start)
+with ``mmap`` and returns them with ``munmap``, so each run of a program with
+large temporaries touches fresh pages, and the kernel zero-fills every one of
+them on first write. For InstEval's 1156 x 1156 Schur block (10.7 MB per
+temporary) a value and gradient took 90 ms that way and 60 ms with the
+threshold at 64 MiB (``benchmarks/reml_speed.py``): ten-megabyte fills
+ran at about 3 GB/s, page-fault bound.
+
+:func:`tune_allocator` raises the threshold once, at import. Set
+``LMMJAX_MMAP_THRESHOLD`` (bytes) to choose it, or to ``0`` to leave
+``malloc`` as it is. Elsewhere than glibc it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+__all__ = ["MMAP_THRESHOLD", "tune_allocator"]
+
+MMAP_THRESHOLD = 64 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
+
+
+def tune_allocator() -> bool:
+    """Raise glibc's mmap threshold to ``LMMJAX_MMAP_THRESHOLD`` (default :data:`MMAP_THRESHOLD`).
+
+    Returns
+    -------
+    bool
+        Whether the threshold was set.
+    """
+    raw = os.environ.get("LMMJAX_MMAP_THRESHOLD", str(MMAP_THRESHOLD))
+    try:
+        threshold = int(raw)
+    except ValueError:
+        raise ValueError(f"LMMJAX_MMAP_THRESHOLD must be a number of bytes, got {raw!r}") from None
+    if threshold <= 0:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
+    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, min(threshold, 2**31 - 1)))
