@@ -210,10 +210,28 @@ def group_index(data: pd.DataFrame, factors: Sequence[str]) -> tuple[np.ndarray,
     the factors' own levels, labelled ``"a:b"`` as lme4 does.
     """
     codes, labels = zip(*(_factor_codes(data[f], f) for f in factors), strict=True)
-    stacked = np.stack(codes, axis=1)
-    combos, refs = np.unique(stacked, axis=0, return_inverse=True)
+    sizes = [len(lab) for lab in labels]
+    if np.prod(sizes, dtype=float) >= 2.0**62:  # the combined key would overflow
+        combos, refs = np.unique(np.stack(codes, axis=1), axis=0, return_inverse=True)
+    else:
+        key = np.zeros(len(data), np.int64)  # lexicographic: the first factor varies slowest
+        for c, k in zip(codes, sizes, strict=True):
+            key = key * k + c
+        uniq, refs = _dense_unique(key)
+        combos = np.stack(np.unravel_index(uniq, sizes), axis=1)
     names = tuple(":".join(labels[k][c] for k, c in enumerate(row)) for row in combos)
     return refs.reshape(-1).astype(np.int32), names
+
+
+def _dense_unique(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(key, return_inverse=True)`` for non-negative integers, by counting
+    where the keys' range is small (InstEval's three factors: 0.15 -> 0.03 s)."""
+    top = int(key.max(initial=-1)) + 1
+    if top > 4 * key.size + (1 << 20):  # a sparse range: sort
+        return np.unique(key, return_inverse=True)
+    present = np.bincount(key, minlength=top) > 0
+    rank = np.cumsum(present) - 1
+    return np.flatnonzero(present), rank[key]
 
 
 def _as_factors(data: pd.DataFrame, columns: set[str]) -> pd.DataFrame:

@@ -340,7 +340,12 @@ def optimize_theta(
     est = None
     if struct.q > QUICK_MAX_Q:  # large: the compiled loop, evaluations dominate
         dtype = struct.dtype
-        args = (struct, xp, jnp.asarray(theta_scale(terms), dtype),
+        # Scaled so that the largest is 1: L-BFGS is unchanged by a common factor except
+        # for its first trial step, a unit step in phi, which is then about a unit step in
+        # the largest term's theta instead of 1 / sqrt(M_l) of one (InstEval: 17
+        # evaluations against 22, where the first line search doubled the step 6 times)
+        scale = theta_scale(terms) / np.max(theta_scale(terms), initial=1.0)
+        args = (struct, xp, jnp.asarray(scale, dtype),
                 jnp.asarray(options.maxiter), jnp.asarray(gtol, dtype))  # fmt: skip
 
         def minimise(start):
