@@ -25,7 +25,7 @@ import numpy as np
 
 from lmmjax.linalg.blocked import Moments, effects, lambda_t, to_blocked
 from lmmjax.linalg.products import CrossProducts, DenseProducts
-from lmmjax.linalg.structure import Structure, dense_gram
+from lmmjax.linalg.structure import Structure, dense_gram, device_array
 
 
 class EigenSystem(NamedTuple):
@@ -81,15 +81,15 @@ def eigen_precompute(struct: Structure, factors, xp: CrossProducts) -> EigenSyst
     """
     lam, Q = np.linalg.eigh(_t_sandwich(dense_gram(struct), struct, factors))
     dtype = struct.dtype
-    T = tuple(jnp.asarray(np.asarray(f), dtype=dtype) for f in factors)
+    T = tuple(device_array(f, dtype) for f in factors)
     c1, c2 = lambda_t(struct, T, xp)
     tz = np.concatenate([np.asarray(c1).reshape(-1, c1.shape[-1]), np.asarray(c2)], axis=0)
     Qt = np.ascontiguousarray(Q.T)
     return EigenSystem(
-        jnp.asarray(Qt, dtype=dtype),
-        jnp.asarray(np.clip(lam, 0.0, None), dtype=dtype),
+        device_array(Qt, dtype),
+        device_array(np.clip(lam, 0.0, None), dtype),
         T,
-        DenseProducts(jnp.asarray(Qt @ tz, dtype=dtype), jnp.asarray(xp.gram, dtype=dtype)),
+        DenseProducts(device_array(Qt @ tz, dtype), device_array(xp.gram, dtype)),
     )
 
 

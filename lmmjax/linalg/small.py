@@ -38,6 +38,7 @@ import scipy.sparse
 
 from lmmjax.linalg.dense import cholesky, logdet_quad, tri_solve
 from lmmjax.linalg.products import DenseProducts
+from lmmjax.linalg.structure import device_array
 
 __all__ = [
     "MAX_Q",
@@ -206,13 +207,13 @@ def small_system(terms, M: np.ndarray, dtype, *, pad_fixed: bool = False):
     K = bucket(pos.size, _LEAST["K"])
     pad = K - pos.size
     system = SmallSystem(
-        jnp.asarray(ZtZ, dtype),
-        jnp.asarray(np.concatenate([pos, np.zeros(pad, np.int64)]), jnp.int32),
-        jnp.asarray(np.concatenate([which, np.full(pad, T, np.int64)]), jnp.int32),
-        jnp.asarray(float(M.shape[0]), dtype),
-        jnp.asarray(float(k - 1), dtype),
+        device_array(ZtZ, dtype),
+        device_array(np.concatenate([pos, np.zeros(pad, np.int64)]), np.int32),
+        device_array(np.concatenate([which, np.full(pad, T, np.int64)]), np.int32),
+        device_array(float(M.shape[0]), dtype),
+        device_array(float(k - 1), dtype),
     )
-    products = DenseProducts(jnp.asarray(ZtM, dtype), jnp.asarray(MtM, dtype))
+    products = DenseProducts(device_array(ZtM, dtype), device_array(MtM, dtype))
     return system, products, SmallLayout(nth, T, tuple(spans), k - 1)
 
 

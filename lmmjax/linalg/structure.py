@@ -25,6 +25,20 @@ import scipy.sparse
 from lmmjax.terms import Term
 
 
+def device_array(a, dtype) -> jax.Array:
+    """``a`` as a device array of ``dtype``, converted on the host.
+
+    ``jnp.asarray(a, dtype)`` converts on the device where the dtypes differ
+    or ``a`` is a Python number: an eager one-operation program, compiled on
+    its first use in every process (15-75 ms each on the 2-core CPU), and
+    never kept by the persistent cache, which skips programs that fast to
+    compile.
+    """
+    if isinstance(a, jax.Array):
+        return a if a.dtype == dtype else a.astype(dtype)
+    return jax.device_put(np.asarray(a, dtype=dtype))
+
+
 @dataclass(frozen=True)
 class TermLayout:
     """Static shape information of one term."""
@@ -461,8 +475,8 @@ def assemble_structure(
     Gw, wgroup = np.unique(np.asarray(G1).reshape(m1, -1), axis=0, return_inverse=True)
     Gw = Gw.reshape(-1, d1, d1)
     wgroup = wgroup.reshape(-1)
-    f = lambda a: jax.numpy.asarray(a, dtype=dtype)  # noqa: E731
-    i = lambda a: jax.numpy.asarray(a, dtype=jax.numpy.int32)  # noqa: E731
+    f = lambda a: device_array(a, dtype)  # noqa: E731
+    i = lambda a: device_array(a, np.int32)  # noqa: E731
     b_row_j, b_lev_j, b_val_j = i(b_row), i(b_lev), f(b_val)
     b_row, b_lev, b_val = np.asarray(b_row_j), np.asarray(b_lev_j), np.asarray(b_val_j)
     form = "pairs"

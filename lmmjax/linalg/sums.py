@@ -25,6 +25,7 @@ from lmmjax.linalg.structure import (
     TermLayout,
     assemble_structure,
     b_entries,
+    device_array,
     gram_sums,
 )
 
@@ -160,7 +161,7 @@ class BEntries:
         row = jax.numpy.asarray((key % q_rest).astype(np.int32))
         lev = jax.numpy.asarray((key // q_rest).astype(np.int32))
         del key
-        return row, lev, jax.numpy.asarray(val, dtype=dtype)
+        return row, lev, device_array(val, dtype)
 
 
 def assemble_from_sums(
@@ -183,5 +184,5 @@ def assemble_from_sums(
     struct = assemble_structure(
         layouts, host.G1, b_row, b_lev, b_val, host.C, nobs=nobs, dtype=dtype, schur=schur
     )
-    f = lambda a: jax.numpy.asarray(a, dtype=dtype)  # noqa: E731
+    f = lambda a: device_array(a, dtype)  # noqa: E731
     return struct, CrossProducts(f(host.first), f(host.rest), f(host.gram))

@@ -8,13 +8,12 @@ vmapped, compiled optimiser.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
 from lmmjax.cache import compiled
 from lmmjax.errors import LmmInputError
-from lmmjax.linalg import build_structure, cross_products
+from lmmjax.linalg import build_structure, cross_products, device_array
 from lmmjax.output import sd_and_corr
 from lmmjax.precision import float_dtype
 from lmmjax.reml.objective import weighted_problem
@@ -94,18 +93,18 @@ def bootstrap(fit, nsim: int = 200, seed: int | None = None, batch: int = 250) -
     shift = 0.0 if m.offset is None else m.offset
     sw = 1.0 if m.weights is None else np.sqrt(m.weights)
     dtype = struct.dtype
-    args = (jnp.asarray(fit.theta, dtype), struct)
-    scale = jnp.asarray(theta_scale(m.terms), dtype)
+    args = (device_array(fit.theta, dtype), struct)
+    scale = device_array(theta_scale(m.terms), dtype)
     rows = []
     for start in range(0, nsim, batch):
         part = ys[start : start + batch]
         Ms = np.concatenate([np.broadcast_to(M0[:, :-1], (len(part), *M0[:, :-1].shape)),
                              ((part - shift) * sw)[:, :, None]], axis=2)  # fmt: skip
-        Ms = jnp.asarray(Ms, dtype)
-        run, _ = compiled(_refit_all, *args, Ms, scale, jnp.asarray(500),
-                          jnp.asarray(1e-6, dtype), reml=fit.reml)  # fmt: skip
+        Ms = device_array(Ms, dtype)
+        run, _ = compiled(_refit_all, *args, Ms, scale, device_array(500, np.int64),
+                          device_array(1e-6, dtype), reml=fit.reml)  # fmt: skip
         thetas, betas, sigmas = (np.asarray(a, dtype=float) for a in run(
-            *args, Ms, scale, jnp.asarray(500), jnp.asarray(1e-6, dtype)))  # fmt: skip
+            *args, Ms, scale, device_array(500, np.int64), device_array(1e-6, dtype)))  # fmt: skip
         rows.append(_parameter_table(m, thetas, betas, sigmas))
     return pd.concat(rows, ignore_index=True)
 

@@ -25,7 +25,14 @@ import pandas as pd
 import scipy.special
 
 from lmmjax.cache import compiled
-from lmmjax.linalg import CrossProducts, Structure, gls_gram, make_lambdas, tri_solve
+from lmmjax.linalg import (
+    CrossProducts,
+    Structure,
+    device_array,
+    gls_gram,
+    make_lambdas,
+    tri_solve,
+)
 from lmmjax.reml.objective import nfixed
 
 __all__ = ["VcovDerivatives", "contrast_df", "satterthwaite", "t_table", "vcov_derivatives"]
@@ -95,8 +102,8 @@ def vcov_derivatives(fit) -> VcovDerivatives:
         theta, keep = layout.pad(fit.theta), np.r_[np.arange(layout.ntheta), layout.size]
     else:
         (struct, xp), theta, keep = fit._blocked(), fit.theta, None
-    varpar = jnp.asarray(np.append(theta, fit.sigma), dtype=struct.dtype)
-    nobs = jnp.asarray(float(fit.nobs), dtype=struct.dtype)
+    varpar = device_array(np.append(theta, fit.sigma), struct.dtype)
+    nobs = device_array(float(fit.nobs), struct.dtype)
     quick = struct.q <= 2000  # compile time dominates on small problems
     run, _ = compiled(_pieces, varpar, struct, xp, nobs, quick=quick, reml=fit.reml)
     H, C, J = (np.asarray(a, dtype=float) for a in run(varpar, struct, xp, nobs))

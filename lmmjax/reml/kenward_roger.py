@@ -39,7 +39,7 @@ import numpy as np
 
 from lmmjax.cache import compiled
 from lmmjax.errors import LmmInputError
-from lmmjax.linalg import gls_gram, make_lambdas
+from lmmjax.linalg import device_array, gls_gram, make_lambdas
 
 __all__ = ["KenwardRoger", "kr_ddf", "kr_f_test", "kr_parts"]
 
@@ -123,7 +123,7 @@ def kr_parts(fit) -> KenwardRoger:
     layout = tuple((t.d, *map(lambda a: tuple(map(int, a)), t.theta_index()))
                    for t in fit.model.terms)  # fmt: skip
     phi = [cov[t.theta_index()] for t, cov in zip(fit.model.terms, fit.covariances(), strict=True)]
-    phi = jnp.asarray(np.concatenate([*phi, [fit.sigma**2]]), dtype)
+    phi = device_array(np.concatenate([*phi, [fit.sigma**2]]), dtype)
     run, _ = compiled(_pieces, phi, struct, xp, quick=struct.q <= 2000, layout=layout)
     info, K, P, Q2 = (np.asarray(a, dtype=float) for a in run(phi, struct, xp))
     Phi = np.linalg.inv(info)  # p x p, reported

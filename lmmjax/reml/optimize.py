@@ -30,7 +30,7 @@ import numpy as np
 import scipy.optimize
 
 from lmmjax.cache import compiled
-from lmmjax.linalg import CrossProducts, SmallLayout, Structure
+from lmmjax.linalg import CrossProducts, SmallLayout, Structure, device_array
 from lmmjax.options import RemlOptions
 from lmmjax.reml.objective import Estimates, estimates, padded, profiled_objective
 
@@ -345,11 +345,11 @@ def optimize_theta(
         # the largest term's theta instead of 1 / sqrt(M_l) of one (InstEval: 17
         # evaluations against 22, where the first line search doubled the step 6 times)
         scale = theta_scale(terms) / np.max(theta_scale(terms), initial=1.0)
-        args = (struct, xp, jnp.asarray(scale, dtype),
-                jnp.asarray(options.maxiter), jnp.asarray(gtol, dtype))  # fmt: skip
+        args = (struct, xp, device_array(scale, dtype),
+                device_array(options.maxiter, np.int64), device_array(gtol, dtype))  # fmt: skip
 
         def minimise(start):
-            th = jnp.asarray(start, dtype)
+            th = device_array(start, dtype)
             run, seconds = compiled(lbfgs_loop, th, *args, reml=reml)
             f.compile_seconds += seconds
             theta, value, grad, it, est = run(th, *args)

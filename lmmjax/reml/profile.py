@@ -35,7 +35,7 @@ import scipy.optimize
 import scipy.special
 
 from lmmjax.cache import compiled
-from lmmjax.linalg import gls_gram, make_lambdas
+from lmmjax.linalg import device_array, gls_gram, make_lambdas
 from lmmjax.reml.inference import deviance
 from lmmjax.terms import unique_group_names
 
@@ -197,7 +197,7 @@ def profile_confint(fit, level: float = 0.95) -> pd.DataFrame:
     dtype = struct.dtype
     c = float(np.sqrt(scipy.special.chdtri(1, 1.0 - level)))
     layout, names, is_cor = sdcor_layout(ml.model.terms)
-    nobs = jnp.asarray(float(ml.nobs), dtype)
+    nobs = device_array(float(ml.nobs), dtype)
     s_hat = _sdcor(ml, layout)
     quick = struct.q <= 2000
 
@@ -205,20 +205,21 @@ def profile_confint(fit, level: float = 0.95) -> pd.DataFrame:
     k = s_hat.size
     u_hat = np.where(is_cor, np.arctanh(np.clip(s_hat, -1 + 1e-12, 1 - 1e-12)),
                      np.log(np.maximum(s_hat, 1e-300)))  # fmt: skip
-    args = (jnp.asarray(u_hat, dtype), jnp.asarray(0.0, dtype), jnp.zeros(k, bool),
-            jnp.asarray(is_cor), struct, xp, nobs)  # fmt: skip
+    args = (device_array(u_hat, dtype), device_array(0.0, dtype),
+            device_array(np.zeros(k, bool), bool), device_array(is_cor, bool),
+            struct, xp, nobs)  # fmt: skip
     run_v, _ = compiled(_varpar_value_grad, *args, quick=quick, layout=layout)
     base = float(run_v(*args)[0])
-    run_h, _ = compiled(_varpar_hessian, jnp.asarray(s_hat, dtype), struct, xp, nobs,
+    run_h, _ = compiled(_varpar_hessian, device_array(s_hat, dtype), struct, xp, nobs,
                         quick=quick, layout=layout)  # fmt: skip
-    H = np.asarray(run_h(jnp.asarray(s_hat, dtype), struct, xp, nobs), dtype=float)
+    H = np.asarray(run_h(device_array(s_hat, dtype), struct, xp, nobs), dtype=float)
     se = _wald_se(H, s_hat)
     lo, hi = {}, {}
     for j in range(k):
-        mask = jnp.asarray(np.arange(k) == j)
+        mask = device_array(np.arange(k) == j, bool)
 
         def value_grad(u, x, mask=mask):
-            return run_v(jnp.asarray(u, dtype), jnp.asarray(x, dtype), mask, *args[3:])
+            return run_v(device_array(u, dtype), device_array(x, dtype), mask, *args[3:])
 
         zeta = _Profile(value_grad, u_hat, s_hat[j], base)
         low_bound, high_bound = (-1.0, 1.0) if is_cor[j] else (0.0, None)
@@ -231,14 +232,14 @@ def profile_confint(fit, level: float = 0.95) -> pd.DataFrame:
     bounded = np.concatenate([np.equal(*t.theta_index()) for t in ml.model.terms])
     bounds = [(0.0, None) if b else (None, None) for b in bounded]
     fixed_se = np.sqrt(np.diagonal(ml.vcov_matrix))
-    perm0 = jnp.arange(p + 1)
-    run_f, _ = compiled(_fixed_value_grad, jnp.asarray(theta_hat, dtype), jnp.asarray(0.0, dtype),
+    perm0 = device_array(np.arange(p + 1), np.int64)
+    run_f, _ = compiled(_fixed_value_grad, device_array(theta_hat, dtype), device_array(0.0, dtype),
                         perm0, struct, xp, quick=quick)  # fmt: skip
     for j, name in enumerate(ml.model.fixef_names):
-        perm = jnp.asarray([*[i for i in range(p) if i != j], j, p])
+        perm = device_array([*[i for i in range(p) if i != j], j, p], np.int64)
 
         def value_grad(theta, b, perm=perm):
-            return run_f(jnp.asarray(theta, dtype), jnp.asarray(b, dtype), perm, struct, xp)
+            return run_f(device_array(theta, dtype), device_array(b, dtype), perm, struct, xp)
 
         zeta = _Profile(value_grad, theta_hat, float(ml.beta[j]), base, bounds)
         lo[name] = _endpoint(zeta, fixed_se[j], -1, c, None)
