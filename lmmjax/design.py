@@ -24,7 +24,7 @@ from lmmjax.formula import (
 )
 from lmmjax.formula.fixed import FixedTerm, formula_terms, rewrite_calls
 from lmmjax.formula.fixed import fixed_terms as fixed_term_list
-from lmmjax.terms import Term
+from lmmjax.terms import Term, unique_inverse
 
 _OFFSET_CALL = re.compile(r"(?<![\w.])offset\(")
 
@@ -217,21 +217,10 @@ def group_index(data: pd.DataFrame, factors: Sequence[str]) -> tuple[np.ndarray,
         key = np.zeros(len(data), np.int64)  # lexicographic: the first factor varies slowest
         for c, k in zip(codes, sizes, strict=True):
             key = key * k + c
-        uniq, refs = _dense_unique(key)
+        uniq, refs = unique_inverse(key)
         combos = np.stack(np.unravel_index(uniq, sizes), axis=1)
     names = tuple(":".join(labels[k][c] for k, c in enumerate(row)) for row in combos)
     return refs.reshape(-1).astype(np.int32), names
-
-
-def _dense_unique(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(key, return_inverse=True)`` for non-negative integers, by counting
-    where the keys' range is small (InstEval's three factors: 0.15 -> 0.03 s)."""
-    top = int(key.max(initial=-1)) + 1
-    if top > 4 * key.size + (1 << 20):  # a sparse range: sort
-        return np.unique(key, return_inverse=True)
-    present = np.bincount(key, minlength=top) > 0
-    rank = np.cumsum(present) - 1
-    return np.flatnonzero(present), rank[key]
 
 
 def _as_factors(data: pd.DataFrame, columns: set[str]) -> pd.DataFrame:

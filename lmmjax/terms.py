@@ -120,3 +120,32 @@ def covariances_from_theta(terms, theta, sigma) -> list[np.ndarray]:
         out.append(s2 * lam @ np.swapaxes(lam, -1, -2))
         k += t.ntheta
     return out
+
+
+def unique_inverse(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(key, return_inverse=True)`` for non-negative integer keys, without a sort.
+
+    Level indices are made from such keys (a row's combination of factor
+    codes, a pair of Schur-block rows), and NumPy's unique sorts them with a
+    comparison sort: 155 ms for 1.1e6 keys on the 2-core CPU. Here keys in a
+    range not much larger than their number are counted (O(N + range)), and
+    others ordered by stable 16-bit radix passes (40 ms for the same keys).
+    """
+    key = np.asarray(key)
+    n = key.size
+    top = int(key.max(initial=-1)) + 1
+    if top <= 4 * n + (1 << 20):  # a dense range: count
+        present = np.bincount(key, minlength=top) > 0
+        return np.flatnonzero(present), (np.cumsum(present) - 1)[key]
+    order = np.arange(n)
+    shifted = key.astype(np.uint64)
+    for shift in range(0, max(top - 1, 1).bit_length(), 16):  # least significant digit first
+        digit = ((shifted[order] >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.uint16)
+        order = order[np.argsort(digit, kind="stable")]  # a radix sort for 16-bit keys
+    ordered = key[order]
+    first = np.empty(n, bool)
+    first[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    inverse = np.empty(n, np.intp)
+    inverse[order] = np.cumsum(first) - 1
+    return ordered[first], inverse

@@ -14,10 +14,11 @@ import pandas as pd
 import pytest
 
 from lmmjax.datasets import load_bundled
-from lmmjax.design import build_model
+from lmmjax.design import build_model, group_index
 from lmmjax.errors import LmmInputError
 from lmmjax.linalg import z_times
 from lmmjax.reml import fit_reml
+from lmmjax.terms import unique_inverse
 
 # --------------------------------------------------------------------------------------
 # Z u: refs and z reproduce the dense design exactly
@@ -458,3 +459,24 @@ def test_dot_means_every_column_not_named_elsewhere():
     np.testing.assert_array_equal(dot.X, explicit.X)
     assert build_model(df, "y ~ . - b + (1 | g)").fixef_names == ("(Intercept)", "a", "z", "my col")
     assert build_model(df, "y ~ 0 + a + . + (1 | g)").fixef_names == ("a", "b", "z", "my col")
+
+
+@pytest.mark.parametrize(
+    ("top", "n"),
+    [(1, 5), (60, 1000), (10**9, 2000), (2**40, 3000), (2**27, 300_000), (5, 0)],
+    ids=["one", "dense", "sparse", "wide", "radix-2-digits", "empty"],
+)
+def test_unique_inverse_is_numpys(rng, top, n):
+    """Counted where the range is dense, radix-sorted where not: the same as np.unique."""
+    key = rng.integers(0, top, n)
+    uniq, inverse = unique_inverse(key)
+    want, want_inverse = np.unique(key, return_inverse=True)
+    np.testing.assert_array_equal(uniq, want)
+    np.testing.assert_array_equal(inverse, want_inverse.reshape(-1))
+
+
+def test_interaction_levels_in_lexicographic_order():
+    data = pd.DataFrame({"a": ["y", "x", "y", "x", "y"], "b": [2, 10, 10, 2, 2]})
+    refs, names = group_index(data, ["a", "b"])
+    assert names == ("x:2", "x:10", "y:2", "y:10")  # numeric levels sort as numbers, as R
+    np.testing.assert_array_equal(refs, [2, 1, 3, 0, 2])

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse
 
-from lmmjax.terms import Term
+from lmmjax.terms import Term, unique_inverse
 
 
 def device_array(a, dtype) -> jax.Array:
@@ -223,7 +223,7 @@ def b_entries(refs, z, layouts: tuple[TermLayout, ...]) -> tuple[np.ndarray, np.
     ridx, rval = _rest_rows(refs, z, layouts)
     k = ridx.shape[1]
     key = np.repeat(np.asarray(refs[0], dtype=np.int64), k) * q_rest + ridx.reshape(-1)
-    uniq, inv = np.unique(key, return_inverse=True)
+    uniq, inv = unique_inverse(key)
     inv = inv.reshape(-1)
     z1, zz = np.asarray(z[0]), rval.reshape(-1)
     val = np.zeros((uniq.size, layouts[0].d))
