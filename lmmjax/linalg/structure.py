@@ -246,7 +246,7 @@ def _pairs(b_row, b_lev, b_val, wgroup, n_wgroups, q_rest):
     entry = hi * q_rest + lo
     group = wgroup[b_lev[k1]]
     key = entry * n_wgroups + group
-    uniq, inv = np.unique(key, return_inverse=True)
+    uniq, inv = unique_inverse(key)
     d1 = b_val.shape[1]
     # orient each pair so that the first vector belongs to the larger row index
     va = np.where((ra >= rb)[:, None], b_val[k1], b_val[k2])
