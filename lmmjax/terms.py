@@ -137,11 +137,13 @@ def unique_inverse(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if top <= 4 * n + (1 << 20):  # a dense range: count
         present = np.bincount(key, minlength=top) > 0
         return np.flatnonzero(present), (np.cumsum(present) - 1)[key]
-    order = np.arange(n)
-    shifted = key.astype(np.uint64)
+    order = None
     for shift in range(0, max(top - 1, 1).bit_length(), 16):  # least significant digit first
-        digit = ((shifted[order] >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.uint16)
-        order = order[np.argsort(digit, kind="stable")]  # a radix sort for 16-bit keys
+        digit = ((key >> shift) & 0xFFFF).astype(np.uint16)
+        if order is None:
+            order = np.argsort(digit, kind="stable")  # NumPy radix-sorts 16-bit keys
+        else:
+            order = order[np.argsort(digit[order], kind="stable")]
     ordered = key[order]
     first = np.empty(n, bool)
     first[:1] = True
