@@ -80,6 +80,23 @@ class _MetadataExtension(ctypes.Structure):
     _fields_ = [("extension_base", _Extension), ("metadata", ctypes.POINTER(_Metadata))]
 
 
+class _ErrorCreateArgs(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
+                ("message", ctypes.c_char_p), ("errc", ctypes.c_int)]  # fmt: skip
+
+
+_ERROR_CREATE = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_ErrorCreateArgs))
+
+
+class _Api(ctypes.Structure):  # the leading fields of XLA_FFI_Api
+    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
+                ("api_version", _ApiVersion), ("internal_api", ctypes.c_void_p),
+                ("error_create", _ERROR_CREATE)]  # fmt: skip
+
+
+_INVALID_ARGUMENT, _INTERNAL = 3, 13  # XLA_FFI_Error_Code
+
+
 _INT = ctypes.POINTER(ctypes.c_int)
 _POTRI = ctypes.CFUNCTYPE(None, ctypes.c_char_p, _INT, ctypes.c_void_p, _INT, _INT)
 _HANDLER = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(_CallFrame))
@@ -99,22 +116,47 @@ def _lapack(name: str):
 
 
 def _handle(frame_ptr) -> int | None:
-    """The FFI handler: report metadata, or invert each matrix of the batch in place."""
+    """The FFI handler: report metadata, or invert each matrix of the batch in place.
+
+    Never raises: ctypes would drop the exception and hand XLA an undefined
+    pointer. Failures go back to XLA as errors, which JAX raises.
+    """
     frame = frame_ptr.contents
-    if frame.extension_start and frame.extension_start.contents.type == _METADATA:
-        ext = ctypes.cast(frame.extension_start, ctypes.POINTER(_MetadataExtension)).contents
-        ext.metadata.contents.api_version = _ApiVersion(
-            ctypes.sizeof(_ApiVersion), None, _API_MAJOR, _API_MINOR
-        )
-        ext.metadata.contents.traits = 0
-        return None
-    src, dst = frame.args.items[0].contents, frame.rets.items[0].contents
+    try:
+        if frame.extension_start and frame.extension_start.contents.type == _METADATA:
+            ext = ctypes.cast(frame.extension_start, ctypes.POINTER(_MetadataExtension)).contents
+            ext.metadata.contents.api_version = _ApiVersion(
+                ctypes.sizeof(_ApiVersion), None, _API_MAJOR, _API_MINOR
+            )
+            ext.metadata.contents.traits = 0
+            return None
+        if frame.args.size != 1 or frame.rets.size != 1:
+            return _error(frame, _INVALID_ARGUMENT, f"{TARGET} takes one array, returns one")
+        if frame.rets.items[0].contents.dtype not in _ROUTINES:
+            return _error(frame, _INVALID_ARGUMENT, f"{TARGET} takes float32 or float64")
+        _invert(frame.args.items[0].contents, frame.rets.items[0].contents)
+    except Exception as err:  # noqa: BLE001  (reported to XLA, which raises it)
+        return _error(frame, _INTERNAL, f"{TARGET}: {type(err).__name__}: {err}")
+    return None
+
+
+def _error(frame, code: int, message: str) -> int:
+    """An ``XLA_FFI_Error`` made by XLA's own API, carrying ``message``."""
+    api = ctypes.cast(frame.api, ctypes.POINTER(_Api)).contents
+    args = _ErrorCreateArgs(ctypes.sizeof(_ErrorCreateArgs), None, message.encode(), code)
+    return api.error_create(ctypes.byref(args))
+
+
+def _invert(src: _Buffer, dst: _Buffer) -> None:
+    """``dst`` = the inverses from the Cholesky factors in ``src``, matrix by matrix."""
     n = int(dst.dims[dst.rank - 1])
     batch = int(np.prod([dst.dims[i] for i in range(dst.rank - 2)], dtype=np.int64))
     itemsize = 8 if dst.dtype == _F64 else 4
     routine = _ROUTINES[dst.dtype]
     size = n * n * itemsize
     ctypes.memmove(dst.data, src.data, batch * size)
+    if n == 0:  # nothing to invert (and LAPACK would reject a leading dimension of 0)
+        return
     order, info = ctypes.c_int(n), ctypes.c_int(0)
     for b in range(batch):
         # row-major lower L is column-major upper L': potri('U') gives inv(L L')
@@ -122,7 +164,6 @@ def _handle(frame_ptr) -> int | None:
         routine(b"U", ctypes.byref(order), address, ctypes.byref(order), ctypes.byref(info))
         if info.value != 0:  # a zero pivot: no inverse, as a failed Cholesky gives NaN
             ctypes.memmove(address, _nan(n, dst.dtype).ctypes.data, size)
-    return None
 
 
 @lru_cache(maxsize=8)

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmmjax.lapack import POTRI_MIN, _by_solves, register, spd_inverse
-from lmmjax.linalg import logdet_quad
+from lmmjax.lapack import POTRI_MIN, TARGET, _by_solves, register, spd_inverse
+from lmmjax.linalg import lapack_blocks, logdet_quad
 
 
 def _spd(rng, n, batch=()):
@@ -100,3 +100,49 @@ def test_logdet_quad_lower_reads_and_differentiates_the_lower_triangle(rng, q):
     np.testing.assert_array_equal(np.triu(g, 1), 0.0)
     sym = (g + g.T) / 2
     np.testing.assert_allclose(sym, jax.grad(full)(jnp.asarray(A)), rtol=1e-9, atol=1e-12)
+
+
+def test_logdet_quad_lower_with_lapack_blocks_reads_the_lower_triangle(rng):
+    """Inside ``lapack_blocks()`` even a 2 x 2 block is factored by LAPACK: lower only."""
+    A = _spd(rng, 2)
+    R = jnp.asarray(rng.normal(size=(2, 1)))
+    garbage = jnp.asarray(np.tril(A) + np.triu(np.full_like(A, 99.0), 1))
+    want = logdet_quad(jnp.asarray(A), R)
+    with lapack_blocks():
+        got = jax.jit(lambda a: logdet_quad(a, R, lower=True))(garbage)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-12)
+
+
+@pytest.mark.parametrize("q", [12, POTRI_MIN + 2])
+def test_logdet_quad_lower_second_derivatives_read_the_lower_triangle(rng, q):
+    """Hessians (Satterthwaite, Kenward-Roger) through the lower form equal the symmetric
+    form's, whatever the upper triangle of the matrix and of its tangents holds."""
+    A = _spd(rng, q)
+    R = jnp.asarray(rng.normal(size=(q, 2)))
+    noise = jnp.asarray(np.triu(rng.normal(size=A.shape), 1))
+    D = jnp.asarray(rng.normal(size=A.shape))
+    D = (D + D.T) / q  # a symmetric direction, as theta moves a symmetric block
+
+    def along(lower, upper):
+        def f(t):  # the block at A + t D, its upper triangle replaced by garbage when lower
+            M = jnp.asarray(A) + t * D
+            M = jnp.tril(M) + upper * t if lower else M
+            ld, Q = logdet_quad(M, R, lower=lower)
+            return ld + jnp.sum(Q)
+
+        return f
+
+    full, lower = along(False, None), along(True, noise)
+    second = [jax.grad(jax.grad(f))(0.3) for f in (full, lower)]
+    np.testing.assert_allclose(second[1], second[0], rtol=1e-9)
+    hess = [jax.jacrev(jax.grad(f))(0.3) for f in (full, lower)]  # reverse over reverse
+    np.testing.assert_allclose(hess[1], hess[0], rtol=1e-9)
+
+
+def test_handler_errors_are_raised_not_crashes():
+    """Input the handler cannot take comes back from XLA as an error naming the target."""
+    register()
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((3, 3), jnp.int32))
+    with pytest.raises(Exception, match="lmmjax_potri takes float32 or float64"):
+        jax.block_until_ready(jax.jit(call)(jnp.eye(3, dtype=jnp.int32)))

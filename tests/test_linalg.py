@@ -571,3 +571,19 @@ def test_small_system_matches_dense(case):
         got = float(profiled_objective(theta, xy[0], xy[1], reml))
         expected = dense_objective(Z, Lam, X, case["y"], reml)
         assert got == pytest.approx(expected, rel=RTOL)
+
+
+def test_schur_pair_keys_do_not_wrap_at_int32():
+    """Pairs of rest rows near 50,000 give keys past 2**31: they must stay exact."""
+    from lmmjax.linalg.structure import _pairs
+
+    q_rest, groups = 50_000, 3
+    b_row = np.array([49_998, 49_999, 10, 49_999], np.int32)  # B's rows, by first-term level
+    b_lev = np.array([0, 0, 1, 1], np.int32)
+    b_val = np.ones((4, 1))
+    entry, group, val = _pairs(b_row, b_lev, b_val, np.array([0, 2]), groups, q_rest)
+    hi_lo = sorted({(max(a, b), min(a, b), g) for lev, g in ((0, 0), (1, 2))
+                    for a in b_row[b_lev == lev] for b in b_row[b_lev == lev]})  # fmt: skip
+    want = [int(h) * q_rest + int(lo) for h, lo, _ in hi_lo]
+    assert sorted(entry.tolist()) == sorted(want) and max(want) > 2**31
+    assert val.shape == (len(want), 1, 1)

@@ -123,12 +123,40 @@ def logdet_quad(A: jax.Array, R: jax.Array, *, lower: bool = False) -> tuple[jax
 
 def _forward(A, R, unroll, lower):
     with _pushed(_UNROLL, unroll):
-        if lower and A.shape[0] > SMALL:
-            L = lax.linalg.cholesky(A, symmetrize_input=False)
+        if lower and (A.shape[0] > SMALL or not unroll):
+            L = _lower_cholesky(A)
         else:  # the unrolled factor reads the lower triangle only anyway
             L = cholesky(A)
         W = tri_solve(L, R)
     return (2.0 * jnp.sum(jnp.log(jnp.diagonal(L))), W.T @ W), (L, W)
+
+
+@jax.custom_jvp
+def _lower_cholesky(A):
+    """LAPACK's Cholesky factor of ``A`` from its lower triangle, without symmetrising ``A``.
+
+    Its derivative reads the tangent's lower triangle only, as the factor
+    does ``A``: JAX's rule takes the whole tangent, whose upper triangle is
+    not ``A``'s derivative when only the lower one was assembled (the
+    Hessians of Satterthwaite and Kenward-Roger differentiate through it).
+    """
+    return lax.linalg.cholesky(A, symmetrize_input=False)
+
+
+@_lower_cholesky.defjvp
+def _lower_cholesky_jvp(primals, tangents):
+    """``dL = L Phi(L^{-1} dA L^{-T})``, ``Phi`` the lower triangle with half the diagonal.
+
+    Written with the factor itself, so that derivatives of every order go
+    through this rule and read lower triangles only.
+    """
+    (A,), (dA,) = primals, tangents
+    L = _lower_cholesky(A)
+    sym = jnp.tril(dA) + jnp.swapaxes(jnp.tril(dA, -1), -1, -2)
+    inner = lax.linalg.triangular_solve(L, sym, left_side=True, lower=True)
+    inner = lax.linalg.triangular_solve(L, inner, left_side=False, lower=True, transpose_a=True)
+    eye = jnp.eye(A.shape[-1], dtype=A.dtype)
+    return L, L @ (jnp.tril(inner) - 0.5 * inner * eye)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -36,7 +36,8 @@ def device_array(a, dtype) -> jax.Array:
     """
     if isinstance(a, jax.Array):
         return a if a.dtype == dtype else a.astype(dtype)
-    return jax.device_put(np.asarray(a, dtype=dtype))
+    # a copy: on a CPU the device array may share the NumPy array's memory otherwise
+    return jax.device_put(np.array(a, dtype=dtype))
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,7 @@ def b_entries(refs, z, layouts: tuple[TermLayout, ...]) -> tuple[np.ndarray, np.
 
 def _pairs(b_row, b_lev, b_val, wgroup, n_wgroups, q_rest):
     """All pairs of B rows that share a level of term 1, aggregated by (entry, group)."""
+    b_row = np.asarray(b_row, np.int64)  # keys reach q_rest^2 * groups: past int32
     counts = np.bincount(b_lev, minlength=wgroup.size)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     pos = np.arange(b_row.size) - starts[b_lev]  # position within the level's block
