@@ -62,7 +62,7 @@ def parameter_vector(fit) -> pd.Series:
 
 def _refit(theta0, struct, M, scale, maxiter, gtol, reml: bool):
     """The compiled L-BFGS loop for one simulated response (vmapped by :func:`_refit_all`)."""
-    theta, _, _, _, est = lbfgs_loop(
+    theta, _, _, _, _, est = lbfgs_loop(
         theta0, struct, cross_products(struct, M), scale, maxiter, gtol, reml
     )
     return theta, est.beta, est.sigma
