@@ -123,13 +123,14 @@ def covariances_from_theta(terms, theta, sigma) -> list[np.ndarray]:
 
 
 def unique_inverse(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(key, return_inverse=True)`` for non-negative integer keys, without a sort.
+    """``np.unique(key, return_inverse=True)`` for non-negative integer keys, without a
+    comparison sort.
 
     Level indices are made from such keys (a row's combination of factor
     codes, a pair of Schur-block rows), and NumPy's unique sorts them with a
     comparison sort: 155 ms for 1.1e6 keys on the 2-core CPU. Here keys in a
     range not much larger than their number are counted (O(N + range)), and
-    others ordered by stable 16-bit radix passes (40 ms for the same keys).
+    others ordered by stable 16-bit radix passes (76 ms for the same keys).
     """
     key = np.asarray(key)
     n = key.size

@@ -339,7 +339,8 @@ def optimize_theta(
     # float32 gradients carry rounding of about sqrt(eps) relative: no tighter than that
     gtol = max(options.gtol, float(np.sqrt(np.finfo(struct.dtype).eps)))
     f = _Objective(struct, xp, reml, padding)
-    evaluate = _Evaluations(f, theta_scale(terms))
+    scale = theta_scale(terms)
+    evaluate = _Evaluations(f, scale)
     est = None
     if struct.q > QUICK_MAX_Q:  # large: the compiled loop, evaluations dominate
         dtype = struct.dtype
@@ -347,8 +348,7 @@ def optimize_theta(
         # for its first trial step, a unit step in phi, which is then about a unit step in
         # the largest term's theta instead of 1 / sqrt(M_l) of one (InstEval: 17
         # evaluations against 22, where the first line search doubled the step 6 times)
-        scale = theta_scale(terms) / np.max(theta_scale(terms), initial=1.0)
-        args = (struct, xp, device_array(scale, dtype),
+        args = (struct, xp, device_array(scale / np.max(scale, initial=1.0), dtype),
                 device_array(options.maxiter, np.int64), device_array(gtol, dtype))  # fmt: skip
 
         def minimise(start):
