@@ -10,17 +10,19 @@ when first used, so that a process that only validates a config, or fits by
 one method, does not pay for the others.
 """
 
-from lmmjax.precision import get_precision, set_precision  # noqa: I001  (sets float64 first)
-import importlib
+from lmmjax.memory import collector_paused, tune_allocator  # noqa: I001  (imports nothing heavy)
 
-from lmmjax.cache import enable_compilation_cache
-from lmmjax.memory import tune_allocator
-from lmmjax.errors import LmmInputError, LmmWarning, NotBuiltError
-from lmmjax.terms import Term
-from lmmjax.api import lmm
-from lmmjax.methods import METHODS
-from lmmjax.options import NutsOptions, RemlOptions
-from lmmjax.output import Fit
+with collector_paused():  # the imports below make many objects; see lmmjax.memory
+    from lmmjax.precision import get_precision, set_precision  # noqa: I001  (float64 first)
+    import importlib
+
+    from lmmjax.cache import enable_compilation_cache
+    from lmmjax.errors import LmmInputError, LmmWarning, NotBuiltError
+    from lmmjax.terms import Term
+    from lmmjax.api import lmm
+    from lmmjax.methods import METHODS
+    from lmmjax.options import NutsOptions, RemlOptions
+    from lmmjax.output import Fit
 
 enable_compilation_cache()
 tune_allocator()
@@ -37,7 +39,8 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        with collector_paused():
+            value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'lmmjax' has no attribute {name!r}")

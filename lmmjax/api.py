@@ -13,6 +13,7 @@ from typing import Any
 
 from lmmjax.config import FitConfig
 from lmmjax.errors import LmmInputError
+from lmmjax.memory import collector_paused
 from lmmjax.methods import get_method
 
 __all__ = ["fit_model", "lmm"]
@@ -92,9 +93,10 @@ def lmm(
         For an unknown method or option, or an invalid option value (the
         message names it), and for bad formulas or data.
     """
-    from lmmjax.datasets import load_data
-    from lmmjax.design import build_model
-    from lmmjax.stream import load_streamed
+    with collector_paused():  # pandas, formulaic, SciPy: many objects (lmmjax.memory)
+        from lmmjax.datasets import load_data
+        from lmmjax.design import build_model
+        from lmmjax.stream import load_streamed
 
     entry = get_method(method)
     if "reml" in options:

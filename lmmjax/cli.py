@@ -25,6 +25,7 @@ from lmmjax import api
 from lmmjax.config import FitConfig, load_config
 from lmmjax.datasets import load_data
 from lmmjax.errors import LmmInputError, NotBuiltError
+from lmmjax.memory import collector_paused
 from lmmjax.methods import get_method
 from lmmjax.output import write_json
 
@@ -58,8 +59,9 @@ def _build_model(cfg: FitConfig) -> Any:
     """Load the data and build the structured model the config describes."""
     # Imported here so that `--help` and config errors do not pay for the
     # formula and design machinery.
-    from lmmjax.design import build_model
-    from lmmjax.stream import load_streamed
+    with collector_paused():  # formulaic, SciPy: many objects (lmmjax.memory)
+        from lmmjax.design import build_model
+        from lmmjax.stream import load_streamed
 
     streamed = load_streamed(
         cfg.data, cfg.formula, cfg.method, stream=cfg.stream, categorical=cfg.categorical,

@@ -1,8 +1,29 @@
-"""``python -m lmmjax.fit config.yaml``: the command line (see :mod:`lmmjax.cli`)."""
+"""``python -m lmmjax.fit config.yaml``: the command line as a process (see :mod:`lmmjax.cli`)."""
+
+from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
-from lmmjax.cli import main
+from lmmjax.memory import collector_paused, freeze_for_exit
+
+__all__ = ["run_process"]
+
+
+def run_process(argv: Sequence[str] | None = None) -> int:
+    """Run :func:`lmmjax.cli.main` as a whole process; the ``lmmjax-fit`` script.
+
+    The command line's modules import with the cyclic collector held off, and
+    every object is frozen before returning, so that the interpreter's
+    shutdown does not walk them (:mod:`lmmjax.memory`). Only for a process
+    that exits on return; in a session call :func:`lmmjax.cli.main`.
+    """
+    with collector_paused():
+        from lmmjax.cli import main
+    status = main(argv)
+    freeze_for_exit()
+    return status
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_process())

@@ -1,4 +1,4 @@
-"""Large XLA buffers from the heap, not from fresh pages each run.
+"""The process's memory: XLA's large buffers from the heap, and Python's cyclic collector.
 
 XLA's CPU runtime allocates a program's buffers anew on each run. glibc's
 ``malloc`` serves blocks above its mmap threshold (128 KiB at start) with
@@ -15,14 +15,27 @@ allocated together, larger than that.
 its 64-bit maximum of 32 MiB). Set ``LMMJAX_MMAP_THRESHOLD`` (bytes) to
 choose it, or to ``0`` to leave ``malloc`` as it is. Elsewhere than glibc it
 does nothing.
+
+Python's cyclic collector runs a full pass over every live object a few
+times while JAX, pandas, SciPy and formulaic import (three full passes and
+hundreds of young ones for a command-line fit), and again, several times,
+at interpreter shutdown. :func:`collector_paused` holds it off while the
+package imports; :func:`freeze_for_exit` moves every live object out of its
+reach just before a command-line process ends. Measured on sleepstudy's
+command-line fit (2-core CPU, alternating runs): imports 1.18-1.47 s with
+the collector running against 0.99-1.16 s paused, and shutdown 0.41-0.50 s
+against 0.06-0.08 s after the freeze.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import gc
 import os
+from collections.abc import Iterator
 
-__all__ = ["MMAP_THRESHOLD", "tune_allocator"]
+__all__ = ["MMAP_THRESHOLD", "collector_paused", "freeze_for_exit", "tune_allocator"]
 
 MMAP_THRESHOLD = 256 << 20
 _OLD_GLIBC_MAX = 32 << 20  # glibc's cap on the threshold before 2.35, on 64-bit
@@ -53,3 +66,31 @@ def tune_allocator() -> bool:
     if mallopt(_M_MMAP_THRESHOLD, threshold):
         return True
     return bool(mallopt(_M_MMAP_THRESHOLD, min(threshold, _OLD_GLIBC_MAX)))
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Hold Python's cyclic collector off inside the block (for imports).
+
+    The collector is enabled again on leaving if it was enabled on entering,
+    so cycles made inside are collected by its next pass; nothing is kept
+    from it for good.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def freeze_for_exit() -> None:
+    """Move every live object out of the cyclic collector's reach; for a process about to end.
+
+    Shutdown then skips the collector's passes over the imported libraries'
+    objects. Objects frozen are never collected as cycles afterwards, so only
+    a process that is about to exit calls this (the command line, after its
+    fit, never a library call).
+    """
+    gc.freeze()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmmjax.errors import LmmInputError, NotBuiltError
+from lmmjax.memory import collector_paused
 from lmmjax.options import MapOptions, NutsOptions, Options, RemlOptions, SparseOptions
 
 __all__ = ["METHODS", "Method", "get_method"]
@@ -74,16 +75,20 @@ class Method:
         self.require_built()
         self._require_weighted(model)
         if self.checker is not None:
-            module, func = self.checker.split(":")
-            getattr(importlib.import_module(module), func)(model, options or self.options())
+            _resolve(self.checker)(model, options or self.options())
 
     def fit(self, model: Any, options: Options | None) -> Any:
         """Fit ``model`` with validated ``options`` (defaults when None)."""
         self.require_built()
         self._require_weighted(model)
-        module, func = self.fitter.split(":")
-        fitter = getattr(importlib.import_module(module), func)
-        return fitter(model, options or self.options(), **self.fixed)
+        return _resolve(self.fitter)(model, options or self.options(), **self.fixed)
+
+
+def _resolve(spec: str) -> Any:
+    """The function a ``"module:function"`` spec names, its module imported on first use."""
+    module, func = spec.split(":")
+    with collector_paused():  # the fitters' libraries make many objects (lmmjax.memory)
+        return getattr(importlib.import_module(module), func)
 
 
 METHODS: dict[str, Method] = {

@@ -28,7 +28,7 @@ ALLOWED = {
     "design": {"errors", "formula", "terms"},
     "linalg": {"lapack", "terms"},
     "options": {"errors"},
-    "methods": {"errors", "options"},
+    "methods": {"errors", "memory", "options"},
     "config": {"errors", "methods", "options"},
     "output": {"terms"},
     "reml": {"cache", "design", "errors", "linalg", "options", "output", "precision", "terms"},
@@ -37,7 +37,7 @@ ALLOWED = {
     "sparse": {"cache", "errors", "methods", "options", "output", "precision"},
     "stream": {"cache", "design", "errors", "formula", "linalg", "precision"},
     "distributed": {"errors"},
-    "api": {"config", "datasets", "design", "errors", "methods", "stream"},
+    "api": {"config", "datasets", "design", "errors", "memory", "methods", "stream"},
     "cli": {
         "__init__",
         "api",
@@ -45,12 +45,13 @@ ALLOWED = {
         "datasets",
         "design",
         "errors",
+        "memory",
         "methods",
         "output",
         "stream",
         "distributed",
     },
-    "fit": {"cli"},
+    "fit": {"cli", "memory"},
 }
 
 

@@ -1,12 +1,18 @@
-"""glibc's mmap threshold, set at import (``lmmjax.memory``)."""
+"""glibc's mmap threshold; Python's collector around imports and at exit (``lmmjax.memory``)."""
 
 from __future__ import annotations
 
 import ctypes
+import gc
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from lmmjax.memory import tune_allocator
+from lmmjax.memory import collector_paused, tune_allocator
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _glibc() -> bool:
@@ -30,3 +36,33 @@ def test_a_bad_value_names_the_variable(monkeypatch):
     monkeypatch.setenv("LMMJAX_MMAP_THRESHOLD", "lots")
     with pytest.raises(ValueError, match="LMMJAX_MMAP_THRESHOLD"):
         tune_allocator()
+
+
+@pytest.fixture
+def collector_state():
+    was = gc.isenabled()
+    yield
+    gc.enable() if was else gc.disable()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_collector_paused_restores_the_state_it_found(collector_state, enabled):
+    gc.enable() if enabled else gc.disable()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled() == enabled
+    with pytest.raises(RuntimeError), collector_paused():
+        raise RuntimeError("inside")
+    assert gc.isenabled() == enabled
+
+
+def test_the_command_line_process_freezes_and_keeps_the_collector():
+    # run_process imports with the collector paused, leaves it on, and freezes at the end
+    code = (
+        "import gc, sys; from lmmjax.fit import run_process; "
+        "status = run_process(['configs/sleepstudy.yaml', '--check']); "
+        "print(status, gc.isenabled(), gc.get_freeze_count() > 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.split()  # fmt: skip
+    assert out[-3:] == ["0", "True", "True"]
