@@ -587,3 +587,18 @@ def test_schur_pair_keys_do_not_wrap_at_int32():
     want = [int(h) * q_rest + int(lo) for h, lo, _ in hi_lo]
     assert sorted(entry.tolist()) == sorted(want) and max(want) > 2**31
     assert val.shape == (len(want), 1, 1)
+
+
+@pytest.mark.parametrize("d", [1, 2, 4, 5])  # 5: past SMALL_D, the einsum
+@pytest.mark.parametrize("transpose", [True, False])
+def test_lambda_left_is_the_blockwise_product(d, transpose):
+    from lmmjax.linalg.blocked import SMALL_D, lambda_left
+
+    assert SMALL_D == 4  # the parametrisation straddles it
+    rng = np.random.default_rng(d)
+    lam = np.tril(rng.normal(size=(d, d)))
+    x = rng.normal(size=(3, 7, d, 4))
+    got = np.asarray(lambda_left(jnp.asarray(lam), jnp.asarray(x), transpose=transpose))
+    m = lam.T if transpose else lam
+    want = np.stack([[m @ x[i, j] for j in range(7)] for i in range(3)])
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
