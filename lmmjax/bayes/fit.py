@@ -67,9 +67,12 @@ def sample_model(bm: BayesModel, options: NutsOptions) -> BayesFit:
     t0 = time.perf_counter()
     chains, ndraw = draws.samples["beta"].shape[:2]
     flat = {k: v.reshape(chains * ndraw, *v.shape[2:]) for k, v in draws.samples.items()}
-    # a draw costs about a third of a gradient (no reverse pass): dillonE1's 4,000 draws
-    # ran in 0.2-0.4 s, and compiled in 1.0 s quickly against 2.1 s
-    quick = quick_compile(bm, chains * ndraw / 3)
+    # a draw costs about a third of a gradient (no reverse pass), but compiled quickly it
+    # runs 2-7 times slower: counted as one gradient. dillonE1's 4,000 draws compiled in
+    # 0.7-0.8 s quickly and ran in 2.6 s, against 2.1 and 0.34-0.40 s; sleepstudy's,
+    # Orthodont's and dutch's still compile quickly (0.6-0.7 s against 1.0-1.5 s, run
+    # 0.04-0.10 s against 0.01-0.02)
+    quick = quick_compile(bm, chains * ndraw)
     effects = recover_effects(flat, bm.data, bm.spec, draws.keys["recovery"], quick=quick)
     effects = tuple(np.asarray(e).reshape(chains, ndraw, *e.shape[1:]) for e in effects)
     rec_compile = compile_seconds() - compile0
