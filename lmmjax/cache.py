@@ -77,8 +77,15 @@ def _layout(leaf):
 
 # XLA options for programs whose run time is negligible next to their compile time:
 # no LLVM optimisation passes (sleepstudy's REML program compiles in 0.85 s instead of
-# 1.56 s, and runs in 109-141 us instead of 124 us)
-QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# 1.56 s, and runs in 109-141 us instead of 124 us), and no YNNPACK fusions of matrix
+# products, which prepare themselves on a program's first run (sleepstudy's
+# Satterthwaite program: first run 30-49 ms with them, 5-13 ms without; later runs
+# 4-9 ms either way)
+QUICK_COMPILE = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+    "xla_cpu_experimental_ynn_fusion_type": "",
+}
 
 
 def compiled(fn: Callable, *args, quick: bool = False, **static) -> tuple[Callable, float]:
