@@ -77,15 +77,28 @@ def _layout(leaf):
 
 # XLA options for programs whose run time is negligible next to their compile time:
 # no LLVM optimisation passes (sleepstudy's REML program compiles in 0.85 s instead of
-# 1.56 s, and runs in 109-141 us instead of 124 us), and no YNNPACK fusions of matrix
-# products, which prepare themselves on a program's first run (sleepstudy's
-# Satterthwaite program: first run 30-49 ms with them, 5-13 ms without; later runs
-# 4-9 ms either way)
-QUICK_COMPILE = {
-    "xla_backend_optimization_level": 0,
-    "xla_llvm_disable_expensive_passes": True,
-    "xla_cpu_experimental_ynn_fusion_type": "",
-}
+# 1.56 s, and runs in 109-141 us instead of 124 us), and, where jaxlib knows the option
+# (0.9 and later; older ones reject it), no YNNPACK fusions of matrix products, which
+# prepare themselves on a program's first run (sleepstudy's Satterthwaite program: first
+# run 30-72 ms with them, 5-13 ms without; later runs 4-9 ms either way)
+YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+
+
+def quick_compile_options(jaxlib_version: tuple) -> dict:
+    """:data:`QUICK_COMPILE` for a jaxlib of ``jaxlib_version`` (a tuple of ints)."""
+    options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    if tuple(jaxlib_version[:2]) >= (0, 9):
+        options[YNN_OPTION] = ""  # the empty list: no fusion type
+    return options
+
+
+def _jaxlib_version() -> tuple:
+    from jaxlib.version import __version__
+
+    return tuple(int(part) for part in __version__.split(".")[:2])
+
+
+QUICK_COMPILE = quick_compile_options(_jaxlib_version())
 
 
 def compiled(fn: Callable, *args, quick: bool = False, **static) -> tuple[Callable, float]:

@@ -33,6 +33,7 @@ import contextlib
 import ctypes
 import gc
 import os
+import threading
 from collections.abc import Iterator
 
 __all__ = ["MMAP_THRESHOLD", "collector_paused", "freeze_for_exit", "tune_allocator"]
@@ -68,21 +69,31 @@ def tune_allocator() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, min(threshold, _OLD_GLIBC_MAX)))
 
 
+_PAUSE_LOCK = threading.Lock()
+_PAUSE = {"depth": 0, "restore": False}  # pauses open in any thread; the state to restore
+
+
 @contextlib.contextmanager
 def collector_paused() -> Iterator[None]:
     """Hold Python's cyclic collector off inside the block (for imports).
 
-    The collector is enabled again on leaving if it was enabled on entering,
-    so cycles made inside are collected by its next pass; nothing is kept
-    from it for good.
+    Pauses may overlap, in one thread or several: the collector stays off
+    until the last one open ends, and is then enabled again if it was enabled
+    when the first began (a lock keeps the count and that state). Cycles made
+    meanwhile are collected by its next pass; nothing is kept from it for good.
     """
-    was_enabled = gc.isenabled()
-    gc.disable()
+    with _PAUSE_LOCK:
+        if _PAUSE["depth"] == 0:
+            _PAUSE["restore"] = gc.isenabled()
+            gc.disable()
+        _PAUSE["depth"] += 1
     try:
         yield
     finally:
-        if was_enabled:
-            gc.enable()
+        with _PAUSE_LOCK:
+            _PAUSE["depth"] -= 1
+            if _PAUSE["depth"] == 0 and _PAUSE["restore"]:
+                gc.enable()
 
 
 def freeze_for_exit() -> None:

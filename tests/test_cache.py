@@ -57,3 +57,17 @@ def test_no_exports_without_a_cache_directory(cache_dir):
     run, _ = cache.compiled(_program, jnp.arange(3.0), jnp.asarray(1.0), power=2)
     assert float(run(jnp.arange(3.0), jnp.asarray(1.0))["sum"]) == 6.0
     assert not (cache_dir / "export").exists()
+
+
+def test_quick_options_name_ynn_only_where_jaxlib_knows_it():
+    # jaxlib before 0.9 rejects the option, and every quick compile would fail
+    assert cache.YNN_OPTION not in cache.quick_compile_options((0, 8))
+    assert cache.YNN_OPTION not in cache.quick_compile_options((0, 4, 30))
+    assert cache.quick_compile_options((0, 10, 2))[cache.YNN_OPTION] == ""
+    assert cache.QUICK_COMPILE == cache.quick_compile_options(cache._jaxlib_version())
+
+
+def test_quick_options_compile_here():
+    x = np.ones((8, 8))
+    run = jax.jit(lambda a: a @ a).lower(x).compile(cache.QUICK_COMPILE)
+    np.testing.assert_allclose(np.asarray(run(x)), x @ x)

@@ -66,3 +66,39 @@ def test_the_command_line_process_freezes_and_keeps_the_collector():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout.split()  # fmt: skip
     assert out[-3:] == ["0", "True", "True"]
+
+
+def test_overlapping_pauses_keep_the_collector_off_until_the_last_ends(collector_state):
+    # two pauses (two threads') ending in the order they began: the first's end must
+    # not turn the collector on while the second is still open
+    gc.enable()
+    first, second = collector_paused(), collector_paused()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert not gc.isenabled()
+    second.__exit__(None, None, None)
+    assert gc.isenabled()
+
+
+def test_pauses_from_many_threads_leave_the_collector_on(collector_state):
+    import threading
+
+    gc.enable()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+
+        def pause_often():
+            for _ in range(20_000):
+                with collector_paused():
+                    pass
+
+        threads = [threading.Thread(target=pause_often) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert gc.isenabled()
