@@ -20,7 +20,9 @@ Measured in one run on this machine, each lmmjax number beside lme4's
 * NUTS on sleepstudy, 4 chains x (1000 + 1000), whole process, marginalised
   and not, with an empty compile cache and again with it warm.
 
-Ratios ``lmmjax / lme4`` below 1 mean lmmjax is faster.
+The import and warm-cache CLI rows run lmmjax and lme4 alternately, so that a
+change in the machine's load falls on both sides. Ratios ``lmmjax / lme4``
+below 1 mean lmmjax is faster.
 """
 
 from __future__ import annotations
@@ -66,6 +68,20 @@ def _run(cmd, env=None) -> float:
 
 def _median(fn, repeats: int) -> float:
     return float(np.median([fn() for _ in range(repeats)]))
+
+
+def _paired(ours, theirs, repeats: int) -> tuple[float, float | None]:
+    """Medians of ``ours`` and ``theirs`` (None: not run), the two run alternately.
+
+    Alternating keeps a change in the machine's load (other work shares it)
+    from falling on one side of a ratio.
+    """
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(ours())
+        if theirs is not None:
+            b.append(theirs())
+    return float(np.median(a)), (float(np.median(b)) if b else None)
 
 
 def _session_script() -> str:
@@ -118,19 +134,18 @@ def main(argv=None) -> int:
     print("| what | lmmjax s | lme4 s | lmmjax / lme4 |\n|---|---|---|---|")
     jax_import = _median(lambda: _run([py, "-c", "import jax"]), args.repeats)
     row("import jax (fresh process)", jax_import)
-    r_lib = _median(lambda: _run([r, "-e", "suppressMessages(library(lme4))"]),
-                    args.repeats) if r else None  # fmt: skip
+    r_lib = (lambda: _run([r, "-e", "suppressMessages(library(lme4))"])) if r else None
     row("import lmmjax / Rscript -e library(lme4)",
-        _median(lambda: _run([py, "-c", "import lmmjax"]), args.repeats), r_lib)  # fmt: skip
-    r_fit = None
+        *_paired(lambda: _run([py, "-c", "import lmmjax"]), r_lib, args.repeats))  # fmt: skip
+    r_script = None
     if r:
         script = (f"suppressMessages(library(lme4)); s <- read.csv('{DATA / 'sleepstudy.csv'}'); "
                   "invisible(lmer(Reaction ~ Days + (Days | Subject), s))")  # fmt: skip
-        r_fit = _median(lambda: _run([r, "-e", script]), args.repeats)
+        r_script = lambda: _run([r, "-e", script])  # noqa: E731
     cli = [py, "-m", "lmmjax.fit", "configs/sleepstudy.yaml", "--output", os.devnull]
     _run(cli)  # warm the persistent cache
-    row("CLI sleepstudy fit, fresh process, cache warm", _median(lambda: _run(cli), args.repeats),
-        r_fit)  # fmt: skip
+    warm, r_fit = _paired(lambda: _run(cli), r_script, args.repeats)
+    row("CLI sleepstudy fit, fresh process, cache warm", warm, r_fit)
 
     def cold():
         with tempfile.TemporaryDirectory() as tmp:
