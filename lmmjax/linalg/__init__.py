@@ -19,6 +19,7 @@ from lmmjax.linalg.blocked import (
     factor_entries,
     factorize,
     gls_gram,
+    level_sums,
     logdet,
     make_lambdas,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "factor_entries",
     "factorize",
     "gls_gram",
+    "level_sums",
     "lapack_blocks",
     "linear_predictor",
     "logdet",

@@ -340,6 +340,22 @@ def to_terms(struct: Structure, x1: jax.Array, x2: jax.Array) -> list[jax.Array]
     return out
 
 
+def level_sums(struct: Structure, xp: CrossProducts) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each term's ``Z_l' M`` (M_l, d_l, k) and ``diag(Z_l' Z_l)`` (M_l, d_l), in NumPy.
+
+    Per level and lhs column: the sums over the level's rows of ``z_c M`` and
+    of ``z_c^2``, from the products a fit holds (for starting values).
+    """
+    first, rest = np.asarray(xp.first), np.asarray(xp.rest)
+    out = [(first, np.diagonal(np.asarray(struct.G1), axis1=1, axis2=2))]
+    if struct.layout.has_rest:
+        diag = np.diagonal(np.asarray(struct.C))
+        for t in struct.layout.rest:
+            rows = slice(t.offset, t.offset + t.q)
+            out.append((rest[rows].reshape(t.nlevels, t.d, -1), diag[rows].reshape(t.nlevels, t.d)))
+    return out
+
+
 def to_blocked(struct: Structure, flat: jax.Array) -> tuple[jax.Array, jax.Array]:
     """A (q, k) array in the blocked order -> blocked form."""
     lay = struct.layout

@@ -12,8 +12,9 @@ import scipy.special
 from lmmjax.errors import LmmInputError, LmmWarning
 from lmmjax.options import RemlOptions, takes_options
 from lmmjax.reml.objective import blocked_problem, small_problem
-from lmmjax.reml.optimize import optimize_theta
+from lmmjax.reml.optimize import QUICK_MAX_Q, optimize_theta
 from lmmjax.reml.result import LmmFit
+from lmmjax.reml.start import moment_start, start_scale
 
 __all__ = ["check_identifiable", "compare", "fit_reml"]
 
@@ -77,9 +78,12 @@ def fit_reml(model, options: RemlOptions | None = None, *, reml: bool = True, **
         system, products, layout = struct, xp, None
         if np.any(b0):  # y was shifted (float32): not for methods that fix beta
             struct = xp = None
-    theta0 = np.concatenate([t.theta_init() for t in model.terms])
+    theta0, scale = np.concatenate([t.theta_init() for t in model.terms]), None
+    if small is None and system.q > QUICK_MAX_Q:  # large: fewer evaluations from a moment start
+        theta0 = moment_start(model.terms, system, products)
+        scale = start_scale(model.terms, theta0)
     theta, _, log, singular, est = optimize_theta(
-        system, products, model.terms, theta0, opts, reml=reml, padding=layout
+        system, products, model.terms, theta0, opts, reml=reml, padding=layout, scale=scale
     )
     est = est._replace(beta=np.asarray(est.beta) + b0)
     result = LmmFit.from_estimates(

@@ -307,6 +307,7 @@ def optimize_theta(
     *,
     reml: bool = True,
     padding: SmallLayout | None = None,
+    scale: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float, OptimizerLog, bool, Estimates]:
     """Minimise the profiled objective over theta.
 
@@ -329,6 +330,10 @@ def optimize_theta(
         REML criterion (True) or ML deviance (False).
     padding : SmallLayout, optional
         With a ``SmallSystem``: theta's padding and the terms' effects.
+    scale : array, optional
+        Large problems only: the compiled loop's ``phi = theta * scale``
+        (:func:`lmmjax.reml.start.start_scale` for a moment start); by default
+        :func:`theta_scale` divided by its largest entry.
 
     Returns
     -------
@@ -339,8 +344,7 @@ def optimize_theta(
     # float32 gradients carry rounding of about sqrt(eps) relative: no tighter than that
     gtol = max(options.gtol, float(np.sqrt(np.finfo(struct.dtype).eps)))
     f = _Objective(struct, xp, reml, padding)
-    scale = theta_scale(terms)
-    evaluate = _Evaluations(f, scale)
+    evaluate = _Evaluations(f, theta_scale(terms))
     est = None
     if struct.q > QUICK_MAX_Q:  # large: the compiled loop, evaluations dominate
         dtype = struct.dtype
@@ -348,7 +352,9 @@ def optimize_theta(
         # for its first trial step, a unit step in phi, which is then about a unit step in
         # the largest term's theta instead of 1 / sqrt(M_l) of one (InstEval: 17
         # evaluations against 22, where the first line search doubled the step 6 times)
-        args = (struct, xp, device_array(scale / np.max(scale, initial=1.0), dtype),
+        if scale is None:
+            scale = theta_scale(terms) / np.max(theta_scale(terms), initial=1.0)
+        args = (struct, xp, device_array(scale, dtype),
                 device_array(options.maxiter, np.int64), device_array(gtol, dtype))  # fmt: skip
 
         def minimise(start):
