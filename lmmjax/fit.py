@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from lmmjax.memory import collector_paused, freeze_for_exit
+from lmmjax.memory import collector_paused, freeze_for_exit, freeze_imports
 
 __all__ = ["run_process"]
 
@@ -13,11 +13,14 @@ __all__ = ["run_process"]
 def run_process(argv: Sequence[str] | None = None) -> int:
     """Run :func:`lmmjax.cli.main` as a whole process; the ``lmmjax-fit`` script.
 
-    The command line's modules import with the cyclic collector held off, and
-    every object is frozen before returning, so that the interpreter's
-    shutdown does not walk them (:mod:`lmmjax.memory`). Only for a process
+    The command line's modules import with the cyclic collector held off,
+    everything alive is frozen as each import ends (so that the collector's
+    passes during the fit walk only the fit's objects) and again before
+    returning (so that the interpreter's shutdown does not walk them; see
+    :mod:`lmmjax.memory`). Only for a process
     that exits on return; in a session call :func:`lmmjax.cli.main`.
     """
+    freeze_imports()
     with collector_paused():
         from lmmjax.cli import main
     status = main(argv)

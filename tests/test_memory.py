@@ -102,3 +102,25 @@ def test_pauses_from_many_threads_leave_the_collector_on(collector_state):
     finally:
         sys.setswitchinterval(interval)
     assert gc.isenabled()
+
+
+def test_a_library_pause_never_freezes(collector_state):
+    before = gc.get_freeze_count()
+    with collector_paused():
+        import json  # noqa: F401
+    assert gc.get_freeze_count() == before
+
+
+def test_after_freeze_imports_each_pause_freezes_what_is_alive():
+    # in a fresh process: freezing is for one-shot processes only
+    code = (
+        "import gc; from lmmjax.memory import collector_paused, freeze_imports; "
+        "freeze_imports(); gc.unfreeze(); before = gc.get_freeze_count(); "
+        "keep = [[i] for i in range(10000)]; "
+        "with_pause = collector_paused(); with_pause.__enter__(); "
+        "import fractions; with_pause.__exit__(None, None, None); "
+        "print(before, gc.get_freeze_count() >= before + 10000, gc.isenabled())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.split()  # fmt: skip
+    assert out == ["0", "True", "True"]
