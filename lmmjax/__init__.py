@@ -10,8 +10,15 @@ when first used, so that a process that only validates a config, or fits by
 one method, does not pay for the others.
 """
 
-from lmmjax.memory import collector_paused, tune_allocator  # noqa: I001  (imports nothing heavy)
+from lmmjax.memory import (  # noqa: I001  (imports nothing heavy)
+    collector_paused,
+    command_line_process,
+    freeze_imports,
+    tune_allocator,
+)
 
+if command_line_process():  # a one-shot process: its imports' objects are frozen
+    freeze_imports()
 with collector_paused():  # the imports below make many objects; see lmmjax.memory
     from lmmjax.precision import get_precision, set_precision  # noqa: I001  (float64 first)
     import importlib

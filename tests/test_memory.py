@@ -115,12 +115,27 @@ def test_after_freeze_imports_each_pause_freezes_what_is_alive():
     # in a fresh process: freezing is for one-shot processes only
     code = (
         "import gc; from lmmjax.memory import collector_paused, freeze_imports; "
-        "freeze_imports(); gc.unfreeze(); before = gc.get_freeze_count(); "
+        "freeze_imports(); now = gc.get_freeze_count() > 0; "
+        "gc.unfreeze(); before = gc.get_freeze_count(); "
         "keep = [[i] for i in range(10000)]; "
         "with_pause = collector_paused(); with_pause.__enter__(); "
         "import fractions; with_pause.__exit__(None, None, None); "
-        "print(before, gc.get_freeze_count() >= before + 10000, gc.isenabled())"
+        "print(now, before, gc.get_freeze_count() >= before + 10000, gc.isenabled())"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout.split()  # fmt: skip
-    assert out == ["0", "True", "True"]
+    assert out == ["True", "0", "True", "True"]
+
+
+def test_the_command_line_is_recognised_from_the_interpreters_arguments(monkeypatch):
+    from lmmjax import memory
+
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "lmmjax.fit", "c.yaml"])
+    monkeypatch.setattr(sys, "argv", ["-m", "c.yaml"])
+    assert memory.command_line_process()
+    monkeypatch.setattr(sys, "orig_argv", ["python", "/venv/bin/lmmjax-fit", "c.yaml"])
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/lmmjax-fit", "c.yaml"])
+    assert memory.command_line_process()
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "pytest", "-m", "lmmjax.fit"])
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    assert not memory.command_line_process()  # pytest's own -m option is no module
