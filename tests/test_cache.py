@@ -71,3 +71,19 @@ def test_quick_options_compile_here():
     x = np.ones((8, 8))
     run = jax.jit(lambda a: a @ a).lower(x).compile(cache.QUICK_COMPILE)
     np.testing.assert_allclose(np.asarray(run(x)), x @ x)
+
+
+def test_the_collector_is_held_off_while_a_program_traces_and_back_on_after():
+    import gc
+
+    seen = []
+
+    def fn(x):
+        seen.append(gc.isenabled())  # runs while tracing
+        return x * 3.0
+
+    assert gc.isenabled()
+    run, _ = cache.compiled(fn, np.ones(3))
+    assert seen == [False]
+    assert gc.isenabled()
+    np.testing.assert_allclose(run(np.ones(3)), 3.0)

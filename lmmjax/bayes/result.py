@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from lmmjax.errors import LmmInputError
+from lmmjax.memory import collector_paused
 from lmmjax.output import result_dict, varcorr_rows
 from lmmjax.terms import unique_group_names
 
@@ -42,8 +43,9 @@ warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing a major refac
 
 
 def _arviz():
-    """The ``arviz`` module, imported on first use."""
-    import arviz
+    """The ``arviz`` module, imported on first use (with the cyclic collector held off)."""
+    with collector_paused():
+        import arviz
 
     return arviz
 
