@@ -47,3 +47,49 @@ def test_parallel_chains_match_vectorised_chains(marginalize, backend):
 def test_auto_runs_chains_apart_on_a_cpu():
     assert chain_lanes(3, "auto") == [0, 1, 2]
     assert [list(lane) for lane in chain_lanes(3, "vectorized")] == [[0, 1, 2]]
+
+
+def _counting_step(log):
+    """A lane's state is the list of chunk sizes it ran; ``log`` records the order of calls."""
+
+    def step(k, state, n):
+        state = [] if state is None else state
+        log.append(k)
+        return [*state, n], (k, n)
+
+    return step
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_interleaved_lanes_run_every_chunk_in_order(workers):
+    from lmmjax.bayes.samplers import _interleave
+
+    log, chunks = [], [3, 3, 5, 5, 5]
+    outs, seconds = _interleave(_counting_step(log), 4, chunks, workers)
+    assert [[n for _, n in lane] for lane in outs] == [chunks] * 4
+    assert all(k == lane for lane, recs in enumerate(outs) for k, _ in recs)
+    assert sorted(log) == sorted(list(range(4)) * len(chunks))
+    assert all(sec.shape == (len(chunks),) and (sec >= 0).all() for sec in seconds)
+    if workers > 1:  # lanes advance together: no lane is two chunks ahead of another's start
+        done = dict.fromkeys(range(4), 0)
+        for k in log:
+            done[k] += 1
+            assert done[k] - min(done.values()) <= workers
+    else:  # one after another, in this thread
+        assert log == sorted(log)
+
+
+def test_an_error_in_one_lane_is_raised_and_stops_the_others():
+    from lmmjax.bayes.samplers import _interleave
+
+    calls = []
+
+    def step(k, state, n):
+        calls.append(k)
+        if k == 2:
+            raise RuntimeError("lane 2 failed")
+        return state, None
+
+    with pytest.raises(RuntimeError, match="lane 2 failed"):
+        _interleave(step, 4, [1] * 10, 2)
+    assert len(calls) < 4 * 10  # the other lanes stopped too
