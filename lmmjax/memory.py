@@ -139,10 +139,37 @@ def command_line_process() -> bool:
     :func:`freeze_imports` before its own imports, where the entry point
     would be too late for them.
     """
-    argv = getattr(sys, "orig_argv", [])
-    module = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "-m"), None)
     script = os.path.basename(sys.argv[0]) if sys.argv else ""
+    module = _run_module(getattr(sys, "orig_argv", []))
     return module == "lmmjax.fit" or script in ("lmmjax-fit", "lmmjax-fit.exe")
+
+
+def _run_module(argv: list[str]) -> str | None:
+    """The module that the interpreter's own options run with ``-m``, or None.
+
+    Reads the options before the first argument that is not one (a script,
+    ``-c``'s command, or ``-m``'s module ends them): a script's own ``-m``
+    is not the interpreter's.
+    """
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--check-hash-based-pycs":
+            i += 2
+            continue
+        if not arg.startswith("-") or arg == "-" or arg.startswith("--"):
+            return None
+        for k, flag in enumerate(arg[1:], start=1):  # clustered flags, e.g. -Im module
+            rest = arg[k + 1 :]
+            if flag == "m":
+                return rest or (argv[i + 1] if i + 1 < len(argv) else None)
+            if flag == "c":
+                return None
+            if flag in "XW":  # the option's value is the rest, or the next argument
+                i += 0 if rest else 1
+                break
+        i += 1
+    return None
 
 
 def freeze_for_exit() -> None:

@@ -73,8 +73,8 @@ def test_quick_options_compile_here():
     np.testing.assert_allclose(np.asarray(run(x)), x @ x)
 
 
-def test_the_collector_is_held_off_while_a_program_traces_and_back_on_after():
-    import gc
+def test_the_collector_is_held_off_while_a_program_traces_and_back_on_after(cache_dir):
+    import gc  # (an empty cache directory: a program read from its export is not traced)
 
     seen = []
 

@@ -93,3 +93,34 @@ def test_an_error_in_one_lane_is_raised_and_stops_the_others():
     with pytest.raises(RuntimeError, match="lane 2 failed"):
         _interleave(step, 4, [1] * 10, 2)
     assert len(calls) < 4 * 10  # the other lanes stopped too
+
+
+def test_an_interrupt_stops_the_lanes_after_their_current_chunks(monkeypatch):
+    import threading
+    import time
+
+    from lmmjax.bayes.samplers import _interleave
+
+    calls = []
+
+    def step(k, state, n):
+        calls.append(k)
+        time.sleep(0.01)
+        return state, None
+
+    join = threading.Thread.join
+    interrupted = []
+
+    def join_once(self, timeout=None):
+        if not interrupted:  # Ctrl-C while the caller waits for the lanes
+            interrupted.append(True)
+            time.sleep(0.05)
+            raise KeyboardInterrupt
+        return join(self, timeout)
+
+    monkeypatch.setattr(threading.Thread, "join", join_once)
+    with pytest.raises(KeyboardInterrupt):
+        _interleave(step, 4, [1] * 200, 2)
+    monkeypatch.setattr(threading.Thread, "join", join)
+    assert not [t for t in threading.enumerate() if t.name.startswith("lmmjax-chain")]
+    assert len(calls) < 4 * 200

@@ -136,6 +136,13 @@ def test_the_command_line_is_recognised_from_the_interpreters_arguments(monkeypa
     monkeypatch.setattr(sys, "orig_argv", ["python", "/venv/bin/lmmjax-fit", "c.yaml"])
     monkeypatch.setattr(sys, "argv", ["/venv/bin/lmmjax-fit", "c.yaml"])
     assert memory.command_line_process()
-    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "pytest", "-m", "lmmjax.fit"])
-    monkeypatch.setattr(sys, "argv", ["pytest"])
-    assert not memory.command_line_process()  # pytest's own -m option is no module
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-X", "importtime", "-Im", "lmmjax.fit"])
+    monkeypatch.setattr(sys, "argv", ["-m"])
+    assert memory.command_line_process()
+    monkeypatch.setattr(sys, "argv", ["script.py"])
+    for argv in (["python", "-m", "pytest", "-m", "lmmjax.fit"],  # pytest's own -m option
+                 ["python", "script.py", "-m", "lmmjax.fit"],  # a script's arguments
+                 ["python", "-c", "import lmmjax", "-m", "lmmjax.fit"],
+                 ["python", "-W", "ignore", "-m", "lmmjax.cli"]):  # fmt: skip
+        monkeypatch.setattr(sys, "orig_argv", argv)
+        assert not memory.command_line_process(), argv

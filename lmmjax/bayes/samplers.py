@@ -427,8 +427,16 @@ def _interleave(step, lanes: int, chunks: list[int], workers: int) -> tuple[list
         ]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.join()
+        except BaseException as exc:  # Ctrl-C: the threads stop after their current chunk
+            with cond:
+                errors.append(exc)
+                cond.notify_all()
+            for t in threads:
+                t.join()
+            raise
     if errors:
         raise errors[0]
     return outs, seconds
