@@ -134,7 +134,7 @@ def compiled(fn: Callable, *args, quick: bool = False, **static) -> tuple[Callab
     # tracing makes objects by the hundred thousand: without the pause, the collector's
     # full passes walked every live object several times per fit (dillonE1's NUTS fit:
     # 0.85-1.05 s of collection against 0.25-0.28 s with the pause)
-    with collector_paused():
+    with collector_paused(imports=False):
         _CACHE[key] = _from_export(fn, args, static, key, options) or (
             jax.jit(partial(fn, **static)).lower(*args).compile(options)
         )

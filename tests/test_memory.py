@@ -120,11 +120,14 @@ def test_after_freeze_imports_each_pause_freezes_what_is_alive():
         "keep = [[i] for i in range(10000)]; "
         "with_pause = collector_paused(); with_pause.__enter__(); "
         "import fractions; with_pause.__exit__(None, None, None); "
-        "print(now, before, gc.get_freeze_count() >= before + 10000, gc.isenabled())"
+        "after = gc.get_freeze_count(); more = [[i] for i in range(1000)]\n"
+        "with collector_paused(imports=False):\n    pass\n"
+        "print(now, before, after >= before + 10000, gc.isenabled(), "
+        "gc.get_freeze_count() == after)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout.split()  # fmt: skip
-    assert out == ["True", "0", "True", "True"]
+    assert out == ["True", "0", "True", "True", "True"]  # a trace's pause never freezes
 
 
 def test_the_command_line_is_recognised_from_the_interpreters_arguments(monkeypatch):

@@ -47,14 +47,28 @@ def test_moment_start_floors_absent_variances(rng):
     assert theta0[0] < 0.1
 
 
-def test_start_scale_follows_levels_and_sds(rng):
+def test_start_scale_follows_levels_and_each_terms_largest_sd(rng):
     df = _crossed(rng, n=5000, g=400, h=100)
     model = build_model(df, "y ~ x + (x | g) + (1 | h)")
     theta0 = np.array([0.5, 0.0, 0.25, 0.2])
     scale = start_scale(model.terms, theta0)
-    raw = np.array([np.sqrt(400) / 0.5, np.sqrt(400) / 0.25, np.sqrt(400) / 0.25,
-                    np.sqrt(100) / 0.2])  # fmt: skip
+    raw = np.array([np.sqrt(400) / 0.5] * 3 + [np.sqrt(100) / 0.2])
     np.testing.assert_allclose(scale, FIRST_STEP * raw / raw.max())
+
+
+def test_nested_classes_get_no_moment_start(rng):
+    # each inner level sits in one outer level: both classes claim the outer variance
+    n, outer, per = 30000, 250, 12
+    a = rng.integers(0, outer, n)
+    b = a * per + rng.integers(0, per, n)
+    y = rng.normal(0, 2.0, outer)[a] + rng.normal(0, 0.3, outer * per)[b] + rng.normal(size=n)
+    df = pd.DataFrame({"y": y, "a": a.astype(str), "b": (b % per).astype(str)})
+    model = build_model(df, "y ~ 1 + (1 | a/b)")
+    struct, xp, _, _ = blocked_problem(model)
+    assert moment_start(model.terms, struct, xp) is None
+    crossed = build_model(_crossed(rng), "y ~ x + (x | g) + (1 | h)")
+    struct, xp, _, _ = blocked_problem(crossed)
+    assert moment_start(crossed.terms, struct, xp) is not None
 
 
 def test_large_fit_from_the_moment_start_reaches_the_same_optimum(rng, monkeypatch):

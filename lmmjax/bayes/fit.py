@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import warnings
 
+import jax
 import numpy as np
 
 from lmmjax.bayes.model import BayesModel, build_bayes_model
@@ -47,6 +48,13 @@ def check_diagnostics(fit: BayesFit) -> None:
         )
 
 
+# Predicted seconds of the recovery's draws below which, on a CPU, they run one at a time:
+# dillonE1's 4,000 (0.7 s predicted) compiled in 1.11-1.16 s and ran in 0.50-0.56 s that way,
+# against 1.48-1.71 and 0.35-0.40 s in vectorised batches of 256, but a crossed model whose
+# draws ran in 2.5 s batched took 3.3 s one at a time
+LOOP_SECONDS = 1.0
+
+
 def sample_model(bm: BayesModel, options: NutsOptions) -> BayesFit:
     """Sample a built Bayesian model and recover its marginalised effects.
 
@@ -73,7 +81,10 @@ def sample_model(bm: BayesModel, options: NutsOptions) -> BayesFit:
     # Orthodont's and dutch's still compile quickly (0.6-0.7 s against 1.0-1.5 s, run
     # 0.04-0.10 s against 0.01-0.02)
     quick = quick_compile(bm, chains * ndraw)
-    effects = recover_effects(flat, bm.data, bm.spec, draws.keys["recovery"], quick=quick)
+    # on a CPU, one draw at a time where that is predicted short (see LOOP_SECONDS)
+    loop = jax.default_backend() == "cpu" and quick_compile(bm, chains * ndraw, LOOP_SECONDS)
+    effects = recover_effects(flat, bm.data, bm.spec, draws.keys["recovery"], quick=quick,
+                              batch_size=1 if loop else None)  # fmt: skip
     effects = tuple(np.asarray(e).reshape(chains, ndraw, *e.shape[1:]) for e in effects)
     rec_compile = compile_seconds() - compile0
     rec = time.perf_counter() - t0 - rec_compile

@@ -4,8 +4,9 @@ Given a posterior draw of ``(beta, sigma, Sigma, b_sampled)``, the marginalised
 classes have the Gaussian conditional given by
 :func:`lmmjax.linalg.conditional_moments` (or :func:`lmmjax.linalg.eigen_moments`
 on the fast path), drawn from the same factorisation as the potential. The
-draws are mapped with ``jax.lax.map`` over the posterior: one at a time on a
-CPU, in vectorised batches elsewhere.
+draws are mapped with ``jax.lax.map`` over the posterior, one at a time or in
+vectorised batches (on a CPU a batch's rules cost compile time and gain little
+on small problems; see :data:`lmmjax.bayes.fit.LOOP_SECONDS`).
 """
 
 from __future__ import annotations
@@ -87,16 +88,7 @@ def _recover(samples, key, data, spec, batch_size, draws):
 
 
 def _default_batch(data: KernelData, spec: BayesSpec, budget: float = 2.5e8) -> int:
-    """Draws per batch: 1 on a CPU; elsewhere as many as keep the dense blocks within ``budget``.
-
-    On a CPU a vectorised batch gains little and its batching rules cost
-    compile time: dillonE1's 4,000 draws compiled in 1.11-1.16 s and ran in
-    0.50-0.56 s one at a time, against 1.48-1.71 and 0.35-0.40 s in batches
-    of 256 (sleepstudy, Orthodont and dutch: 0.37-0.49 against 0.47-0.53 s of
-    compile, the runs within 0.02 s).
-    """
-    if jax.default_backend() == "cpu":
-        return 1
+    """Draws per batch so that the per-draw dense blocks stay within ``budget`` bytes."""
     dense = factor_entries(data.struct) if data.struct is not None and not spec.fast else 0
     nobs = data.y.shape[0]
     n_effects = sum(m * d for m, d in zip(spec.nlevels, spec.d, strict=True))

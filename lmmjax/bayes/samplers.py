@@ -97,19 +97,19 @@ QUICK_STEPS = 32  # gradients per iteration assumed by the quick-compile rule
 QUICK_SECONDS = 0.25  # predicted sampling seconds below which the sampler compiles quickly
 
 
-def quick_compile(bm: BayesModel, gradients: float) -> bool:
-    """Whether a program that costs about ``gradients`` gradients is quick to compile.
+def quick_compile(bm: BayesModel, gradients: float, seconds: float = QUICK_SECONDS) -> bool:
+    """Whether a program that costs about ``gradients`` gradients runs in under ``seconds``.
 
-    True when the cost model predicts them below :data:`QUICK_SECONDS`. Never for
-    streamed data (``bm.moments``): large by construction, and the cost model's
-    count of ``B``'s pairs reads the rows.
+    By the cost model's prediction; by default :data:`QUICK_SECONDS`, below which
+    the program is compiled quickly. Never for streamed data (``bm.moments``):
+    large by construction, and the cost model's count of ``B``'s pairs reads the rows.
     """
     spec, model = bm.spec, bm.model
     if bm.moments is not None:
         return False
     t = gradient_seconds(model.terms, spec.marginal, model.nobs, spec.p, fast=spec.fast,
                          row_sigma=spec.sigma_model is not None)  # fmt: skip
-    return gradients * t < QUICK_SECONDS
+    return gradients * t < seconds
 
 
 def _sampler_gradients(s: NutsOptions) -> float:

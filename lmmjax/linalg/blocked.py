@@ -348,8 +348,13 @@ def level_sums(struct: Structure, xp: CrossProducts) -> list[tuple[np.ndarray, n
     """
     first, rest = np.asarray(xp.first), np.asarray(xp.rest)
     out = [(first, np.diagonal(np.asarray(struct.G1), axis1=1, axis2=2))]
-    if struct.layout.has_rest:
-        diag = np.diagonal(np.asarray(struct.C))
+    if struct.layout.has_rest:  # C's diagonal only leaves an accelerator
+        C = struct.C
+        diag = (
+            np.diagonal(np.asarray(C))
+            if jax.default_backend() == "cpu"
+            else np.asarray(C.diagonal())
+        )
         for t in struct.layout.rest:
             rows = slice(t.offset, t.offset + t.q)
             out.append((rest[rows].reshape(t.nlevels, t.d, -1), diag[rows].reshape(t.nlevels, t.d)))

@@ -80,8 +80,9 @@ def fit_reml(model, options: RemlOptions | None = None, *, reml: bool = True, **
             struct = xp = None
     theta0, scale = np.concatenate([t.theta_init() for t in model.terms]), None
     if small is None and system.q > QUICK_MAX_Q:  # large: fewer evaluations from a moment start
-        theta0 = moment_start(model.terms, system, products)
-        scale = start_scale(model.terms, theta0)
+        moment = moment_start(model.terms, system, products)
+        if moment is not None:
+            theta0, scale = moment, start_scale(model.terms, moment)
     theta, _, log, singular, est = optimize_theta(
         system, products, model.terms, theta0, opts, reml=reml, padding=layout, scale=scale
     )
