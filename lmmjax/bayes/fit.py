@@ -11,7 +11,7 @@ import numpy as np
 from lmmjax.bayes.model import BayesModel, build_bayes_model
 from lmmjax.bayes.recovery import recover_effects
 from lmmjax.bayes.result import BayesFit, build_inference_data, import_arviz
-from lmmjax.bayes.samplers import quick_compile, run_sampler
+from lmmjax.bayes.samplers import QUICK_SECONDS, predicted_seconds, run_sampler
 from lmmjax.cache import compile_seconds
 from lmmjax.errors import LmmInputError
 from lmmjax.options import NutsOptions, takes_options
@@ -80,9 +80,10 @@ def sample_model(bm: BayesModel, options: NutsOptions) -> BayesFit:
     # 0.7-0.8 s quickly and ran in 2.6 s, against 2.1 and 0.34-0.40 s; sleepstudy's,
     # Orthodont's and dutch's still compile quickly (0.6-0.7 s against 1.0-1.5 s, run
     # 0.04-0.10 s against 0.01-0.02)
-    quick = quick_compile(bm, chains * ndraw)
+    predicted = predicted_seconds(bm, chains * ndraw)
+    quick = predicted < QUICK_SECONDS
     # on a CPU, one draw at a time where that is predicted short (see LOOP_SECONDS)
-    loop = jax.default_backend() == "cpu" and quick_compile(bm, chains * ndraw, LOOP_SECONDS)
+    loop = jax.default_backend() == "cpu" and predicted < LOOP_SECONDS
     effects = recover_effects(flat, bm.data, bm.spec, draws.keys["recovery"], quick=quick,
                               batch_size=1 if loop else None)  # fmt: skip
     effects = tuple(np.asarray(e).reshape(chains, ndraw, *e.shape[1:]) for e in effects)

@@ -97,19 +97,26 @@ QUICK_STEPS = 32  # gradients per iteration assumed by the quick-compile rule
 QUICK_SECONDS = 0.25  # predicted sampling seconds below which the sampler compiles quickly
 
 
-def quick_compile(bm: BayesModel, gradients: float, seconds: float = QUICK_SECONDS) -> bool:
-    """Whether a program that costs about ``gradients`` gradients runs in under ``seconds``.
+def predicted_seconds(bm: BayesModel, gradients: float) -> float:
+    """The cost model's seconds for a program that costs about ``gradients`` gradients.
 
-    By the cost model's prediction; by default :data:`QUICK_SECONDS`, below which
-    the program is compiled quickly. Never for streamed data (``bm.moments``):
-    large by construction, and the cost model's count of ``B``'s pairs reads the rows.
+    Infinite for streamed data (``bm.moments``): large by construction, and the
+    cost model's count of ``B``'s pairs reads the rows.
     """
     spec, model = bm.spec, bm.model
     if bm.moments is not None:
-        return False
+        return math.inf
     t = gradient_seconds(model.terms, spec.marginal, model.nobs, spec.p, fast=spec.fast,
                          row_sigma=spec.sigma_model is not None)  # fmt: skip
-    return gradients * t < seconds
+    return gradients * t
+
+
+def quick_compile(bm: BayesModel, gradients: float) -> bool:
+    """Whether a program that costs about ``gradients`` gradients is quick to compile.
+
+    True when :func:`predicted_seconds` is below :data:`QUICK_SECONDS`.
+    """
+    return predicted_seconds(bm, gradients) < QUICK_SECONDS
 
 
 def _sampler_gradients(s: NutsOptions) -> float:
@@ -513,8 +520,8 @@ def run_numpyro(bm: BayesModel, s: NutsOptions) -> Draws:
                                                                  1e-300)  # fmt: skip
     warm_seconds, sample_seconds = phase.seconds * warm_share, phase.seconds * (1 - warm_share)
     warm_steps = sum(int(np.sum(out[2])) for lane in outs for out in lane[:nwarm])
-    sampled = [(None, lane[nwarm:]) for lane in outs]
-    per_lane = [jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *outs) for _, outs in sampled]
+    per_lane = [jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *lane[nwarm:])
+                for lane in outs]  # fmt: skip
     if vectorize:  # (draws, chains, ...) -> (chains, draws, ...)
         out = jax.tree.map(lambda a: np.swapaxes(a, 0, 1), per_lane[0])
     else:

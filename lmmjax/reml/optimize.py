@@ -354,7 +354,8 @@ def optimize_theta(
         # the largest term's theta instead of 1 / sqrt(M_l) of one (InstEval: 17
         # evaluations against 22, where the first line search doubled the step 6 times)
         if scale is None:
-            scale = theta_scale(terms) / np.max(theta_scale(terms), initial=1.0)
+            scale = theta_scale(terms)
+            scale = scale / np.max(scale, initial=1.0)
         args = (struct, xp, device_array(scale, dtype),
                 device_array(options.maxiter, np.int64), device_array(gtol, dtype))  # fmt: skip
 

@@ -91,7 +91,7 @@ def moment_start(terms, struct: Structure, xp: CrossProducts) -> np.ndarray:
         s2e = max(s2 - float(var @ (tot / n)), 0.05 * s2)
     if float(var @ (tot / n)) > OVERCOMMITTED * s2:
         return None
-    sd = np.maximum(np.sqrt(var / s2e) if s2e > 0 else np.ones_like(var), SD_FLOOR)
+    sd = np.maximum(np.sqrt(var / s2e), SD_FLOOR)  # s2e >= 0.05 s2 > 0
     theta, k = [], 0
     for t in terms:
         rows, cols_ = t.theta_index()
