@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from lmmjax.memory import collector_paused, freeze_for_exit, freeze_imports
 
-__all__ = ["run_process"]
+__all__ = ["exit_process", "run_process"]
 
 
 def run_process(argv: Sequence[str] | None = None) -> int:
-    """Run :func:`lmmjax.cli.main` as a whole process; the ``lmmjax-fit`` script.
+    """Run :func:`lmmjax.cli.main` as a whole process, and return its exit status.
 
     The command line's modules import with the cyclic collector held off,
     everything alive is frozen as each import ends (so that the collector's
@@ -28,5 +31,27 @@ def run_process(argv: Sequence[str] | None = None) -> int:
     return status
 
 
+def exit_process(argv: Sequence[str] | None = None) -> NoReturn:
+    """:func:`run_process`, then end the process at once; the ``lmmjax-fit`` script.
+
+    Output is flushed and the process ends with ``os._exit``, skipping the
+    interpreter's shutdown: tearing down the modules and XLA's CPU client took
+    60-70 ms of a 1.3-1.5 s sleepstudy fit. Nothing is left to do by then:
+    the JSON result and the compile caches are written before :func:`run_process`
+    returns. A process of a distributed run (``LMMJAX_COORDINATOR``) shuts
+    down normally, so that JAX's distributed runtime leaves in step with the others.
+    """
+    status = run_process(argv)
+    if os.environ.get("LMMJAX_COORDINATOR"):
+        sys.exit(status)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said
+            pass
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(run_process())
+    exit_process()

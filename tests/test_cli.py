@@ -159,3 +159,23 @@ def test_help_exits_0(capsys):
 
 def test_usage_error_exits_2(capsys):
     assert main([]) == 2
+
+
+def test_the_process_ends_at_once_with_its_output_flushed_and_its_status(tmp_path):
+    # python -m lmmjax.fit ends with os._exit: everything printed into a pipe, the JSON
+    # file and the exit status must survive the skipped shutdown
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.json"
+    ok = subprocess.run([sys.executable, "-m", "lmmjax.fit", str(write(tmp_path, SLEEPSTUDY)),
+                         "--output", str(out)], capture_output=True, text=True,
+                        cwd=REPO_ROOT)  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "Correlation of Fixed Effects" in ok.stdout
+    assert ok.stdout.rstrip().endswith(f"results written to {out}")
+    assert json.loads(out.read_text())["method"] == "reml"
+    bad = subprocess.run([sys.executable, "-m", "lmmjax.fit", str(tmp_path / "missing.yaml")],
+                         capture_output=True, text=True, cwd=REPO_ROOT)  # fmt: skip
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("lmmjax: ")
