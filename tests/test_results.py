@@ -129,7 +129,7 @@ def test_boundary_stationary_point_is_escaped():
     struct = build_structure(model.terms)
     xp = cross_products(struct, np.column_stack([model.X, model.y]))
     bounded = reml_opt.on_bound(model.terms)
-    f = reml_opt._Objective(struct, xp, True)
+    f = reml_opt.Objective(struct, xp, True)
     probe = reml_opt._escape_boundary(np.zeros(1), f(np.zeros(1)), f, bounded)
     assert probe is not None and probe[0] > 0
 

@@ -41,3 +41,30 @@ def test_no_ddf_gives_lme4s_table_and_json_has_the_tests():
     assert days["df"] == pytest.approx(17.0, rel=1e-3) and 0 < days["p"] < 1e-4
     with pytest.raises(lmmjax.LmmInputError, match="ddf"):
         fit.coef_table(ddf="Welch")
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_a_small_models_pieces_come_from_the_fits_own_program(reml):
+    # the small path's objective program holds Satterthwaite's pieces: no second program,
+    # and the same numbers as the pieces' own program on the same padded system
+    from lmmjax import cache
+    from lmmjax.linalg import device_array
+    from lmmjax.reml.inference import vcov_derivatives
+    from lmmjax.reml.objective import vcov_pieces
+
+    fit = lmmjax.lmm("Reaction ~ Days + (Days | Subject)", "bundled:sleepstudy",
+                     method="reml" if reml else "ml")  # fmt: skip
+    assert fit._small is not None
+    programs = len(cache._CACHE)
+    parts = vcov_derivatives(fit)
+    assert len(cache._CACHE) == programs
+    struct, xp, layout = fit._small
+    varpar = device_array(np.append(layout.pad(fit.theta), fit.sigma), struct.dtype)
+    nobs = device_array(float(fit.nobs), struct.dtype)
+    run, _ = cache.compiled(vcov_pieces, varpar, struct, xp, nobs, reml=reml)
+    H, C, J = (np.asarray(a) for a in run(varpar, struct, xp, nobs))
+    keep, p = np.r_[np.arange(layout.ntheta), layout.size], layout.nfixed
+    np.testing.assert_allclose(parts.vcov, C[:p, :p], rtol=1e-10)
+    np.testing.assert_allclose(parts.jac, J[:p, :p, keep], rtol=1e-9, atol=1e-9)  # zeros: roundoff
+    np.testing.assert_allclose(parts.varpar_cov, 2.0 * np.linalg.inv(H[np.ix_(keep, keep)]),
+                               rtol=1e-8)  # fmt: skip

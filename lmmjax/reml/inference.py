@@ -18,57 +18,16 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import scipy.special
 
 from lmmjax.cache import compiled
-from lmmjax.linalg import (
-    CrossProducts,
-    Structure,
-    device_array,
-    gls_gram,
-    make_lambdas,
-    tri_solve,
-)
-from lmmjax.reml.objective import nfixed
+from lmmjax.linalg import device_array
+from lmmjax.reml.objective import vcov_pieces
+from lmmjax.reml.optimize import Objective
 
 __all__ = ["VcovDerivatives", "contrast_df", "satterthwaite", "t_table", "vcov_derivatives"]
-
-
-def _parts(varpar, struct: Structure, xp: CrossProducts):  # or a SmallSystem and its products
-    theta, sigma = varpar[:-1], varpar[-1]
-    logdet_a, gram = gls_gram(struct, make_lambdas(theta, struct), xp)
-    L = jnp.linalg.cholesky(gram)
-    return theta, sigma, logdet_a, L
-
-
-def deviance(varpar, struct: Structure, xp: CrossProducts, nobs, reml: bool):
-    """-2 log-likelihood (REML or ML) at ``varpar = (theta, sigma)``, beta profiled out."""
-    _, sigma, logdet_a, L = _parts(varpar, struct, xp)
-    p = nfixed(struct, L)
-    r2 = L[-1, -1] ** 2
-    if reml:  # padded columns of a small system have unit diagonal: log 1 = 0
-        ldx = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L)[:-1]))
-        return logdet_a + ldx + (nobs - p) * jnp.log(2 * jnp.pi * sigma**2) + r2 / sigma**2
-    return logdet_a + nobs * jnp.log(2 * jnp.pi * sigma**2) + r2 / sigma**2
-
-
-def beta_vcov(varpar, struct: Structure, xp: CrossProducts):
-    """``sigma^2 (X' V^-1 X)^-1`` at ``varpar``."""
-    _, sigma, _, L = _parts(varpar, struct, xp)
-    Linv = tri_solve(L[:-1, :-1], jnp.eye(L.shape[0] - 1, dtype=L.dtype))
-    return sigma**2 * Linv.T @ Linv
-
-
-def _pieces(varpar, struct, xp, nobs, reml):
-    # reverse over reverse: the Schur block's log-det has a custom VJP, no forward mode
-    H = jax.jacrev(jax.grad(deviance))(varpar, struct, xp, nobs, reml)
-    C = beta_vcov(varpar, struct, xp)
-    J = jax.jacrev(beta_vcov)(varpar, struct, xp)  # (p, p, k)
-    return H, C, J
 
 
 class VcovDerivatives(NamedTuple):
@@ -97,19 +56,19 @@ def vcov_derivatives(fit) -> VcovDerivatives:
     program is shared with other small models); the padded entries of theta
     are cut from the derivatives.
     """
-    if fit._small is not None:
+    if fit._small is not None:  # the fit's own program holds the pieces
         struct, xp, layout = fit._small
-        theta, keep = layout.pad(fit.theta), np.r_[np.arange(layout.ntheta), layout.size]
-    else:
-        (struct, xp), theta, keep = fit._blocked(), fit.theta, None
-    varpar = device_array(np.append(theta, fit.sigma), struct.dtype)
-    nobs = device_array(float(fit.nobs), struct.dtype)
-    quick = struct.q <= 2000  # compile time dominates on small problems
-    run, _ = compiled(_pieces, varpar, struct, xp, nobs, quick=quick, reml=fit.reml)
-    H, C, J = (np.asarray(a, dtype=float) for a in run(varpar, struct, xp, nobs))
-    if keep is not None:
-        p = layout.nfixed
+        objective = Objective(struct, xp, fit.reml, padding=layout)
+        H, C, J = objective.pieces(fit.theta, fit.sigma)
+        keep, p = np.r_[np.arange(layout.ntheta), layout.size], layout.nfixed
         H, C, J = H[np.ix_(keep, keep)], C[:p, :p], J[:p, :p, keep]
+    else:
+        (struct, xp), theta = fit._blocked(), fit.theta
+        varpar = device_array(np.append(theta, fit.sigma), struct.dtype)
+        nobs = device_array(float(fit.nobs), struct.dtype)
+        quick = struct.q <= 2000  # compile time dominates on small problems
+        run, _ = compiled(vcov_pieces, varpar, struct, xp, nobs, quick=quick, reml=fit.reml)
+        H, C, J = (np.asarray(a, dtype=float) for a in run(varpar, struct, xp, nobs))
     try:
         A = 2.0 * np.linalg.solve(H, np.eye(H.shape[0]))
     except np.linalg.LinAlgError:

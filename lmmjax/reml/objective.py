@@ -37,13 +37,16 @@ from lmmjax.precision import float_dtype
 
 __all__ = [
     "Estimates",
+    "beta_vcov",
     "blocked_problem",
+    "deviance",
     "least_squares_shift",
     "small_problem",
     "estimates",
     "nfixed",
     "profiled_criterion",
     "profiled_objective",
+    "vcov_pieces",
     "weighted_problem",
 ]
 
@@ -116,6 +119,42 @@ def estimates(
     vcov = sigma**2 * Linv.T @ Linv
     b = conditional_moments(struct, lambdas, xp.residual(beta), sigma).mean
     return Estimates(objective, beta, sigma, vcov, b)
+
+
+def _parts(varpar, struct: Structure, xp: CrossProducts):  # or a SmallSystem and its products
+    theta, sigma = varpar[:-1], varpar[-1]
+    logdet_a, gram = gls_gram(struct, make_lambdas(theta, struct), xp)
+    L = jnp.linalg.cholesky(gram)
+    return theta, sigma, logdet_a, L
+
+
+def deviance(varpar, struct: Structure, xp: CrossProducts, nobs, reml: bool):
+    """-2 log-likelihood (REML or ML) at ``varpar = (theta, sigma)``, beta profiled out."""
+    _, sigma, logdet_a, L = _parts(varpar, struct, xp)
+    p = nfixed(struct, L)
+    r2 = L[-1, -1] ** 2
+    if reml:  # padded columns of a small system have unit diagonal: log 1 = 0
+        ldx = 2.0 * jnp.sum(jnp.log(jnp.diagonal(L)[:-1]))
+        return logdet_a + ldx + (nobs - p) * jnp.log(2 * jnp.pi * sigma**2) + r2 / sigma**2
+    return logdet_a + nobs * jnp.log(2 * jnp.pi * sigma**2) + r2 / sigma**2
+
+
+def beta_vcov(varpar, struct: Structure, xp: CrossProducts):
+    """``sigma^2 (X' V^-1 X)^-1`` at ``varpar``."""
+    _, sigma, _, L = _parts(varpar, struct, xp)
+    Linv = tri_solve(L[:-1, :-1], jnp.eye(L.shape[0] - 1, dtype=L.dtype))
+    return sigma**2 * Linv.T @ Linv
+
+
+def vcov_pieces(varpar, struct, xp, nobs, reml: bool):
+    """Satterthwaite's pieces at ``varpar``: the deviance's Hessian ``H``, ``Cov(beta)`` ``C``
+    and its Jacobian ``J`` (p, p, k) in ``varpar`` (:mod:`lmmjax.reml.inference`).
+    """
+    # reverse over reverse: the Schur block's log-det has a custom VJP, no forward mode
+    H = jax.jacrev(jax.grad(deviance))(varpar, struct, xp, nobs, reml)
+    C = beta_vcov(varpar, struct, xp)
+    J = jax.jacrev(beta_vcov)(varpar, struct, xp)  # (p, p, k)
+    return H, C, J
 
 
 def weighted_problem(model) -> tuple[list, np.ndarray, float]:

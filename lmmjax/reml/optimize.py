@@ -33,7 +33,13 @@ import scipy.optimize
 from lmmjax.cache import compiled
 from lmmjax.linalg import CrossProducts, SmallLayout, Structure, device_array
 from lmmjax.options import RemlOptions
-from lmmjax.reml.objective import Estimates, estimates, padded, profiled_objective
+from lmmjax.reml.objective import (
+    Estimates,
+    estimates,
+    padded,
+    profiled_objective,
+    vcov_pieces,
+)
 
 
 @dataclass
@@ -85,7 +91,7 @@ class _Evaluations:
     reads the gradient of the accepted point without evaluating it again.
     """
 
-    def __init__(self, objective: _Objective, scale: np.ndarray):
+    def __init__(self, objective: Objective, scale: np.ndarray):
         self.objective, self.scale = objective, scale
         self.seen: dict[bytes, tuple[float, np.ndarray]] = {}
         self.count = 0
@@ -172,27 +178,48 @@ def lbfgs_loop(theta0, struct: Structure, xp: CrossProducts, scale, maxiter, gto
     return theta, value, grad, it, evals, estimates(theta, struct, xp, reml)
 
 
-def _evaluate(theta, struct, xp, with_estimates, reml):
-    """Value and gradient of the objective, and the estimates when ``with_estimates``.
+GRADIENT, ESTIMATES, PIECES = 0, 1, 2  # what a call of the objective's program adds
 
-    One program for the whole fit: the estimates branch runs once, at the end,
-    and sharing the program saves compiling a second one (0.36 of 1.66 s for
-    sleepstudy).
+
+def _zeros(shapes):
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+
+def _evaluate(theta, sigma, struct, xp, mode, reml, pieces):
+    """Value and gradient of the objective, and what ``mode`` adds.
+
+    ``mode`` (traced) is :data:`GRADIENT`, :data:`ESTIMATES` (the estimates
+    too) or, where ``pieces`` (static) built it in, :data:`PIECES`
+    (Satterthwaite's, :func:`lmmjax.reml.objective.vcov_pieces`, at
+    ``(theta, sigma)``). Branches that do not run return zeros.
+
+    One program for the whole fit and its summary: the estimates run once, at
+    the end, and sharing the program saves compiling a second one (0.36 of
+    1.66 s for sleepstudy). A small model's program holds Satterthwaite's
+    pieces as well, so that a fresh process loads one program instead of two
+    (the second load took 60-90 ms of a 1.3 s sleepstudy fit from the command line).
     """
     value, grad = jax.value_and_grad(profiled_objective)(theta, struct, xp, reml)
     shape = jax.eval_shape(lambda t: estimates(t, struct, xp, reml), theta)
     est = jax.lax.cond(
-        with_estimates,
-        lambda: estimates(theta, struct, xp, reml),
-        lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shape),
+        mode == ESTIMATES, lambda: estimates(theta, struct, xp, reml), lambda: _zeros(shape)
     )
-    return value, grad, est
+    if not pieces:
+        return value, grad, est, None
+    varpar = jnp.append(theta, sigma)
+    shape = jax.eval_shape(lambda v: vcov_pieces(v, struct, xp, struct.nobs, reml), varpar)
+    parts = jax.lax.cond(
+        mode == PIECES,
+        lambda: vcov_pieces(varpar, struct, xp, struct.nobs, reml),
+        lambda: _zeros(shape),
+    )
+    return value, grad, est, parts
 
 
 QUICK_MAX_Q = 2000  # random effects up to which the objective is compiled quickly
 
 
-class _Objective:
+class Objective:
     """The compiled objective at fixed (struct, xp), for NumPy thetas.
 
     Calling it gives the value; the optimiser, boundary probes, snapping,
@@ -206,23 +233,33 @@ class _Objective:
         # small problems: compile without LLVM optimisation, run time is negligible there
         self.quick = struct.q <= QUICK_MAX_Q
 
-    def _run(self, theta, with_estimates: bool):
+    def _run(self, theta, mode: int, sigma: float = 0.0):
         th = np.asarray(padded(self.padding, theta), self.dtype)  # no device_put: a copy
-        flag = np.asarray(with_estimates)
-        run, seconds = compiled(_evaluate, th, *self.args, flag, quick=self.quick, reml=self.reml)
+        args = (th, np.asarray(sigma, self.dtype), *self.args, np.asarray(mode, np.int32))
+        run, seconds = compiled(_evaluate, *args, quick=self.quick, reml=self.reml,
+                                pieces=self.padding is not None)  # fmt: skip
         self.compile_seconds += seconds
-        return run(th, *self.args, flag)
+        return run(*args)
 
     def value_and_grad(self, theta) -> tuple[float, np.ndarray]:
-        value, grad, _ = self._run(theta, False)
+        value, grad, _, _ = self._run(theta, GRADIENT)
         return float(value), np.asarray(grad, dtype=float)[: np.size(theta)]
 
     def estimates(self, theta) -> Estimates:
-        est = self._run(theta, True)[2]
+        est = self._run(theta, ESTIMATES)[2]
         if self.padding is None:
             return est
         beta, vcov = self.padding.fixed(est.beta, est.vcov)
         return est._replace(beta=beta, vcov=vcov, b=self.padding.unpack(est.b[0]))
+
+    def pieces(self, theta, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`lmmjax.reml.objective.vcov_pieces` at ``(theta, sigma)``, padding included.
+
+        Only for a small model's padded system (``padding``), whose program holds them.
+        """
+        if self.padding is None:
+            raise ValueError("Satterthwaite's pieces are in the programs of small models only")
+        return tuple(np.asarray(a, dtype=float) for a in self._run(theta, PIECES, sigma)[3])
 
     def __call__(self, theta) -> float:
         return self.value_and_grad(theta)[0]
@@ -264,7 +301,7 @@ def projected_grad_norm(grad: np.ndarray, theta: np.ndarray, bounded: np.ndarray
     return float(np.max(np.abs(g))) if g.size else 0.0
 
 
-def _snap(theta, value, f: _Objective, bounded, snap_tol, log):
+def _snap(theta, value, f: Objective, bounded, snap_tol, log):
     """Set bounded parameters within 1e-3 of zero to zero when the objective allows."""
     near = bounded & (np.abs(theta) < 1e-3) & (theta != 0.0)
     for i in np.flatnonzero(near):
@@ -277,7 +314,7 @@ def _snap(theta, value, f: _Objective, bounded, snap_tol, log):
     return theta, value
 
 
-def _escape_boundary(theta, value, f: _Objective, bounded, step=0.05):
+def _escape_boundary(theta, value, f: Objective, bounded, step=0.05):
     """A point off the boundary with a lower objective, or None if there is none."""
     for i in np.flatnonzero(bounded & (np.abs(theta) < 1e-4)):
         probe = theta.copy()
@@ -287,7 +324,7 @@ def _escape_boundary(theta, value, f: _Objective, bounded, step=0.05):
     return None
 
 
-def _nelder_mead(theta, f: _Objective, bounded):
+def _nelder_mead(theta, f: Objective, bounded):
     bounds = [(0.0, None) if b else (None, None) for b in bounded]
     res = scipy.optimize.minimize(
         f,
@@ -344,7 +381,7 @@ def optimize_theta(
     start = time.perf_counter()
     # float32 gradients carry rounding of about sqrt(eps) relative: no tighter than that
     gtol = max(options.gtol, float(np.sqrt(np.finfo(struct.dtype).eps)))
-    f = _Objective(struct, xp, reml, padding)
+    f = Objective(struct, xp, reml, padding)
     evaluate = _Evaluations(f, theta_scale(terms))
     est = None
     if struct.q > QUICK_MAX_Q:  # large: the compiled loop, evaluations dominate

@@ -14,7 +14,7 @@ compiled value-and-gradient, started from the previous point's optimum:
 
 * variance parameters: the deviance with beta profiled out,
   ``log|A| + n log(2 pi sigma^2) + r^2 / sigma^2``
-  (:func:`lmmjax.reml.inference.deviance`), in ``s = (sd, cor, sigma)``; the
+  (:func:`lmmjax.reml.objective.deviance`), in ``s = (sd, cor, sigma)``; the
   free ones are optimised as ``log sd``, ``atanh cor``, ``log sigma``, and
   ``Lambda_l = diag(sd) chol(R) / sigma`` for a term with correlations ``R``;
 * a fixed effect ``beta_j = b``: sigma and the other fixed effects profiled
@@ -36,7 +36,7 @@ import scipy.special
 
 from lmmjax.cache import compiled
 from lmmjax.linalg import device_array, gls_gram, make_lambdas
-from lmmjax.reml.inference import deviance
+from lmmjax.reml.objective import deviance
 from lmmjax.terms import unique_group_names
 
 __all__ = ["profile_confint", "sdcor_layout"]
