@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lmmjax.lapack import POTRI_MIN, spd_inverse
+from lmmjax.lapack import spd_inverse
 
 # Matrices up to this size are factored and solved by unrolled elementwise code. Larger
 # blocks compile too slowly once differentiated: the third derivatives that the MAP
@@ -168,7 +168,7 @@ def _backward(unroll, lower, res, cotangents):
     L, W = res
     ld_bar, Q_bar = cotangents
     with _pushed(_UNROLL, unroll):
-        if L.shape[0] >= POTRI_MIN:
+        if L.shape[0] > SMALL or not _UNROLL[-1]:  # LAPACK: one solve and a product
             A_inv = spd_inverse(L)
         else:
             A_inv = tri_solve(L, tri_solve(L, jnp.eye(L.shape[0], dtype=L.dtype)), transpose=True)
