@@ -5,6 +5,11 @@ dtypes and static options and keeps the executable (at most 64, least recently
 used first out). Every method compiles through it, so one place decides what
 is reused; :func:`compile_seconds` tells how long compiling took, whoever did it.
 
+Programs compile with XLA's legacy CPU fusion emitters
+(:data:`DEFAULT_COMPILE`), which compile faster than its MLIR ones for
+programs like these and run as fast; small ones also without LLVM's
+optimisation (:data:`QUICK_COMPILE`).
+
 The persistent XLA cache stores compiled programs on disk so that a model
 shape compiles once per machine. lmmjax turns it on at import, in
 ``$LMMJAX_CACHE_DIR`` (default ``~/.cache/lmmjax/xla``). Set
@@ -79,16 +84,31 @@ def _layout(leaf):
 
 # XLA options for programs whose run time is negligible next to their compile time:
 # no LLVM optimisation passes (sleepstudy's REML program compiles in 0.85 s instead of
-# 1.56 s, and runs in 109-141 us instead of 124 us), and, where jaxlib knows the option
-# (0.9 and later; older ones reject it), no YNNPACK fusions of matrix products, which
-# prepare themselves on a program's first run (sleepstudy's Satterthwaite program: first
-# run 30-72 ms with them, 5-13 ms without; later runs 4-9 ms either way)
+# 1.56 s, and runs in 109-141 us instead of 124 us), XLA's legacy loop emitters (below),
+# and, where jaxlib knows the option (0.9 and later; older ones reject it), no YNNPACK
+# fusions of matrix products, which prepare themselves on a program's first run
+# (sleepstudy's Satterthwaite program: first run 30-72 ms with them, 5-13 ms without;
+# later runs 4-9 ms either way)
 YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+# XLA's CPU backend emits its fusions through MLIR by default; its older LLVM emitters
+# compile in about two thirds of the time or less, and every lmmjax program uses them
+# (DEFAULT_COMPILE, and QUICK_COMPILE's share): sleepstudy's REML program compiled quickly
+# in 0.51 s against 1.25 s, dillonE1's NUTS sampler in 3.1 s against 4.8 s (its values and
+# gradients 351-375 against 351-354 us) and its recovery in 0.70 s against 1.32 s,
+# InstEval's REML loop in 2.9-3.1 s against 3.2-3.3 s (fit 0.79-0.89 s either way).
+# Where jaxlib knows the option (0.7 and later)
+EMITTER_OPTION = "xla_cpu_use_fusion_emitters"
+
+
+def legacy_emitter_options(jaxlib_version: tuple) -> dict:
+    """XLA's legacy fusion emitters for a jaxlib of ``jaxlib_version``; empty before 0.7."""
+    return {EMITTER_OPTION: False} if tuple(jaxlib_version[:2]) >= (0, 7) else {}
 
 
 def quick_compile_options(jaxlib_version: tuple) -> dict:
     """:data:`QUICK_COMPILE` for a jaxlib of ``jaxlib_version`` (a tuple of ints)."""
     options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    options.update(legacy_emitter_options(jaxlib_version))
     if tuple(jaxlib_version[:2]) >= (0, 9):
         options[YNN_OPTION] = ""  # the empty list: no fusion type
     return options
@@ -101,6 +121,11 @@ def _jaxlib_version() -> tuple:
 
 
 QUICK_COMPILE = quick_compile_options(_jaxlib_version())
+DEFAULT_COMPILE = legacy_emitter_options(_jaxlib_version())
+
+
+def _option_key(options: dict | None) -> tuple:
+    return tuple(sorted((options or {}).items()))
 
 
 def compiled(fn: Callable, *args, quick: bool = False, **static) -> tuple[Callable, float]:
@@ -125,12 +150,12 @@ def compiled(fn: Callable, *args, quick: bool = False, **static) -> tuple[Callab
     seconds : float
         Time spent compiling now (0 when the executable was cached).
     """
-    key = (fn, _signature(args), tuple(sorted(static.items())), quick)
+    options = QUICK_COMPILE if quick else (DEFAULT_COMPILE or None)
+    key = (fn, _signature(args), tuple(sorted(static.items())), _option_key(options))
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key], 0.0
     start = time.perf_counter()
-    options = QUICK_COMPILE if quick else None
     # tracing makes objects by the hundred thousand: without the pause, the collector's
     # full passes walked every live object several times per fit (dillonE1's NUTS fit:
     # 0.85-1.05 s of collection against 0.25-0.28 s with the pause)
@@ -165,11 +190,11 @@ def _export_path(fn: Callable, key: tuple) -> Path | None:
     directory = jax.config.jax_compilation_cache_dir
     if not directory or getattr(fn, "__qualname__", "<lambda>").endswith("<lambda>"):
         return None
-    _, (treedef, shapes), static, quick = key
+    _, (treedef, shapes), static, options = key
     if any(layout is not None for _, _, layout in shapes):  # sharded over devices: not here
         return None
     try:
-        text = pickle.dumps((fn.__module__, fn.__qualname__, treedef, shapes, static, quick))
+        text = pickle.dumps((fn.__module__, fn.__qualname__, treedef, shapes, static, options))
     except Exception:  # noqa: BLE001  (an option that does not pickle: compile directly)
         return None
     digest = hashlib.sha256(text)

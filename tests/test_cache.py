@@ -67,10 +67,28 @@ def test_quick_options_name_ynn_only_where_jaxlib_knows_it():
     assert cache.QUICK_COMPILE == cache.quick_compile_options(cache._jaxlib_version())
 
 
-def test_quick_options_compile_here():
-    x = np.ones((8, 8))
-    run = jax.jit(lambda a: a @ a).lower(x).compile(cache.QUICK_COMPILE)
-    np.testing.assert_allclose(np.asarray(run(x)), x @ x)
+def test_legacy_emitters_only_where_jaxlib_knows_the_option():
+    # before 0.7 the option is not asked for: a jaxlib that rejects it would fail every compile
+    assert cache.legacy_emitter_options((0, 6)) == {}
+    assert cache.legacy_emitter_options((0, 4, 30)) == {}
+    assert cache.legacy_emitter_options((0, 10, 2)) == {cache.EMITTER_OPTION: False}
+    assert cache.DEFAULT_COMPILE == cache.legacy_emitter_options(cache._jaxlib_version())
+    assert cache.QUICK_COMPILE.items() >= cache.DEFAULT_COMPILE.items()
+
+
+@pytest.mark.parametrize("which", ["QUICK_COMPILE", "DEFAULT_COMPILE"])
+def test_the_options_compile_here_and_give_the_same_numbers(which):
+    # a scatter (segment sums, as the kernels have) and a product, against NumPy
+    x = np.random.default_rng(0).normal(size=(8, 8))
+    seg = np.array([0, 1, 1, 2, 2, 2, 3, 3])
+
+    def f(a):
+        return a @ a, jax.ops.segment_sum(a, seg, 4)
+
+    run = jax.jit(f).lower(x).compile(getattr(cache, which) or None)
+    prod, sums = run(x)
+    np.testing.assert_allclose(np.asarray(prod), x @ x, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(sums), np.add.reduceat(x, [0, 1, 3, 6]), rtol=1e-12)
 
 
 def test_the_collector_is_held_off_while_a_program_traces_and_back_on_after(cache_dir):
