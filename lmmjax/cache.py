@@ -7,8 +7,8 @@ is reused; :func:`compile_seconds` tells how long compiling took, whoever did it
 
 Programs compile with XLA's legacy CPU fusion emitters
 (:data:`DEFAULT_COMPILE`), which compile faster than its MLIR ones for
-programs like these and run as fast; small ones also without LLVM's
-optimisation (:data:`QUICK_COMPILE`).
+programs like these and run about as fast (see the numbers below); small ones
+also without LLVM's optimisation (:data:`QUICK_COMPILE`).
 
 The persistent XLA cache stores compiled programs on disk so that a model
 shape compiles once per machine. lmmjax turns it on at import, in

@@ -40,17 +40,32 @@ def exit_process(argv: Sequence[str] | None = None) -> NoReturn:
     the JSON result and the compile caches are written before :func:`run_process`
     returns. A process of a distributed run (``LMMJAX_COORDINATOR``) shuts
     down normally, so that JAX's distributed runtime leaves in step with the others.
+    Where the output cannot be flushed (a closed pipe) the status is 120, as
+    Python's own shutdown makes it.
     """
     status = run_process(argv)
     if os.environ.get("LMMJAX_COORDINATOR"):
         sys.exit(status)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # closed when the process started (">&-")
+            continue
         try:
             stream.flush()
-        except (OSError, ValueError):  # a closed pipe or stream: nothing more can be said
-            pass
+        except (OSError, ValueError):  # a closed pipe: Python's own shutdown exits 120 then
+            status = status or 120
+    _flush_c_streams()
     os._exit(status)
+
+
+def _flush_c_streams() -> None:
+    """Flush the C library's buffered streams, which ``os._exit`` would drop."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to ask (not a POSIX system)
+        pass
 
 
 if __name__ == "__main__":

@@ -34,9 +34,10 @@ from jax import lax
 
 __all__ = ["POTRI_MIN", "TARGET", "register", "spd_inverse"]
 
-# From this order up potri beats two triangular solves on the 2-core CPU: 1.2 against
+# From this order up potri beat two triangular solves on the 2-core CPU: 1.2 against
 # 1.8 ms at 256, 0.66 against 0.72 ms at 200, slower below (SciPy's potri alone takes
-# 80 us at order 80, where the solves take all of 75-160 us)
+# 80 us at order 80, where the solves take all of 75-160 us). Below it, one solve and a
+# product now give the inverse; the order was not measured again against them
 POTRI_MIN = 256
 TARGET = "lmmjax_potri"
 
@@ -199,7 +200,8 @@ def register() -> bool:
 def _by_solves(L: jax.Array) -> jax.Array:
     eye = jnp.broadcast_to(jnp.eye(L.shape[-1], dtype=L.dtype), L.shape)
     inv_l = lax.linalg.triangular_solve(L, eye, left_side=True, lower=True)
-    return jnp.swapaxes(inv_l, -1, -2) @ inv_l
+    # full precision: an accelerator's default float32 product may round its inputs (TF32)
+    return jnp.matmul(jnp.swapaxes(inv_l, -1, -2), inv_l, precision=lax.Precision.HIGHEST)
 
 
 def _by_potri(L: jax.Array) -> jax.Array:

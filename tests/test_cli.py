@@ -179,3 +179,17 @@ def test_the_process_ends_at_once_with_its_output_flushed_and_its_status(tmp_pat
                          capture_output=True, text=True, cwd=REPO_ROOT)  # fmt: skip
     assert bad.returncode == 2
     assert bad.stderr.startswith("lmmjax: ")
+
+
+def test_a_closed_output_stream_keeps_the_exit_status(tmp_path):
+    # started with stdout closed (">&-"), sys.stdout is None: the exit must not crash on it
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.json"
+    ok = subprocess.run([sys.executable, "-m", "lmmjax.fit", str(write(tmp_path, SLEEPSTUDY)),
+                         "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                        text=True, cwd=REPO_ROOT, close_fds=True,
+                        preexec_fn=lambda: __import__("os").close(1))  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(out.read_text())["method"] == "reml"
