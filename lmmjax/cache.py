@@ -5,10 +5,11 @@ dtypes and static options and keeps the executable (at most 64, least recently
 used first out). Every method compiles through it, so one place decides what
 is reused; :func:`compile_seconds` tells how long compiling took, whoever did it.
 
-Programs compile with XLA's legacy CPU fusion emitters
-(:data:`DEFAULT_COMPILE`), which compile faster than its MLIR ones for
-programs like these and run about as fast (see the numbers below); small ones
-also without LLVM's optimisation (:data:`QUICK_COMPILE`).
+Programs compile with XLA's legacy CPU fusion emitters and LLVM's
+optimisation level 1 (:data:`DEFAULT_COMPILE`), which compile faster than
+XLA's default MLIR emitters at level 2 for programs like these and run about
+as fast (see the numbers below); small ones with neither LLVM optimisation
+(:data:`QUICK_COMPILE`).
 
 The persistent XLA cache stores compiled programs on disk so that a model
 shape compiles once per machine. lmmjax turns it on at import, in
@@ -96,6 +97,10 @@ YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 # in 0.51 s against 1.25 s, dillonE1's NUTS sampler in 3.1 s against 4.8 s (its values and
 # gradients 351-375 against 351-354 us) and its recovery in 0.70 s against 1.32 s,
 # InstEval's REML loop in 2.9-3.1 s against 3.2-3.3 s (fit 0.79-0.89 s either way).
+# With them, LLVM's level 1 instead of 2 (DEFAULT_COMPILE): dillonE1's sampler compiled in
+# 2.28-2.39 s against 2.64-2.88 s at 232-264 against 259-283 us per gradient, its recovery
+# in 0.39 s against 0.55 s (run 0.43 against 0.58 s), whole fits' compiles 3.65-3.80 s
+# against 4.33-4.36 s; InstEval's fit 0.74-1.06 s against 0.76-0.96 s.
 # Where jaxlib knows the option (0.7 and later)
 EMITTER_OPTION = "xla_cpu_use_fusion_emitters"
 
@@ -103,6 +108,11 @@ EMITTER_OPTION = "xla_cpu_use_fusion_emitters"
 def legacy_emitter_options(jaxlib_version: tuple) -> dict:
     """XLA's legacy fusion emitters for a jaxlib of ``jaxlib_version``; empty before 0.7."""
     return {EMITTER_OPTION: False} if tuple(jaxlib_version[:2]) >= (0, 7) else {}
+
+
+def default_compile_options(jaxlib_version: tuple) -> dict:
+    """:data:`DEFAULT_COMPILE` for a jaxlib of ``jaxlib_version``."""
+    return {**legacy_emitter_options(jaxlib_version), "xla_backend_optimization_level": 1}
 
 
 def quick_compile_options(jaxlib_version: tuple) -> dict:
@@ -121,7 +131,7 @@ def _jaxlib_version() -> tuple:
 
 
 QUICK_COMPILE = quick_compile_options(_jaxlib_version())
-DEFAULT_COMPILE = legacy_emitter_options(_jaxlib_version())
+DEFAULT_COMPILE = default_compile_options(_jaxlib_version())
 
 
 def _option_key(options: dict | None) -> tuple:

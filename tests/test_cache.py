@@ -72,8 +72,11 @@ def test_legacy_emitters_only_where_jaxlib_knows_the_option():
     assert cache.legacy_emitter_options((0, 6)) == {}
     assert cache.legacy_emitter_options((0, 4, 30)) == {}
     assert cache.legacy_emitter_options((0, 10, 2)) == {cache.EMITTER_OPTION: False}
-    assert cache.DEFAULT_COMPILE == cache.legacy_emitter_options(cache._jaxlib_version())
-    assert cache.QUICK_COMPILE.items() >= cache.DEFAULT_COMPILE.items()
+    assert cache.DEFAULT_COMPILE == cache.default_compile_options(cache._jaxlib_version())
+    assert cache.default_compile_options((0, 6)) == {"xla_backend_optimization_level": 1}
+    assert cache.QUICK_COMPILE.items() >= cache.legacy_emitter_options(
+        cache._jaxlib_version()).items()  # fmt: skip
+    assert cache.QUICK_COMPILE["xla_backend_optimization_level"] == 0
 
 
 @pytest.mark.parametrize("which", ["QUICK_COMPILE", "DEFAULT_COMPILE"])
