@@ -113,9 +113,11 @@ def run(config: str | Path, check: bool = False, output: str | None = None) -> i
         print("config OK (no fit: --check)")
         return 0
     result = api.fit_model(model, cfg)
-    print(result.summary())
-    if cfg.output and _first_process():
+    written = None
+    if cfg.output and _first_process():  # before printing: a closed pipe must not lose it
         written = write_json(result.to_dict(), cfg.output)
+    print(result.summary())
+    if written is not None:
         print(f"results written to {written}")
     return 0
 
@@ -149,7 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     int
-        Exit status: 0 on success, 2 on bad input or an unbuilt method.
+        Exit status: 0 on success, 2 on bad input or an unbuilt method, 120 when
+        standard output was closed by its reader (the JSON result, if asked
+        for, is written before anything is printed).
     """
     try:
         args = _parser().parse_args(argv)
@@ -161,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _USER_ERRORS as exc:
         print(f"lmmjax: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (``| head``): stop quietly, as Python exits 120
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 120
 
 
 if __name__ == "__main__":

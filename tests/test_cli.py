@@ -193,3 +193,19 @@ def test_a_closed_output_stream_keeps_the_exit_status(tmp_path):
                         preexec_fn=lambda: __import__("os").close(1))  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     assert json.loads(out.read_text())["method"] == "reml"
+
+
+def test_a_reader_that_leaves_early_gets_a_quiet_exit_and_the_json(tmp_path):
+    # `lmmjax-fit cfg.yaml | head`: the reader closes the pipe before the summary is printed
+    import subprocess
+    import sys
+
+    out = tmp_path / "out.json"
+    proc = subprocess.Popen([sys.executable, "-m", "lmmjax.fit", str(write(tmp_path, SLEEPSTUDY)),
+                             "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=REPO_ROOT)  # fmt: skip
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 120
+    assert "Traceback" not in err
+    assert json.loads(out.read_text())["method"] == "reml"

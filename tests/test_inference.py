@@ -111,6 +111,15 @@ def test_kenward_roger_anova_matches_lmertest(name):
     assert "Kenward-Roger" in table.attrs["heading"]
 
 
+def test_kenward_roger_on_a_singular_fit_is_a_clear_error_not_a_linalg_one():
+    # Dyestuff2's batch variance is estimated at 0: the derivatives are not finite there
+    with pytest.warns(lmmjax.LmmWarning, match="singular"):
+        fit = lmmjax.lmm("Yield ~ 1 + (1 | Batch)", "bundled:Dyestuff2")
+    with pytest.raises(lmmjax.LmmInputError, match="Kenward-Roger.*singular"):
+        fit.coef_table(ddf="Kenward-Roger")
+    assert np.isfinite(fit.coef_table()["df"]).all()  # Satterthwaite's is there
+
+
 def test_kenward_roger_needs_reml_and_spellings():
     case = REF["kenward_roger"]["orthodont"]
     with pytest.raises(lmmjax.LmmInputError, match="ddf.*REML"):

@@ -114,7 +114,8 @@ def kr_parts(fit) -> KenwardRoger:
     Raises
     ------
     LmmInputError
-        For an ML fit (Kenward-Roger's method is defined for REML, as in lmerTest).
+        For an ML fit (Kenward-Roger's method is defined for REML, as in lmerTest),
+        and for a singular fit whose derivatives are not finite.
     """
     if not fit.reml:
         raise LmmInputError("ddf 'Kenward-Roger' needs a REML fit (method: reml), as lmerTest")
@@ -126,6 +127,14 @@ def kr_parts(fit) -> KenwardRoger:
     phi = device_array(np.concatenate([*phi, [fit.sigma**2]]), dtype)
     run, _ = compiled(_pieces, phi, struct, xp, quick=struct.q <= 2000, layout=layout)
     info, K, P, Q2 = (np.asarray(a, dtype=float) for a in run(phi, struct, xp))
+    if not all(np.isfinite(a).all() for a in (info, K, P, Q2)):
+        # the derivatives go through Cholesky factors of the covariances, whose derivative
+        # is infinite at a zero variance (Dyestuff2's batch variance, for one)
+        raise LmmInputError(
+            "ddf 'Kenward-Roger': not available for this singular fit (a variance or "
+            "correlation at the edge of its range, see LmmFit.singular); use ddf "
+            "'Satterthwaite'"
+        )
     Phi = np.linalg.inv(info)  # p x p, reported
     P = np.moveaxis(P, -1, 0)  # (k, p, p)
     Q = np.moveaxis(Q2, (-2, -1), (0, 1)) / 2.0  # (k, k, p, p), symmetric part
