@@ -160,7 +160,7 @@ def compiled(fn: Callable, *args, quick: bool = False, **static) -> tuple[Callab
     seconds : float
         Time spent compiling now (0 when the executable was cached).
     """
-    options = QUICK_COMPILE if quick else (DEFAULT_COMPILE or None)
+    options = QUICK_COMPILE if quick else DEFAULT_COMPILE
     key = (fn, _signature(args), tuple(sorted(static.items())), _option_key(options))
     if key in _CACHE:
         _CACHE.move_to_end(key)

@@ -168,7 +168,7 @@ def _backward(unroll, lower, res, cotangents):
     L, W = res
     ld_bar, Q_bar = cotangents
     with _pushed(_UNROLL, unroll):
-        if L.shape[0] > SMALL or not _UNROLL[-1]:  # LAPACK: one solve and a product
+        if L.shape[0] > SMALL or not _UNROLL[-1]:  # LAPACK (spd_inverse), not unrolled
             A_inv = spd_inverse(L)
         else:
             A_inv = tri_solve(L, tri_solve(L, jnp.eye(L.shape[0], dtype=L.dtype)), transpose=True)

@@ -25,7 +25,7 @@ import scipy.special
 from lmmjax.cache import compiled
 from lmmjax.linalg import device_array
 from lmmjax.reml.objective import vcov_pieces
-from lmmjax.reml.optimize import Objective
+from lmmjax.reml.optimize import QUICK_MAX_Q, Objective
 
 __all__ = ["VcovDerivatives", "contrast_df", "satterthwaite", "t_table", "vcov_derivatives"]
 
@@ -66,8 +66,8 @@ def vcov_derivatives(fit) -> VcovDerivatives:
         (struct, xp), theta = fit._blocked(), fit.theta
         varpar = device_array(np.append(theta, fit.sigma), struct.dtype)
         nobs = device_array(float(fit.nobs), struct.dtype)
-        quick = struct.q <= 2000  # compile time dominates on small problems
-        run, _ = compiled(vcov_pieces, varpar, struct, xp, nobs, quick=quick, reml=fit.reml)
+        run, _ = compiled(vcov_pieces, varpar, struct, xp, nobs, quick=struct.q <= QUICK_MAX_Q,
+                          reml=fit.reml)  # fmt: skip
         H, C, J = (np.asarray(a, dtype=float) for a in run(varpar, struct, xp, nobs))
     try:
         A = 2.0 * np.linalg.solve(H, np.eye(H.shape[0]))

@@ -40,6 +40,7 @@ import numpy as np
 from lmmjax.cache import compiled
 from lmmjax.errors import LmmInputError
 from lmmjax.linalg import device_array, gls_gram, make_lambdas
+from lmmjax.reml.optimize import QUICK_MAX_Q
 
 __all__ = ["KenwardRoger", "kr_ddf", "kr_f_test", "kr_parts"]
 
@@ -125,7 +126,7 @@ def kr_parts(fit) -> KenwardRoger:
                    for t in fit.model.terms)  # fmt: skip
     phi = [cov[t.theta_index()] for t, cov in zip(fit.model.terms, fit.covariances(), strict=True)]
     phi = device_array(np.concatenate([*phi, [fit.sigma**2]]), dtype)
-    run, _ = compiled(_pieces, phi, struct, xp, quick=struct.q <= 2000, layout=layout)
+    run, _ = compiled(_pieces, phi, struct, xp, quick=struct.q <= QUICK_MAX_Q, layout=layout)
     info, K, P, Q2 = (np.asarray(a, dtype=float) for a in run(phi, struct, xp))
     if not all(np.isfinite(a).all() for a in (info, K, P, Q2)):
         # the derivatives go through Cholesky factors of the covariances, whose derivative

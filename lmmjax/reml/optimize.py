@@ -382,7 +382,8 @@ def optimize_theta(
     # float32 gradients carry rounding of about sqrt(eps) relative: no tighter than that
     gtol = max(options.gtol, float(np.sqrt(np.finfo(struct.dtype).eps)))
     f = Objective(struct, xp, reml, padding)
-    evaluate = _Evaluations(f, theta_scale(terms))
+    base = theta_scale(terms)
+    evaluate = _Evaluations(f, base)
     est = None
     if struct.q > QUICK_MAX_Q:  # large: the compiled loop, evaluations dominate
         dtype = struct.dtype
@@ -391,8 +392,7 @@ def optimize_theta(
         # the largest term's theta instead of 1 / sqrt(M_l) of one (InstEval: 17
         # evaluations against 22, where the first line search doubled the step 6 times)
         if scale is None:
-            scale = theta_scale(terms)
-            scale = scale / np.max(scale, initial=1.0)
+            scale = base / np.max(base, initial=1.0)
         args = (struct, xp, device_array(scale, dtype),
                 device_array(options.maxiter, np.int64), device_array(gtol, dtype))  # fmt: skip
 
