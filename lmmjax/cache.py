@@ -101,13 +101,14 @@ YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 # 2.28-2.39 s against 2.64-2.88 s at 232-264 against 259-283 us per gradient, its recovery
 # in 0.39 s against 0.55 s (run 0.43 against 0.58 s), whole fits' compiles 3.65-3.80 s
 # against 4.33-4.36 s; InstEval's fit 0.74-1.06 s against 0.76-0.96 s.
-# Where jaxlib knows the option (0.7 and later)
+# Where jaxlib knows the option: 0.7 to 0.10 (0.11.2's CPU client refused it, seen on a
+# GPU machine's image; any other option a client refuses is dropped by _compile)
 EMITTER_OPTION = "xla_cpu_use_fusion_emitters"
 
 
 def legacy_emitter_options(jaxlib_version: tuple) -> dict:
-    """XLA's legacy fusion emitters for a jaxlib of ``jaxlib_version``; empty before 0.7."""
-    return {EMITTER_OPTION: False} if tuple(jaxlib_version[:2]) >= (0, 7) else {}
+    """XLA's legacy fusion emitters for a jaxlib of ``jaxlib_version``; empty outside 0.7-0.10."""
+    return {EMITTER_OPTION: False} if (0, 7) <= tuple(jaxlib_version[:2]) < (0, 11) else {}
 
 
 def default_compile_options(jaxlib_version: tuple) -> dict:
@@ -134,8 +135,38 @@ QUICK_COMPILE = quick_compile_options(_jaxlib_version())
 DEFAULT_COMPILE = default_compile_options(_jaxlib_version())
 
 
+def compile_options(quick: bool) -> dict:
+    """The XLA options a program is compiled with now.
+
+    :data:`QUICK_COMPILE` or :data:`DEFAULT_COMPILE` on the CPU; none elsewhere,
+    where XLA's own defaults stand (a CUDA client refuses the CPU-only options:
+    "No such compile option").
+    """
+    if jax.default_backend() != "cpu":
+        return {}
+    return QUICK_COMPILE if quick else DEFAULT_COMPILE
+
+
 def _option_key(options: dict | None) -> tuple:
     return tuple(sorted((options or {}).items()))
+
+
+_REFUSED: set[tuple] = set()  # option sets this process's XLA client refused
+
+
+def _compile(lowered, options: dict):
+    """``lowered`` compiled with ``options``, or with XLA's defaults where the client
+    refuses one of them ("No such compile option": a jaxlib newer or older than the
+    options were written for); the options only ever change compile and run time."""
+    key = _option_key(options)
+    if options and key not in _REFUSED:
+        try:
+            return lowered.compile(options)
+        except jax.errors.JaxRuntimeError as err:
+            if "No such compile option" not in str(err):
+                raise
+            _REFUSED.add(key)
+    return lowered.compile()
 
 
 def compiled(fn: Callable, *args, quick: bool = False, **static) -> tuple[Callable, float]:
@@ -160,7 +191,7 @@ def compiled(fn: Callable, *args, quick: bool = False, **static) -> tuple[Callab
     seconds : float
         Time spent compiling now (0 when the executable was cached).
     """
-    options = QUICK_COMPILE if quick else DEFAULT_COMPILE
+    options = compile_options(quick)
     key = (fn, _signature(args), tuple(sorted(static.items())), _option_key(options))
     if key in _CACHE:
         _CACHE.move_to_end(key)
@@ -171,7 +202,7 @@ def compiled(fn: Callable, *args, quick: bool = False, **static) -> tuple[Callab
     # 0.85-1.05 s of collection against 0.25-0.28 s with the pause)
     with collector_paused(imports=False):
         _CACHE[key] = _from_export(fn, args, static, key, options) or (
-            jax.jit(partial(fn, **static)).lower(*args).compile(options)
+            _compile(jax.jit(partial(fn, **static)).lower(*args), options)
         )
     while len(_CACHE) > _MAX_ENTRIES:
         _CACHE.popitem(last=False)
@@ -250,7 +281,7 @@ def _from_export(fn: Callable, args: tuple, static: dict, key: tuple, options):
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_bytes(pickle.dumps((out_tree, bytes(exported.serialize()))))
             tmp.replace(path)
-        executable = jax.jit(exported.call).lower(*leaves).compile(options)
+        executable = _compile(jax.jit(exported.call).lower(*leaves), options)
     except Exception:  # noqa: BLE001  (anything export cannot take is compiled directly)
         with contextlib.suppress(OSError):  # a read-only or full disk: compile directly
             failed.parent.mkdir(parents=True, exist_ok=True)

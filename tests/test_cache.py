@@ -72,6 +72,7 @@ def test_legacy_emitters_only_where_jaxlib_knows_the_option():
     assert cache.legacy_emitter_options((0, 6)) == {}
     assert cache.legacy_emitter_options((0, 4, 30)) == {}
     assert cache.legacy_emitter_options((0, 10, 2)) == {cache.EMITTER_OPTION: False}
+    assert cache.legacy_emitter_options((0, 11, 2)) == {}  # its CPU client refuses the option
     assert cache.DEFAULT_COMPILE == cache.default_compile_options(cache._jaxlib_version())
     assert cache.default_compile_options((0, 6)) == {"xla_backend_optimization_level": 1}
     assert cache.QUICK_COMPILE.items() >= cache.legacy_emitter_options(
@@ -79,8 +80,8 @@ def test_legacy_emitters_only_where_jaxlib_knows_the_option():
     assert cache.QUICK_COMPILE["xla_backend_optimization_level"] == 0
 
 
-@pytest.mark.parametrize("which", ["QUICK_COMPILE", "DEFAULT_COMPILE"])
-def test_the_options_compile_here_and_give_the_same_numbers(which):
+@pytest.mark.parametrize("quick", [True, False])
+def test_the_options_compile_here_and_give_the_same_numbers(quick):
     # a scatter (segment sums, as the kernels have) and a product, against NumPy
     x = np.random.default_rng(0).normal(size=(8, 8))
     seg = np.array([0, 1, 1, 2, 2, 2, 3, 3])
@@ -88,10 +89,34 @@ def test_the_options_compile_here_and_give_the_same_numbers(which):
     def f(a):
         return a @ a, jax.ops.segment_sum(a, seg, 4)
 
-    run = jax.jit(f).lower(x).compile(getattr(cache, which) or None)
+    run = jax.jit(f).lower(x).compile(cache.compile_options(quick))
     prod, sums = run(x)
     np.testing.assert_allclose(np.asarray(prod), x @ x, rtol=1e-12)
     np.testing.assert_allclose(np.asarray(sums), np.add.reduceat(x, [0, 1, 3, 6]), rtol=1e-12)
+
+
+def test_cpu_options_only_on_the_cpu(monkeypatch):
+    # a CUDA client refuses XLA's CPU options ("No such compile option"): every
+    # program failed to compile on a GPU until the options followed the backend
+    assert cache.compile_options(True) == (
+        cache.QUICK_COMPILE if jax.default_backend() == "cpu" else {})  # fmt: skip
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert cache.compile_options(True) == {} and cache.compile_options(False) == {}
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert cache.compile_options(True) == cache.QUICK_COMPILE
+    assert cache.compile_options(False) == cache.DEFAULT_COMPILE
+
+
+def test_an_option_the_client_refuses_falls_back_to_xla_defaults(monkeypatch):
+    # a jaxlib outside the versions the options were written for must still compile
+    monkeypatch.setattr(cache, "QUICK_COMPILE", {"xla_no_such_option_for_lmmjax": 1})
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    cache.clear()
+    run, _ = cache.compiled(_program, jnp.arange(3.0), jnp.asarray(1.0), quick=True, power=2)
+    assert float(run(jnp.arange(3.0), jnp.asarray(1.0))["sum"]) == 6.0
+    assert (("xla_no_such_option_for_lmmjax", 1),) in cache._REFUSED
+    with pytest.raises(jax.errors.JaxRuntimeError, match="No such compile option"):
+        jax.jit(lambda x: x).lower(jnp.ones(2)).compile(cache.QUICK_COMPILE)
 
 
 def test_the_collector_is_held_off_while_a_program_traces_and_back_on_after(cache_dir):
