@@ -602,3 +602,33 @@ def test_lambda_left_is_the_blockwise_product(d, transpose):
     m = lam.T if transpose else lam
     want = np.stack([[m @ x[i, j] for j in range(7)] for i in range(3)])
     np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("shape", [(14,), (14, 3)])
+def test_accelerator_level_paths_equal_gather_and_scatter(shape):
+    # the compare-and-reduce forms that a GPU runs for terms of few levels (the CPU
+    # lowers take_levels/level_sums to a gather and a scatter), values and gradients
+    from lmmjax.linalg.products import gather_by_compare, level_sums, sum_by_compare, take_levels
+
+    rng = np.random.default_rng(3)
+    b = rng.normal(size=shape)
+    refs = rng.integers(0, shape[0], size=500)
+    g = rng.normal(size=(500, *shape[1:]))
+    np.testing.assert_allclose(gather_by_compare(b, refs), b[refs], rtol=1e-14)
+    np.testing.assert_allclose(take_levels(jnp.asarray(b), refs), b[refs], rtol=1e-14)
+    expected = np.zeros(shape)
+    np.add.at(expected, refs, g)
+    np.testing.assert_allclose(sum_by_compare(g, refs, shape[0]), expected, rtol=1e-12)
+    np.testing.assert_allclose(level_sums(jnp.asarray(g), refs, shape[0]), expected, rtol=1e-12)
+    # the transpose of the gather is the per-level sum, and the other way round
+    grad = jax.grad(lambda b: jnp.sum(gather_by_compare(b, refs) * g))(b)
+    np.testing.assert_allclose(grad, expected, rtol=1e-12)
+    w = rng.normal(size=shape)
+    grad = jax.grad(lambda v: jnp.sum(sum_by_compare(v, refs, shape[0]) * w))(g)
+    np.testing.assert_allclose(grad, w[refs], rtol=1e-14)
+    # an index out of range is left out of the sums, as segment_sum leaves it
+    bad = refs.copy()
+    bad[:3] = -1
+    kept = np.zeros(shape)
+    np.add.at(kept, bad[3:], g[3:])
+    np.testing.assert_allclose(sum_by_compare(g, bad, shape[0]), kept, rtol=1e-12)
