@@ -222,3 +222,20 @@ def test_float32_fit_of_a_response_with_a_large_mean():
     assert f32.objective == pytest.approx(ref.objective, rel=1e-5)
     np.testing.assert_allclose(f32.beta, ref.beta, rtol=1e-5)
     np.testing.assert_allclose(f32.theta, ref.theta, rtol=2e-3, atol=2e-3)
+
+
+def test_float32_products_run_at_full_precision():
+    # an H100 multiplies float32 in TensorFloat-32 unless told otherwise: sleepstudy's
+    # float32 criterion missed float64's by 1.3e-5 there (the test above failed)
+    import jax
+
+    before = jax.config.jax_default_matmul_precision
+    lmmjax.set_precision("float32")
+    try:
+        text = jax.jit(lambda a: a @ a).lower(np.ones((2, 2), np.float32)).as_text()
+        assert "precision = [HIGHEST, HIGHEST]" in text
+    finally:
+        lmmjax.set_precision("float64")
+    assert jax.config.jax_default_matmul_precision == before
+    lmmjax.set_precision("float64")  # twice: nothing to restore
+    assert jax.config.jax_default_matmul_precision == before
