@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -44,6 +45,7 @@ def test_parallel_chains_match_vectorised_chains(marginalize, backend):
     assert np.min(np.abs(par[0] - par[1])) > 0
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an accelerator vectorises")
 def test_auto_runs_chains_apart_on_a_cpu():
     assert chain_lanes(3, "auto") == [0, 1, 2]
     assert [list(lane) for lane in chain_lanes(3, "vectorized")] == [[0, 1, 2]]

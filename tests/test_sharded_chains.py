@@ -32,7 +32,9 @@ except lmmjax.LmmInputError as exc:
 
 
 def test_sharded_chains_match_vectorised_chains():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    # simulated devices exist on the host platform (also where a GPU is the default)
+    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, **flags}
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                          env=env, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]

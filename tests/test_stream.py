@@ -229,7 +229,9 @@ print("reldiff", np.max(np.abs(out[1] - out[4]) / np.abs(out[1])))
 
 def run_with_devices(script: str, *args: str, count: int = 4) -> str:
     """The output of ``python -c script args`` with ``count`` simulated host devices."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={count}"}
+    # simulated devices exist on the host platform (also where a GPU is the default)
+    flags = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={count}", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, **flags}
     out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
                          env=env, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
