@@ -129,3 +129,23 @@ def test_mixed_fixed_effect_families_sample_and_are_listed():
     assert table.loc["beta[(Intercept)]", "prior"] == "student_t(loc=250, scale=50, df=3)"
     assert table.loc["beta[Days]", "prior"] == "normal(loc=0, scale=0.5)"
     assert abs(fit.fixef["Days"]) < 2.0  # unpenalised, about 10.5
+
+
+def test_diagnostics_take_arviz_numpy_path_and_restore_its_setting(fit, monkeypatch):
+    # with numba installed ArviZ compiles its ESS and r_hat first (0.2-0.3 s a process);
+    # lmmjax's own summaries switch that off for their call and back on after
+    seen = []
+    monkeypatch.setattr(az.Numba, "numba_flag", True)
+    summary = az.summary
+
+    def spy(*args, **kwargs):
+        seen.append(az.Numba.numba_flag)
+        return summary(*args, **kwargs)
+
+    monkeypatch.setattr(az, "summary", spy)
+    table = fit.posterior_summary(ranef=True)
+    assert seen == [False] and az.Numba.numba_flag is True
+    assert table["ess_bulk"].notna().all()
+    monkeypatch.setattr(az.Numba, "numba_flag", False)  # off stays off
+    fit.posterior_summary(ranef=True)
+    assert seen == [False, False] and az.Numba.numba_flag is False

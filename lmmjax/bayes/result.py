@@ -18,6 +18,7 @@ theta use.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,28 @@ def _arviz():
         import arviz
 
     return arviz
+
+
+@contextmanager
+def _diagnostics():
+    """ArviZ for ESS, r_hat and summaries: its NumPy path, warnings silenced.
+
+    With numba installed (bambi brings it), ArviZ computes them through numba,
+    whose compiling made a process's first summary of nine parameters take
+    0.20-0.29 s against 0.05 s. ArviZ's own setting is restored afterwards.
+    """
+    az = _arviz()
+    numba = getattr(az, "Numba", None)
+    was_on = bool(getattr(numba, "numba_flag", False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if was_on:
+            numba.disable_numba()
+        try:
+            yield az
+        finally:
+            if was_on:
+                numba.numba_flag = True
 
 
 def import_arviz() -> threading.Thread | None:
@@ -379,10 +402,8 @@ class BayesFit:
         default = var_names is None and not ranef
         if var_names is None:
             var_names = list(self.posterior.data_vars) if ranef else self.parameter_names()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            table = _arviz().summary(self.idata, var_names=var_names, hdi_prob=HDI_PROB)
-            table = NutsSummary(table)
+        with _diagnostics() as az:
+            table = NutsSummary(az.summary(self.idata, var_names=var_names, hdi_prob=HDI_PROB))
         if default:
             self._table = table
         table.header = self._header(table)
@@ -607,9 +628,8 @@ class BayesFit:
 
     def posterior_table(self) -> dict[str, dict]:
         """Per quantity {mean, sd, hdi_low, hdi_high, ess_bulk, r_hat} (JSON's ``posterior``)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            az, names = _arviz(), self.parameter_names()  # not the effects: unused here
+        names = self.parameter_names()  # not the effects: unused here
+        with _diagnostics() as az:
             ess = az.ess(self.idata, var_names=names, method="bulk")
             rhat = az.rhat(self.idata, var_names=names)
         out: dict[str, dict] = {}
