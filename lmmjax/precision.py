@@ -24,8 +24,9 @@ if _state["precision"] not in _PRECISIONS:
     )
 
 jax.config.update("jax_enable_x64", True)
-# JAX's matrix-product precision before float32 set it to "highest", restored with float64
-_matmul = {"before": None}
+# JAX's matrix-product precision before float32 set it to "highest" (restored with float64),
+# and whether float32 set it (a setting of the user's own is left alone)
+_matmul = {"before": None, "set": False}
 
 
 def _apply(precision: str) -> None:
@@ -37,10 +38,12 @@ def _apply(precision: str) -> None:
     """
     current = jax.config.jax_default_matmul_precision
     if precision == "float32" and current != "highest":
-        _matmul["before"] = current
+        _matmul.update(before=current, set=True)
         jax.config.update("jax_default_matmul_precision", "highest")
-    elif precision == "float64" and current == "highest" and _state["precision"] == "float32":
-        jax.config.update("jax_default_matmul_precision", _matmul["before"])
+    elif precision == "float64" and _matmul["set"]:
+        _matmul["set"] = False
+        if current == "highest":  # unless changed since
+            jax.config.update("jax_default_matmul_precision", _matmul["before"])
 
 
 def set_precision(precision: str) -> None:

@@ -239,3 +239,11 @@ def test_float32_products_run_at_full_precision():
     assert jax.config.jax_default_matmul_precision == before
     lmmjax.set_precision("float64")  # twice: nothing to restore
     assert jax.config.jax_default_matmul_precision == before
+    # a user's own "highest" is not float32's to take away
+    jax.config.update("jax_default_matmul_precision", "highest")
+    try:
+        lmmjax.set_precision("float32")
+        lmmjax.set_precision("float64")
+        assert jax.config.jax_default_matmul_precision == "highest"
+    finally:
+        jax.config.update("jax_default_matmul_precision", before)
