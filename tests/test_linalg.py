@@ -607,8 +607,8 @@ def test_lambda_left_is_the_blockwise_product(d, transpose):
 @pytest.mark.parametrize("shape", [(14,), (14, 3)])
 def test_accelerator_level_paths_equal_gather_and_scatter(shape):
     # the compare-and-reduce forms that a GPU runs for terms of few levels (the CPU
-    # lowers take_levels/level_sums to a gather and a scatter), values and gradients
-    from lmmjax.linalg.products import gather_by_compare, level_sums, sum_by_compare, take_levels
+    # lowers take_levels/sum_levels to a gather and a scatter), values and gradients
+    from lmmjax.linalg.products import gather_by_compare, sum_by_compare, sum_levels, take_levels
 
     rng = np.random.default_rng(3)
     b = rng.normal(size=shape)
@@ -619,7 +619,7 @@ def test_accelerator_level_paths_equal_gather_and_scatter(shape):
     expected = np.zeros(shape)
     np.add.at(expected, refs, g)
     np.testing.assert_allclose(sum_by_compare(g, refs, shape[0]), expected, rtol=1e-12)
-    np.testing.assert_allclose(level_sums(jnp.asarray(g), refs, shape[0]), expected, rtol=1e-12)
+    np.testing.assert_allclose(sum_levels(jnp.asarray(g), refs, shape[0]), expected, rtol=1e-12)
     # the transpose of the gather is the per-level sum, and the other way round
     grad = jax.grad(lambda b: jnp.sum(gather_by_compare(b, refs) * g))(b)
     np.testing.assert_allclose(grad, expected, rtol=1e-12)
@@ -632,3 +632,20 @@ def test_accelerator_level_paths_equal_gather_and_scatter(shape):
     kept = np.zeros(shape)
     np.add.at(kept, bad[3:], g[3:])
     np.testing.assert_allclose(sum_by_compare(g, bad, shape[0]), kept, rtol=1e-12)
+
+
+def test_level_paths_keep_the_dtype_of_a_gather_and_a_scatter():
+    # lax.platform_dependent traces both forms: a sum that promoted int32 to int64 made
+    # jit(take_levels) fail on integers (found by review)
+    from lmmjax.linalg.products import gather_by_compare, sum_by_compare, sum_levels, take_levels
+
+    refs = jnp.array([0, 2, 1, 2])
+    b = jnp.arange(6, dtype=jnp.int32).reshape(3, 2)
+    assert jax.jit(take_levels)(b, refs).dtype == jnp.int32
+    np.testing.assert_array_equal(jax.jit(take_levels)(b, refs), np.asarray(b)[np.asarray(refs)])
+    assert gather_by_compare(b, refs).dtype == jnp.int32
+    v = jnp.ones(4, jnp.int32)
+    assert jax.jit(sum_levels, static_argnums=2)(v, refs, 3).dtype == jnp.int32
+    np.testing.assert_array_equal(sum_by_compare(v, refs, 3), [1, 1, 2])
+    f32 = jnp.ones((4, 2), jnp.float32)
+    assert sum_by_compare(f32, refs, 3).dtype == jnp.float32

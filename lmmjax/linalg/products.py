@@ -2,7 +2,7 @@
 
 ``Z b`` is a gather per term and ``Z' M`` a segment sum per term, both O(N d).
 On an accelerator, a term of few levels gathers and sums by comparing each
-row's level with every level instead (:func:`take_levels`, :func:`level_sums`).
+row's level with every level instead (:func:`take_levels`, :func:`sum_levels`).
 Cross products of Z with dense columns ``M`` (``[X y]`` for the profiled
 likelihood, a residual for the NUTS potential) are kept apart from the
 Z-only :class:`~lmmjax.linalg.structure.Structure` as a
@@ -82,7 +82,10 @@ def residual_coef(beta: jax.Array) -> jax.Array:
 # against 0.8 ms with that term marginalised. Up to this many levels, a term is gathered
 # and summed there by comparing each row's level with all of them, an (N, levels)
 # select-and-reduce that XLA fuses into one pass and that is never materialised (its
-# transpose is the same kind of pass). The CPU keeps its gather and scatter.
+# transpose is the same kind of pass). The CPU keeps its gather and scatter. In isolation
+# (1-D effects) the two forms cost the same at 32 levels and the comparison 1.35x the
+# scatter at 64; the threshold errs towards the comparison, whose worst case there is that,
+# against 40x for the scatter at InstEval's 14 levels of 2-D effects.
 SMALL_LEVELS = 64
 
 
@@ -97,7 +100,7 @@ def take_levels(b: jax.Array, refs: jax.Array) -> jax.Array:
     return lax.platform_dependent(b, refs, cpu=lambda b, r: b[r], default=gather_by_compare)
 
 
-def level_sums(values: jax.Array, refs: jax.Array, nlevels: int) -> jax.Array:
+def sum_levels(values: jax.Array, refs: jax.Array, nlevels: int) -> jax.Array:
     """Sums of the rows of ``values`` (N, ...) per level in ``refs`` (N,): (nlevels, ...).
 
     Rows with an index outside ``[0, nlevels)`` are left out, as
@@ -121,12 +124,15 @@ def _hits(refs: jax.Array, nlevels: int, ndim: int) -> jax.Array:
 
 def gather_by_compare(b: jax.Array, refs: jax.Array) -> jax.Array:
     """:func:`take_levels` as a select-and-reduce over the levels (its accelerator path)."""
-    return jnp.sum(jnp.where(_hits(refs, b.shape[0], b.ndim), b[None], 0), axis=1)
+    zero = jnp.zeros((), b.dtype)  # the dtype of b[refs], integers and booleans too
+    return jnp.sum(jnp.where(_hits(refs, b.shape[0], b.ndim), b[None], zero), axis=1, dtype=b.dtype)
 
 
 def sum_by_compare(values: jax.Array, refs: jax.Array, nlevels: int) -> jax.Array:
-    """:func:`level_sums` as a select-and-reduce over the rows (its accelerator path)."""
-    return jnp.sum(jnp.where(_hits(refs, nlevels, values.ndim), values[:, None], 0), axis=0)
+    """:func:`sum_levels` as a select-and-reduce over the rows (its accelerator path)."""
+    zero = jnp.zeros((), values.dtype)
+    hit = _hits(refs, nlevels, values.ndim)
+    return jnp.sum(jnp.where(hit, values[:, None], zero), axis=0, dtype=values.dtype)
 
 
 def zt_times(struct: Structure, M: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -138,7 +144,7 @@ def zt_parts(layouts, refs, z, M: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``Z' M`` in blocked form from the terms' layouts, level indices and lhs columns."""
     M2 = M[:, None] if M.ndim == 1 else M
     parts = [
-        level_sums(zl[:, :, None] * M2[:, None, :], r, t.nlevels)
+        sum_levels(zl[:, :, None] * M2[:, None, :], r, t.nlevels)
         for t, r, zl in zip(layouts, refs, z, strict=True)
     ]
     if len(parts) == 1:
