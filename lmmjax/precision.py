@@ -29,6 +29,14 @@ jax.config.update("jax_enable_x64", True)
 _matmul = {"before": None, "set": False}
 
 
+def _global_matmul():
+    """JAX's global matrix-product precision (not a ``jax.default_matmul_precision`` block's)."""
+    holder = getattr(jax.config, "_value_holders", {}).get("jax_default_matmul_precision")
+    if holder is not None and hasattr(holder, "get_global"):
+        return holder.get_global()
+    return jax.config.jax_default_matmul_precision
+
+
 def _apply(precision: str) -> None:
     """Hold JAX's default matrix-product precision at "highest" while float32 is on.
 
@@ -36,7 +44,7 @@ def _apply(precision: str) -> None:
     float32 REML criterion (response shifted by 1e4) then missed float64's by
     1.3e-5 relative, against 1e-6 on a CPU. float64 products are not affected.
     """
-    current = jax.config.jax_default_matmul_precision
+    current = _global_matmul()
     if precision == "float32" and current != "highest":
         _matmul.update(before=current, set=True)
         jax.config.update("jax_default_matmul_precision", "highest")

@@ -247,3 +247,8 @@ def test_float32_products_run_at_full_precision():
         assert jax.config.jax_default_matmul_precision == "highest"
     finally:
         jax.config.update("jax_default_matmul_precision", before)
+    # a jax.default_matmul_precision block is not the setting float64 restores
+    with jax.default_matmul_precision("bfloat16"):
+        lmmjax.set_precision("float32")
+    lmmjax.set_precision("float64")
+    assert jax.config.jax_default_matmul_precision == before
