@@ -102,7 +102,7 @@ YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 # in 0.39 s against 0.55 s (run 0.43 against 0.58 s), whole fits' compiles 3.65-3.80 s
 # against 4.33-4.36 s; InstEval's fit 0.74-1.06 s against 0.76-0.96 s.
 # Where jaxlib knows the option: 0.7 to 0.10 (0.11.2's CPU client refused it, seen on a
-# GPU machine's image; any other option a client refuses is dropped by _compile)
+# GPU machine's image; where a client refuses any option, _compile drops them all)
 EMITTER_OPTION = "xla_cpu_use_fusion_emitters"
 
 
@@ -162,7 +162,7 @@ def _compile(lowered, options: dict):
     if options and key not in _REFUSED:
         try:
             return lowered.compile(options)
-        except jax.errors.JaxRuntimeError as err:
+        except RuntimeError as err:  # JaxRuntimeError (from 0.4.34; XlaRuntimeError before)
             if "No such compile option" not in str(err):
                 raise
             _REFUSED.add(key)
@@ -192,7 +192,9 @@ def compiled(fn: Callable, *args, quick: bool = False, **static) -> tuple[Callab
         Time spent compiling now (0 when the executable was cached).
     """
     options = compile_options(quick)
-    key = (fn, _signature(args), tuple(sorted(static.items())), _option_key(options))
+    # the precision of float32 products is fixed at tracing (see lmmjax.precision)
+    options_key = (*_option_key(options), ("matmul", jax.config.jax_default_matmul_precision))
+    key = (fn, _signature(args), tuple(sorted(static.items())), options_key)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key], 0.0

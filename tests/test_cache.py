@@ -119,6 +119,16 @@ def test_an_option_the_client_refuses_falls_back_to_xla_defaults(monkeypatch):
         jax.jit(lambda x: x).lower(jnp.ones(2)).compile(cache.QUICK_COMPILE)
 
 
+def test_a_program_traced_at_another_product_precision_is_compiled_anew():
+    # float32 products are fixed at tracing: the in-memory key holds the precision
+    cache.clear()
+    x = jnp.ones((2, 2), jnp.float32)
+    run, _ = cache.compiled(_program, x, jnp.asarray(1.0, jnp.float32), power=2)
+    with jax.default_matmul_precision("highest"):
+        other, _ = cache.compiled(_program, x, jnp.asarray(1.0, jnp.float32), power=2)
+    assert other is not run
+
+
 def test_the_collector_is_held_off_while_a_program_traces_and_back_on_after(cache_dir):
     import gc  # (an empty cache directory: a program read from its export is not traced)
 
