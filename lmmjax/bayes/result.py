@@ -59,17 +59,17 @@ def _diagnostics():
     whose compiling made a process's first summary of nine parameters take
     0.20-0.29 s against 0.05 s. ArviZ's own setting is restored afterwards.
     """
-    az = _arviz()
-    numba = getattr(az, "Numba", None)
-    was_on = bool(getattr(numba, "numba_flag", False))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        az = _arviz()
+        numba = getattr(az, "Numba", None)
+        was_on = bool(getattr(numba, "numba_flag", False))
         if was_on:
             numba.disable_numba()
         try:
             yield az
         finally:
-            if was_on:
+            if was_on and numba.numba_flag is False:  # unless changed meanwhile
                 numba.numba_flag = True
 
 
