@@ -96,8 +96,12 @@ def take_levels(b: jax.Array, refs: jax.Array) -> jax.Array:
     pass valid ones (or mask them).
     """
     if b.shape[0] > SMALL_LEVELS:
-        return b[refs]
-    return lax.platform_dependent(b, refs, cpu=lambda b, r: b[r], default=gather_by_compare)
+        return _gather(b, refs)
+    return lax.platform_dependent(b, refs, cpu=_gather, default=gather_by_compare)
+
+
+def _gather(b, refs):
+    return b[refs]
 
 
 def sum_levels(values: jax.Array, refs: jax.Array, nlevels: int) -> jax.Array:
@@ -188,23 +192,20 @@ def z_times(refs, z, effects, *, unseen: bool = False) -> jax.Array:
     """
     given = (*refs, *z, *(b for b in effects if b is not None))
     host = all(isinstance(a, np.ndarray) for a in given)
-    xnp = np if host else jnp
+    xnp, take = (np, _gather) if host else (jnp, take_levels)
     total = 0.0
     for r, zl, b in zip(refs, z, effects, strict=True):
         if b is None:
             continue
         if not unseen:  # gathers of scalars where d = 1: cheaper than of width-1 rows
-            if host:
-                term = zl[:, 0] * b[:, 0][r] if b.shape[1] == 1 else np.sum(zl * b[r], axis=1)
-            elif b.shape[1] == 1:
-                term = zl[:, 0] * take_levels(b[:, 0], r)
+            if b.shape[1] == 1:
+                term = zl[:, 0] * take(b[:, 0], r)
             else:
-                term = jnp.sum(zl * take_levels(b, r), axis=1)
+                term = xnp.sum(zl * take(b, r), axis=1)
             total = total + term
             continue
         valid = r >= 0
-        at = xnp.where(valid, r, 0)
-        contrib = xnp.sum(zl * (b[at] if host else take_levels(b, at)), axis=1)
+        contrib = xnp.sum(zl * take(b, xnp.where(valid, r, 0)), axis=1)
         total = total + xnp.where(valid, contrib, 0.0)
     return total
 
