@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
@@ -209,7 +211,10 @@ def test_laplace_gradient_matches_finite_differences(rng, form):
         data, hyper, start_params(data, [np.diag([1.2, 0.4])]), maxiter=500, tol=1e-10
     )
     phi, f, H = _mode(pack(trace.params), crit, hyper)
-    value, grad = _laplace_and_grad(phi, crit.data, hyper, levels=crit.levels)
+    # compiled, as _search_point runs it: op by op, a GPU compiles each of its thousands of
+    # operations on its own (over 200 s on an H100)
+    laplace_and_grad = jax.jit(partial(_laplace_and_grad, levels=crit.levels))
+    value, grad = laplace_and_grad(phi, crit.data, hyper)
     np.testing.assert_allclose(float(value), laplace_value(phi, f, H), rtol=1e-10)
 
     def laplace(h):

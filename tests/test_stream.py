@@ -268,9 +268,11 @@ def test_two_processes_each_reading_half_give_the_same_fit(parquet, fits):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
+    # on the CPU: two processes on one GPU fail in NCCL ("Duplicate GPU detected")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     procs = [
         subprocess.Popen([sys.executable, "-c", PROCESS, port, str(k), str(parquet[0]), FORMULA],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         for k in range(2)
     ]  # fmt: skip
     outs = [p.communicate(timeout=600) for p in procs]
