@@ -10,9 +10,12 @@ when first used, so that a process that only validates a config, or fits by
 one method, does not pay for the others.
 """
 
+import atexit
+
 from lmmjax.memory import (  # noqa: I001  (imports nothing heavy)
     collector_paused,
     command_line_process,
+    freeze_for_exit,
     freeze_imports,
     tune_allocator,
 )
@@ -33,6 +36,7 @@ with collector_paused():  # the imports below make many objects; see lmmjax.memo
 
 enable_compilation_cache()
 tune_allocator()
+atexit.register(freeze_for_exit)  # the interpreter's shutdown then skips collector passes
 
 # names exported here but defined in modules that load on first use
 _LAZY = {

@@ -21,14 +21,19 @@ times while JAX, pandas, SciPy and formulaic import (three full passes and
 hundreds of young ones for a command-line fit), and again, several times,
 at interpreter shutdown. :func:`collector_paused` holds it off while the
 package imports; :func:`freeze_for_exit` moves every live object out of its
-reach just before a command-line process ends, and after
+reach just before the process ends (the command line calls it once its
+result is written; ``import lmmjax`` registers it with :mod:`atexit` for
+every other process), and after
 :func:`freeze_imports` (the command line's process) every import pause ends
 with the same freeze. Measured on sleepstudy's command-line fit (2-core CPU,
 alternating runs): imports 1.18-1.47 s with the collector running against
 0.99-1.16 s paused; shutdown 0.41-0.50 s against 0.06-0.08 s after the
 freeze; and the whole process 1.47-1.58 s against 1.27-1.44 s with the
 imports' objects frozen (the collector's full passes while the model is
-built and fitted had walked every object the libraries made).
+built and fitted had walked every object the libraries made). In a script
+that fits and exits, the shutdown took 0.53-0.59 s after a REML fit of
+sleepstudy and 1.5-1.7 s after a NUTS fit of dillonE1 (4 chains x 2,000
+iterations), against 0.08-0.13 s and 0.18-0.25 s with the freeze at exit.
 """
 
 from __future__ import annotations
@@ -184,7 +189,10 @@ def freeze_for_exit() -> None:
 
     Shutdown then skips the collector's passes over the imported libraries'
     objects. Objects frozen are never collected as cycles afterwards, so only
-    a process that is about to exit calls this (the command line, after its
-    fit, never a library call).
+    a process that is about to exit calls this: the command line after its
+    fit, and :mod:`atexit` as the interpreter's shutdown begins (registered
+    by ``import lmmjax``). Refcounting still frees what the shutdown
+    releases; the finalisers of objects left in reference cycles at exit,
+    which Python does not promise to run, are then not run.
     """
     gc.freeze()

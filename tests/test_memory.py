@@ -149,3 +149,16 @@ def test_the_command_line_is_recognised_from_the_interpreters_arguments(monkeypa
                  ["python", "-W", "ignore", "-m", "lmmjax.cli"]):  # fmt: skip
         monkeypatch.setattr(sys, "orig_argv", argv)
         assert not memory.command_line_process(), argv
+
+
+def test_a_library_process_freezes_as_it_exits():
+    # not while it runs: a script's objects are collected as usual until the shutdown begins;
+    # an exit handler registered before the import runs after lmmjax's (last in, first out)
+    code = (
+        "import atexit, gc; "
+        "atexit.register(lambda: print('at exit', gc.get_freeze_count() > 0)); "
+        "import lmmjax; print('running', gc.get_freeze_count() > 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.split("\n")  # fmt: skip
+    assert out[:2] == ["running False", "at exit True"]
