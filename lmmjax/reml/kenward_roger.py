@@ -116,7 +116,7 @@ def kr_parts(fit) -> KenwardRoger:
     ------
     LmmInputError
         For an ML fit (Kenward-Roger's method is defined for REML, as in lmerTest),
-        and for a singular fit whose derivatives are not finite.
+        and where the derivatives are not finite even away from a singular fit.
     """
     if not fit.reml:
         raise LmmInputError("ddf 'Kenward-Roger' needs a REML fit (method: reml), as lmerTest")
@@ -127,13 +127,16 @@ def kr_parts(fit) -> KenwardRoger:
     phi = [cov[t.theta_index()] for t, cov in zip(fit.model.terms, fit.covariances(), strict=True)]
     phi = device_array(np.concatenate([*phi, [fit.sigma**2]]), dtype)
     run, _ = compiled(_pieces, phi, struct, xp, quick=struct.q <= QUICK_MAX_Q, layout=layout)
-    info, K, P, Q2 = (np.asarray(a, dtype=float) for a in run(phi, struct, xp))
+
+    def pieces(at):
+        return [np.asarray(a, dtype=float) for a in run(at, struct, xp)]
+
+    info, K, P, Q2 = pieces(phi)
     if not all(np.isfinite(a).all() for a in (info, K, P, Q2)):
-        # the derivatives go through Cholesky factors of the covariances, whose derivative
-        # is infinite at a zero variance (Dyestuff2's batch variance, for one)
+        info, K, P, Q2 = _extrapolated(pieces, phi, layout, dtype)
+    if not all(np.isfinite(a).all() for a in (info, K, P, Q2)):
         raise LmmInputError(
-            "ddf 'Kenward-Roger': not available for this singular fit (a variance or "
-            "correlation at the edge of its range, see LmmFit.singular); use ddf "
+            "ddf 'Kenward-Roger': its derivatives are not finite at this fit; use ddf "
             "'Satterthwaite'"
         )
     Phi = np.linalg.inv(info)  # p x p, reported
@@ -144,11 +147,36 @@ def kr_parts(fit) -> KenwardRoger:
            + np.einsum("iab,jba->ij", PPhi, PPhi))  # fmt: skip
     if np.min(np.abs(np.linalg.eigvalsh(IE2))) > 1e-10:
         W = 2.0 * np.linalg.inv(IE2)
-    else:
-        W = 2.0 * np.linalg.pinv(IE2)
+    else:  # MASS::ginv, as pbkrtest: singular values below sqrt(eps) of the largest are 0
+        W = 2.0 * np.linalg.pinv(IE2, rcond=np.sqrt(np.finfo(float).eps))
     U = np.einsum("ij,ijab->ab", W, Q) - np.einsum("ij,iac,jcb->ab", W, PPhi, P)
     Phi_A = Phi + 2.0 * Phi @ U @ Phi
     return KenwardRoger(Phi, (Phi_A + Phi_A.T) / 2.0, P, W)
+
+
+SINGULAR_STEP = 1e-6  # the step h of _extrapolated, relative to sigma^2
+
+
+def _extrapolated(pieces, phi, layout, dtype) -> list[np.ndarray]:
+    """The pieces at a singular fit, extrapolated from covariances moved inside by h and 2h.
+
+    The pieces are smooth functions of ``phi`` (``Sigma`` is linear in it and
+    positive definite while ``sigma^2 > 0``), but their derivatives go through
+    the Cholesky factors of the covariances, whose own derivative is infinite
+    where a covariance is singular (a zero variance, a correlation of +-1).
+    With ``h`` each variance's increment (:data:`SINGULAR_STEP` times
+    ``sigma^2``), ``2 f(phi + h) - f(phi + 2 h)`` is ``f(phi)`` up to ``O(h^2)``
+    (Richardson); pbkrtest, which forms ``Sigma`` itself, needs no step.
+    """
+    phi = np.asarray(phi, dtype=float)
+    step, k = np.zeros_like(phi), 0
+    for _, rows, cols in layout:
+        step[k : k + len(rows)] = np.equal(rows, cols)  # the variances
+        k += len(rows)
+    step *= SINGULAR_STEP * phi[-1]
+    near = pieces(device_array(phi + step, dtype))
+    far = pieces(device_array(phi + 2.0 * step, dtype))
+    return [2.0 * a - b for a, b in zip(near, far, strict=True)]
 
 
 def _adjust(L: np.ndarray, kr: KenwardRoger) -> tuple[float, float, float]:

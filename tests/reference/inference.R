@@ -11,7 +11,10 @@ cake <- as.data.frame(lme4::cake)
 # "<name>-k": without every k-th row (rows 1, 1 + k, ...), an unbalanced version
 data_of <- function(name) {
   parts <- strsplit(name, "-")[[1]]
-  d <- switch(parts[1], Orthodont = orthodont, cake = cake, read(parts[1]))
+  d <- switch(parts[1], Orthodont = orthodont, cake = cake,
+              # sleepstudy with a factor of the day's parity, "0" or "1"
+              sleepstudy_parity = transform(read("sleepstudy"), f = factor(Days %% 2)),
+              read(parts[1]))
   if (length(parts) == 2) d <- d[-seq(1, nrow(d), by = as.integer(parts[2])), ]
   d
 }
@@ -45,7 +48,11 @@ kr_cases <- list(
   pastes_unbalanced = list(data = "Pastes-4", f = strength ~ 1 + (1 | batch/cask)),
   penicillin = list(data = "Penicillin", f = diameter ~ 1 + (1 | plate) + (1 | sample)),
   pastes = list(data = "Pastes", f = strength ~ 1 + (1 | batch/cask)),
-  orthodont = list(data = "Orthodont", f = distance ~ age * Sex + (1 | Subject))
+  orthodont = list(data = "Orthodont", f = distance ~ age * Sex + (1 | Subject)),
+  # singular fits: a variance at 0; a variance at 0 and a correlation at 1
+  dyestuff2 = list(data = "Dyestuff2", f = Yield ~ 1 + (1 | Batch)),
+  sleep_parity = list(data = "sleepstudy_parity",
+                      f = Reaction ~ Days + f + (1 | Subject) + (0 + f | Subject))
 )
 kr_out <- lapply(kr_cases, function(cs) {
   m <- lmer(cs$f, data_of(cs$data), REML = TRUE)
