@@ -45,6 +45,24 @@ def test_infinite_values_are_refused_by_name(sleep, column, formula, message):
         lmmjax.lmm(formula, data)
 
 
+@pytest.mark.parametrize(
+    ("formula", "extra", "message"),
+    [
+        ("log(Reaction - 300) ~ Days + (1 | Subject)", {},
+         "response 'log\\(Reaction - 300\\)': column 'log\\(Reaction - 300\\)' is NaN in 102 of"),
+        ("Reaction ~ sqrt(Days - 3) + (1 | Subject)", {}, "'sqrt\\(Days - 3\\)' is NaN in 54 of"),
+        ("Reaction ~ scale(c) + (1 | Subject)", {"c": 1.0}, "'scale\\(c\\)' is NaN in 180 of"),
+        ("Reaction ~ poly(b, 2) + (1 | Subject)", {"b": "parity"}, "'poly\\(b, 2\\)2' is NaN"),
+        ("Reaction ~ Days + (sqrt(Days - 3) | Subject)", {}, "random-effect term.*is NaN in 54"),
+    ],
+)  # fmt: skip
+def test_a_function_undefined_on_some_rows_is_refused_by_name(sleep, formula, extra, message):
+    """R's model.frame drops such rows (log, sqrt) or stops (scale, poly); lmmjax names them."""
+    data = sleep.assign(**{k: sleep["Days"] % 2 if v == "parity" else v for k, v in extra.items()})
+    with pytest.raises(lmmjax.LmmInputError, match=message):
+        lmmjax.lmm(formula, data)
+
+
 def test_singular_fit_warns_at_fit_time():
     with pytest.warns(lmmjax.LmmWarning, match="boundary \\(singular\\) fit"):
         fit = lmmjax.lmm("Yield ~ 1 + (1 | Batch)", "bundled:Dyestuff2")

@@ -211,17 +211,29 @@ def model_matrix(
         The spec, which rebuilds the same columns on new data.
     """
     translated, originals = r_to_python(formula)
-    try:
-        mm = formulaic.model_matrix(translated, data, na_action="raise")
+    shown = formula.removeprefix("0 + ")  # the response and offsets are asked for so
+    try:  # the rows are complete: a NaN or infinity now comes from a function, reported below
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mm = formulaic.model_matrix(translated, data, na_action="ignore")
     except FormulaicError as exc:
-        raise LmmInputError(f"{context} {formula!r}: {clean_message(exc)}") from None
+        raise LmmInputError(f"{context} {shown!r}: {clean_message(exc)}") from None
     levels = {str(c): [str(v) for v in data[c].cat.categories] for c in data.columns
               if isinstance(data[c].dtype, pd.CategoricalDtype)}  # fmt: skip
     names = tuple(
         lme4_name(":".join(contrast_column_name(p, levels) for p in c.split(":")), originals)
         for c in mm.columns
     )
-    return np.asarray(mm, dtype=np.float64), names, mm.model_spec
+    matrix = np.asarray(mm, dtype=np.float64)
+    nan = np.isnan(matrix).sum(axis=0)
+    if nan.any():
+        k = int(np.flatnonzero(nan)[0])
+        raise LmmInputError(
+            f"{context} {shown!r}: column {names[k]!r} is NaN in {nan[k]} of "
+            f"{matrix.shape[0]} rows (a function undefined there, such as log or sqrt of "
+            "a negative number, or a constant under scale() or poly()); remove those rows "
+            "or change the formula"
+        )
+    return matrix, names, mm.model_spec
 
 
 def _parse(formula: str, context: str):
