@@ -224,9 +224,17 @@ def group_index(data: pd.DataFrame, factors: Sequence[str]) -> tuple[np.ndarray,
 
 
 def _as_factors(data: pd.DataFrame, columns: set[str]) -> pd.DataFrame:
+    """``columns`` as categoricals; every categorical without the levels it no longer has.
+
+    Levels absent from the rows used are dropped, as lme4's ``model.frame``
+    (``drop.unused.levels = TRUE``) drops them after removing missing values,
+    so that the reference level of a pandas categorical is the first one used.
+    """
     data = data.copy()
-    for name in columns:
-        if not isinstance(data[name].dtype, pd.CategoricalDtype):
+    for name in data.columns:
+        if isinstance(data[name].dtype, pd.CategoricalDtype):
+            data[name] = data[name].cat.remove_unused_categories()
+        elif name in columns:
             codes, labels = _factor_codes(data[name], name)
             data[name] = pd.Categorical.from_codes(codes, categories=labels)
     return data

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import lmmjax
@@ -243,3 +245,15 @@ def test_compare_labels_models_by_keyword(sleep):
     m1 = lmmjax.lmm("Reaction ~ Days + (Days | Subject)", sleep, method="ml")
     table = lmmjax.compare(full=m1, null=m0)
     assert list(table.index) == ["null", "full"]
+
+
+def test_a_categorical_drops_the_levels_it_does_not_use(sleep):
+    """As lme4's model.frame: the reference is the first level used, not an empty one."""
+    labels = np.array(["a", "b", "c"])[np.arange(len(sleep)) % 3]
+    plain = lmmjax.lmm("Reaction ~ Days + grp + (1 | Subject)", sleep.assign(grp=labels))
+    unused = pd.Categorical(labels, categories=["zz", "a", "b", "c"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no rank-deficiency warning
+        fit = lmmjax.lmm("Reaction ~ Days + grp + (1 | Subject)", sleep.assign(grp=unused))
+    assert list(fit.fixef.index) == ["(Intercept)", "Days", "grpb", "grpc"]
+    np.testing.assert_allclose(fit.fixef.to_numpy(), plain.fixef.to_numpy(), rtol=1e-10)
