@@ -53,6 +53,9 @@ class Model:
         Rows removed because of missing values.
     dropped_fixef : tuple of str
         Fixed-effect columns dropped because X was rank deficient.
+    response_variables : tuple of str
+        Columns read by the response alone (``Reaction`` of ``log(Reaction)``):
+        predictions on new data do not need them.
     """
 
     formula: str
@@ -72,6 +75,7 @@ class Model:
     factor_columns: tuple[str, ...] = ()
     fixed_variables: tuple[str, ...] = ()
     used_variables: tuple[str, ...] = ()
+    response_variables: tuple[str, ...] = ()
     submodels: dict = field(default_factory=dict, repr=False)
     """Linear predictors of other parameters (``{"sigma": Submodel}``), on the same rows."""
     weights: np.ndarray | None = field(default=None, repr=False)
@@ -549,32 +553,39 @@ def build_model(
         if name not in columns:
             raise LmmInputError(f"categorical column {name!r} is not in the data")
 
-    needed: dict[str, str] = {}
+    needed: dict[str, str] = {}  # column -> where it is first read, for error messages
+    elsewhere: set[str] = set()  # read by more than the response: new data need these
+
+    def need(col: str, where: str) -> None:
+        needed.setdefault(col, where)
+        if where != "the response":
+            elsewhere.add(col)
+
     for col in sorted(required_columns(parsed.response, context="response")):
-        needed.setdefault(col, "the response")
+        need(col, "the response")
     fixed_vars = sorted(required_columns(parsed.fixed, context="fixed-effect formula"))
     for col in fixed_vars:
-        needed.setdefault(col, "the fixed effects")
+        need(col, "the fixed effects")
     for expr in offsets:
         for col in sorted(required_columns(expr, context="offset")):
-            needed.setdefault(col, "the offset")
+            need(col, "the offset")
     if weights is not None:
-        needed.setdefault(str(weights), "the weights")
+        need(str(weights), "the weights")
     for bar in parsed.bars:
         lhs_cols = required_columns(bar.lhs, context=f"random-effect term {bar.source}:")
         for col in sorted(lhs_cols | set(bar.factors)):
-            needed.setdefault(col, f"the random-effect term {bar.source!r}")
+            need(col, f"the random-effect term {bar.source!r}")
     sub_parsed = {}
     for name, sub in (submodels or {}).items():
         rhs = _one_sided(name, sub)
         sub_parsed[name] = parse_formula(f"{name} ~ {rhs}")
         where = f"the {name} formula"
         for col in sorted(required_columns(sub_parsed[name].fixed, context=where)):
-            needed.setdefault(col, where)
+            need(col, where)
         for bar in sub_parsed[name].bars:
             lhs_cols = required_columns(bar.lhs, context=f"{where}, term {bar.source}:")
             for col in sorted(lhs_cols | set(bar.factors)):
-                needed.setdefault(col, where)
+                need(col, where)
     for col, where in needed.items():
         if col not in columns:
             avail = ", ".join(sorted(columns))
@@ -641,6 +652,7 @@ def build_model(
         factor_columns=factor_columns,
         fixed_variables=tuple(fixed_vars),
         used_variables=tuple(used),
+        response_variables=tuple(c for c in used if c not in elsewhere),
         submodels=subs,
         weights=w,
         offset=off,
@@ -750,7 +762,7 @@ def new_design(model: Model, newdata, *, random: bool = True,
     if not isinstance(newdata, pd.DataFrame):
         raise LmmInputError(f"newdata must be a pandas DataFrame, got {type(newdata).__name__}")
     needed = model.used_variables if random else model.fixed_variables
-    needed = [c for c in needed if c not in (model.response, model.weights_column)]
+    needed = [c for c in needed if c not in (*model.response_variables, model.weights_column)]
     for expr in model.offset_terms:
         needed += sorted(required_columns(expr, context="offset"))
     absent = [c for c in needed if c not in newdata.columns]

@@ -585,6 +585,7 @@ def from_sums(
         factor_columns=prototype.factor_columns,
         fixed_variables=prototype.fixed_variables,
         used_variables=prototype.used_variables,
+        response_variables=prototype.response_variables,
         categorical=prototype.categorical,
         n_rows=nobs,
         sufficient=(struct, xp),

@@ -257,3 +257,11 @@ def test_a_categorical_drops_the_levels_it_does_not_use(sleep):
         fit = lmmjax.lmm("Reaction ~ Days + grp + (1 | Subject)", sleep.assign(grp=unused))
     assert list(fit.fixef.index) == ["(Intercept)", "Days", "grpb", "grpc"]
     np.testing.assert_allclose(fit.fixef.to_numpy(), plain.fixef.to_numpy(), rtol=1e-10)
+
+
+def test_predictions_do_not_need_the_column_of_a_transformed_response(sleep):
+    fit = lmmjax.lmm("log(Reaction) ~ Days + (1 | Subject)", sleep)
+    new = sleep.loc[[0, 15], ["Days", "Subject"]]
+    got = fit.predict(new)
+    np.testing.assert_allclose(got, fit.fitted()[[0, 15]], rtol=1e-12)
+    assert np.isfinite(fit.predict(new.assign(Reaction=np.nan))).all()
