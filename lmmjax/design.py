@@ -592,7 +592,8 @@ def build_model(
             raise LmmInputError(f"unknown column {col!r} in {where}; the data has: {avail}")
 
     used = list(needed)
-    data, n_dropped, rows = _drop_missing(data[used], used)
+    everything = data[used]
+    data, n_dropped, rows = _drop_missing(everything, used)
     # grouping columns are factors only inside their bar (group_index); elsewhere a
     # column keeps its type unless it is listed as categorical, as in lme4
     factor_columns = tuple(sorted((set(categorical) | set(contrasts)) & set(used)))
@@ -608,7 +609,11 @@ def build_model(
             raise LmmInputError(f"offset {expr!r} must be one numeric column")
         _require_finite(values, (expr,), "offset")
         off = values[:, 0] if off is None else off + values[:, 0]
-    X, names, spec = model_matrix(parsed.fixed, data, context="fixed-effect formula")
+    # poly() and scale() learn from every row whose fixed-effect columns are present, as
+    # R's model.frame evaluates them before it removes rows missing the response (say)
+    state = everything[everything[fixed_vars].notna().all(axis=1)] if n_dropped else None
+    X, names, spec = model_matrix(parsed.fixed, data, context="fixed-effect formula",
+                                  state_rows=state)  # fmt: skip
     _require_finite(X, names, "fixed-effect column")
     keep = full_rank_columns(X) if drop_aliased else np.arange(X.shape[1])
     full_rank = drop_aliased or (

@@ -96,10 +96,17 @@ FUNCTIONS = json.loads(
 )["cases"]
 
 
-@pytest.mark.parametrize("case", FUNCTIONS, ids=[c["formula"] for c in FUNCTIONS])
+@pytest.mark.parametrize("case", FUNCTIONS, ids=[f"{c['formula']} {c['data']}" for c in FUNCTIONS])
 def test_r_formula_functions_match_lme4(sleep, case):
-    """poly (orthogonal and raw), scale, log, sqrt, factor and I(): values and names as lme4."""
-    fit = lmmjax.lmm(case["formula"], sleep, ddf="none")
+    """poly (orthogonal and raw), scale, log, sqrt, factor and I(): values and names as lme4,
+    poly and scale from every row when responses are missing, as R's model.frame."""
+    data = sleep
+    if case["data"] == "sleepstudy_na":  # every 7th response missing, as the R script
+        data = sleep.astype({"Reaction": float})
+        data.loc[::7, "Reaction"] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the removed rows are reported
+        fit = lmmjax.lmm(case["formula"], data, ddf="none")
     assert list(fit.fixef.index) == case["names"]
     np.testing.assert_allclose(fit.fixef.to_numpy(), case["fixef"], rtol=1e-5, atol=1e-6)
     assert fit.objective == pytest.approx(case["objective"], abs=1e-5)

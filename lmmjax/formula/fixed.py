@@ -188,7 +188,7 @@ def lme4_name(name: str, originals: dict[str, str] | None = None) -> str:
 
 
 def model_matrix(
-    formula: str, data: pd.DataFrame, *, context: str
+    formula: str, data: pd.DataFrame, *, context: str, state_rows: pd.DataFrame | None = None
 ) -> tuple[np.ndarray, tuple[str, ...], object]:
     """Evaluate a one-sided formula on ``data``.
 
@@ -200,6 +200,11 @@ def model_matrix(
         Complete cases only: missing values are removed before this call.
     context : str
         Where the formula came from, for error messages.
+    state_rows : pandas.DataFrame, optional
+        Rows from which stateful functions (``poly``, ``scale``) take their
+        centring and scaling, when the formula has any: R's ``model.frame``
+        evaluates them before it removes rows with missing values elsewhere.
+        Their factor levels are those of ``data``.
 
     Returns
     -------
@@ -215,6 +220,10 @@ def model_matrix(
     try:  # the rows are complete: a NaN or infinity now comes from a function, reported below
         with np.errstate(invalid="ignore", divide="ignore"):
             mm = formulaic.model_matrix(translated, data, na_action="ignore")
+            if state_rows is not None and mm.model_spec.transform_state:
+                rows = _with_levels_of(state_rows, data)
+                spec = formulaic.model_matrix(translated, rows, na_action="ignore").model_spec
+                mm = spec.get_model_matrix(data, na_action="ignore")
     except FormulaicError as exc:
         raise LmmInputError(f"{context} {shown!r}: {clean_message(exc)}") from None
     levels = {str(c): [str(v) for v in data[c].cat.categories] for c in data.columns
@@ -234,6 +243,19 @@ def model_matrix(
             "or change the formula"
         )
     return matrix, names, mm.model_spec
+
+
+def _with_levels_of(rows: pd.DataFrame, data: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with each non-numeric column's values outside ``data``'s levels made missing."""
+    rows = rows.copy()
+    for name in rows.columns.intersection(data.columns):
+        column = data[name]
+        if isinstance(column.dtype, pd.CategoricalDtype):
+            rows[name] = pd.Categorical(rows[name], categories=column.cat.categories,
+                                        ordered=column.cat.ordered)  # fmt: skip
+        elif not pd.api.types.is_numeric_dtype(column):
+            rows[name] = rows[name].where(rows[name].isin(set(column)))
+    return rows
 
 
 def _parse(formula: str, context: str):

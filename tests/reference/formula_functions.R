@@ -11,9 +11,19 @@ formulas <- c(
   "Reaction ~ factor(Days) + (1 | Subject)",
   "Reaction ~ Days + I(Days^2) + (Days | Subject)"
 )
-out <- lapply(formulas, function(f) {
-  m <- lmer(as.formula(f), s)
-  list(formula = f, names = names(fixef(m)), fixef = unname(fixef(m)), objective = REMLcrit(m))
-})
+# every 7th response missing (rows 1, 8, ...): poly() and scale() still see every row
+s_na <- s
+s_na$Reaction[seq(1, nrow(s), by = 7)] <- NA
+with_na <- c(
+  "Reaction ~ poly(Days, 2) + (1 | Subject)",
+  "Reaction ~ scale(Days) + (1 | Subject)"
+)
+one <- function(f, d, name) {
+  m <- lmer(as.formula(f), d)
+  list(formula = f, data = name, names = names(fixef(m)), fixef = unname(fixef(m)),
+       objective = REMLcrit(m))
+}
+out <- c(lapply(formulas, one, d = s, name = "sleepstudy"),
+         lapply(with_na, one, d = s_na, name = "sleepstudy_na"))
 cat(toJSON(list(lme4 = as.character(packageVersion("lme4")), cases = out), digits = NA,
            auto_unbox = TRUE, pretty = TRUE))
