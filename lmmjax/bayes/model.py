@@ -603,7 +603,11 @@ def _resolve(model, *, marginalize, likelihood, priors, fixed_scales, shared_sca
     log_jac = 0.0
     if likelihood == "lognormal":
         if np.any(y <= 0):
-            raise LmmInputError("the lognormal likelihood needs a strictly positive response")
+            raise LmmInputError(
+                f"the lognormal likelihood needs a strictly positive response: "
+                f"{model.response!r} is <= 0 in {int(np.sum(y <= 0))} of {y.size} rows "
+                f"(smallest {np.min(y):g})"
+            )
         log_jac = -float(np.sum(np.log(y)))
         y = np.log(y)
     fixed = _resolve_fixed(fixed_scales, terms, names)
