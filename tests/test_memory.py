@@ -15,6 +15,13 @@ from lmmjax.memory import collector_paused, tune_allocator
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _python(code: str) -> list[str]:
+    """The words a fresh interpreter prints running ``code`` in the repository root."""
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    return run.stdout.split()
+
+
 def _glibc() -> bool:
     return hasattr(ctypes.CDLL(None), "mallopt")
 
@@ -63,8 +70,7 @@ def test_the_command_line_process_freezes_and_keeps_the_collector():
         "status = run_process(['configs/sleepstudy.yaml', '--check']); "
         "print(status, gc.isenabled(), gc.get_freeze_count() > 0)"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout.split()  # fmt: skip
+    out = _python(code)
     assert out[-3:] == ["0", "True", "True"]
 
 
@@ -125,8 +131,7 @@ def test_after_freeze_imports_each_pause_freezes_what_is_alive():
         "print(now, before, after >= before + 10000, gc.isenabled(), "
         "gc.get_freeze_count() == after)"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout.split()  # fmt: skip
+    out = _python(code)
     assert out == ["True", "0", "True", "True", "True"]  # a trace's pause never freezes
 
 
@@ -160,7 +165,6 @@ def test_a_library_process_freezes_as_it_exits():
         "atexit.register(lambda: print(gc.get_freeze_count())); "
         "import lmmjax; made = [[] for _ in range(1000)]; print(gc.get_freeze_count())"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                         text=True, check=True).stdout.split()  # fmt: skip
+    out = _python(code)
     running, at_exit = map(int, out[-2:])
     assert at_exit >= running + 1000

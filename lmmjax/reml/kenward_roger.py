@@ -40,7 +40,7 @@ import numpy as np
 from lmmjax.cache import compiled
 from lmmjax.errors import LmmInputError
 from lmmjax.linalg import device_array, gls_gram, make_lambdas
-from lmmjax.reml.optimize import QUICK_MAX_Q
+from lmmjax.reml.optimize import QUICK_MAX_Q, on_bound
 
 __all__ = ["KenwardRoger", "kr_ddf", "kr_f_test", "kr_parts"]
 
@@ -131,10 +131,13 @@ def kr_parts(fit) -> KenwardRoger:
     def pieces(at):
         return [np.asarray(a, dtype=float) for a in run(at, struct, xp)]
 
+    def finite(parts):
+        return all(np.isfinite(a).all() for a in parts)
+
     info, K, P, Q2 = pieces(phi)
-    if not all(np.isfinite(a).all() for a in (info, K, P, Q2)):
-        info, K, P, Q2 = _extrapolated(pieces, phi, layout, dtype)
-    if not all(np.isfinite(a).all() for a in (info, K, P, Q2)):
+    if not finite((info, K, P, Q2)):
+        info, K, P, Q2 = _extrapolated(pieces, phi, on_bound(fit.model.terms), dtype)
+    if not finite((info, K, P, Q2)):
         raise LmmInputError(
             "ddf 'Kenward-Roger': its derivatives are not finite at this fit; use ddf "
             "'Satterthwaite'"
@@ -157,7 +160,7 @@ def kr_parts(fit) -> KenwardRoger:
 SINGULAR_STEP = 1e-6  # the step h of _extrapolated, relative to sigma^2
 
 
-def _extrapolated(pieces, phi, layout, dtype) -> list[np.ndarray]:
+def _extrapolated(pieces, phi, variances, dtype) -> list[np.ndarray]:
     """The pieces at a singular fit, extrapolated from covariances moved inside by h and 2h.
 
     The pieces are smooth functions of ``phi`` (``Sigma`` is linear in it and
@@ -167,13 +170,10 @@ def _extrapolated(pieces, phi, layout, dtype) -> list[np.ndarray]:
     With ``h`` each variance's increment (:data:`SINGULAR_STEP` times
     ``sigma^2``), ``2 f(phi + h) - f(phi + 2 h)`` is ``f(phi)`` up to ``O(h^2)``
     (Richardson); pbkrtest, which forms ``Sigma`` itself, needs no step.
+    ``variances`` marks them among the terms' entries of ``phi`` (sigma^2 last).
     """
     phi = np.asarray(phi, dtype=float)
-    step, k = np.zeros_like(phi), 0
-    for _, rows, cols in layout:
-        step[k : k + len(rows)] = np.equal(rows, cols)  # the variances
-        k += len(rows)
-    step *= SINGULAR_STEP * phi[-1]
+    step = np.append(variances, False) * (SINGULAR_STEP * phi[-1])
     near = pieces(device_array(phi + step, dtype))
     far = pieces(device_array(phi + 2.0 * step, dtype))
     return [2.0 * a - b for a, b in zip(near, far, strict=True)]
