@@ -1,15 +1,16 @@
 """Profiled REML / ML fitting: L-BFGS on theta with exact autodiff gradients.
 
-The objective's value and gradient are one compiled XLA program; SciPy's
-L-BFGS-B drives it from the host. An earlier version ran optax's L-BFGS with
-its zoom line search inside one compiled ``while_loop``: the same iterations,
-but XLA took about 3 s to compile that loop for sleepstudy against about
-0.7 s for the value-and-gradient alone, and compile time is what a user
-fitting a new model waits for (issue 11); the host loop costs microseconds
-per evaluation. On large problems (more than ``QUICK_MAX_Q`` random effects),
-where evaluations dominate and optax's line search needs fewer of them
-(InstEval: 17; SciPy took 27 with the older scale), :func:`lbfgs_loop` runs instead,
-from the moment start of :mod:`lmmjax.reml.start` (InstEval: 7 evaluations).
+The objective's value and gradient are one compiled XLA program; an L-BFGS
+(:mod:`lmmjax.reml.lbfgs`) drives it from the host. An earlier version ran
+optax's L-BFGS with its zoom line search inside one compiled ``while_loop``:
+the same iterations, but XLA took about 3 s to compile that loop for
+sleepstudy against about 0.7 s for the value-and-gradient alone, and compile
+time is what a user fitting a new model waits for (issue 11); the host loop
+costs microseconds per evaluation. On large problems (more than
+``QUICK_MAX_Q`` random effects), where evaluations dominate and optax's line
+search needs fewer of them (InstEval: 17; SciPy's L-BFGS-B took 27 with the
+older scale), :func:`lbfgs_loop` runs instead, from the moment start of
+:mod:`lmmjax.reml.start` (InstEval: 7 evaluations).
 
 Theta is optimised unconstrained: the objective depends on each Lambda_l only
 through ``Lambda_l Lambda_l'``, which is unchanged when a column of Lambda_l
@@ -28,11 +29,11 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.optimize
 
 from lmmjax.cache import compiled
 from lmmjax.linalg import CrossProducts, SmallLayout, Structure, device_array
 from lmmjax.options import RemlOptions
+from lmmjax.reml import lbfgs
 from lmmjax.reml.objective import (
     Estimates,
     estimates,
@@ -85,30 +86,20 @@ def theta_scale(terms) -> np.ndarray:
 
 
 class _Evaluations:
-    """The compiled value-and-gradient as SciPy wants it, in the scaled coordinates.
-
-    Remembers the last evaluations by point, so that the per-iteration callback
-    reads the gradient of the accepted point without evaluating it again.
-    """
+    """The compiled value-and-gradient in the scaled coordinates ``phi = theta * scale``."""
 
     def __init__(self, objective: Objective, scale: np.ndarray):
         self.objective, self.scale = objective, scale
-        self.seen: dict[bytes, tuple[float, np.ndarray]] = {}
         self.count = 0
 
     def __call__(self, phi: np.ndarray) -> tuple[float, np.ndarray]:
         value, grad = self.objective.value_and_grad(phi / self.scale)
         self.count += 1
-        if len(self.seen) > 8:
-            self.seen.clear()
-        self.seen[np.asarray(phi, float).tobytes()] = (value, grad)
-        if not np.isfinite(value):  # let the line search back off
-            return np.inf, np.zeros_like(grad)
         return value, grad / self.scale
 
 
 def _lbfgs(evaluate: _Evaluations, theta0: np.ndarray, maxiter: int, gtol: float):
-    """SciPy's L-BFGS-B (unbounded) on ``phi = theta * scale``; stops on lmmjax's criterion.
+    """L-BFGS (:mod:`lmmjax.reml.lbfgs`) on ``phi = theta * scale``; stops on lmmjax's criterion.
 
     Converged when the gradient with respect to theta has infinity norm at
     most ``gtol * max(1, |objective|)``, or when an iteration no longer
@@ -116,23 +107,11 @@ def _lbfgs(evaluate: _Evaluations, theta0: np.ndarray, maxiter: int, gtol: float
     """
     scale = evaluate.scale
 
-    def callback(intermediate_result):
-        hit = evaluate.seen.get(np.asarray(intermediate_result.x, float).tobytes())
-        if hit is not None:
-            value, grad = hit
-            if np.max(np.abs(grad), initial=0.0) <= gtol * max(1.0, abs(value)):
-                raise StopIteration
+    def stop(value: float, grad_phi: np.ndarray) -> bool:
+        return np.max(np.abs(grad_phi * scale), initial=0.0) <= gtol * max(1.0, abs(value))
 
-    res = scipy.optimize.minimize(
-        evaluate, theta0 * scale, jac=True, method="L-BFGS-B", callback=callback,
-        options={"maxiter": maxiter, "gtol": 0.0, "ftol": 1e-14, "maxcor": 10},
-    )  # fmt: skip
-    theta = np.asarray(res.x) / scale
-    value, grad = evaluate.seen.get(np.asarray(res.x, float).tobytes(), (None, None))
-    if value is None:
-        value, grad_phi = evaluate(res.x)
-        grad = grad_phi * scale
-    return theta, value, grad, int(res.nit)
+    res = lbfgs.minimize(evaluate, theta0 * scale, maxiter=maxiter, stop=stop)
+    return res.x / scale, res.fun, res.jac * scale, res.nit
 
 
 def lbfgs_loop(theta0, struct: Structure, xp: CrossProducts, scale, maxiter, gtol, reml: bool):
@@ -325,6 +304,8 @@ def _escape_boundary(theta, value, f: Objective, bounded, step=0.05):
 
 
 def _nelder_mead(theta, f: Objective, bounded):
+    import scipy.optimize  # only here: the import takes 0.12-0.14 s, and fits rarely fall back
+
     bounds = [(0.0, None) if b else (None, None) for b in bounded]
     res = scipy.optimize.minimize(
         f,
