@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -69,3 +70,11 @@ def test_vs_bambi_quick_smoke(tmp_path):
     assert list(table["engine"]) == ["auto"] and (table["ess"] > 0).all()
     assert list(table["runs"]) == [2]
     assert table["marginalize"].iloc[0] == "Subject" and "auto / bambi" in out.stdout
+
+
+def test_vs_bambi_reads_formulas_as_bambi_does():
+    spec = importlib.util.spec_from_file_location("vs_bambi", BENCH / "vs_bambi.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (module.uncorrelated("y ~ x + (x | g) + (1 | h) + (x || k)")
+            == "y ~ x + (x || g) + (1 || h) + (x || k)")  # fmt: skip
