@@ -14,8 +14,9 @@ the median of 3 loops. The script then fits the model's four constants
 (``T_FIXED``, ``T_CLASS``, ``T_ROW``, ``T_FLOP`` of :mod:`lmmjax.bayes.auto`)
 by non-negative least squares on relative errors, and prints every
 measurement beside the predictions of the constants in force and of the
-fitted ones, and the choice each would make (seconds per gradient times the
-funnel factor ``1 + max lambda`` of the sampled classes).
+fitted ones, and the choice each would make (seconds per gradient, plus the
+rule's fixed seconds per gradient of a default run, times the funnel factor
+``1 + max lambda`` of the sampled classes).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from lmmjax.bayes.auto import (
     COSTS,
     _candidates,
     candidate_label,
+    fixed_overhead,
     funnel_depths,
     funnel_factor,
     gradient_features,
@@ -138,9 +140,10 @@ def main(argv=None) -> pd.DataFrame:
     feats = table[list(NAMES)].to_numpy()
     table["now_us"] = 1e6 * feats @ COSTS
     table["fitted_us"] = 1e6 * feats @ fitted
-    for col in ("now", "fitted"):
-        table[f"{col}_score"] = table[f"{col}_us"] * table["factor"]
-    table["measured_score"] = table["measured_us"] * table["factor"]
+    # the rule's fixed seconds per gradient for the default run (4 chains x 2,000 iterations)
+    overhead_us = 1e6 * fixed_overhead(4, 1000, 1000)
+    for col in ("now", "fitted", "measured"):
+        table[f"{col}_score"] = (table[f"{col}_us"] + overhead_us) * table["factor"]
     cols = ["data", "candidate", "measured_us", "now_us", "fitted_us", "factor"]
     with pd.option_context("display.width", 200):
         print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
@@ -154,7 +157,8 @@ def main(argv=None) -> pd.DataFrame:
     for name, part in table.groupby("data", sort=False):
         picks.append({"data": name, **{col: part.loc[part[f"{col}_score"].idxmin(), "candidate"]
                                       for col in ("measured", "now", "fitted")}})  # fmt: skip
-    print("choice by seconds per gradient x funnel factor (measured, constants in force, fitted):")
+    print(f"choice by (seconds per gradient + {overhead_us:.0f} us of fixed work) x funnel factor "
+          "(measured, constants in force, fitted):")  # fmt: skip
     print(pd.DataFrame(picks).to_string(index=False))
     return table
 

@@ -10,7 +10,15 @@ import pytest
 
 import lmmjax
 from lmmjax.bayes import build_bayes_model
-from lmmjax.bayes.auto import choose_marginal, funnel_depths, gradient_seconds
+from lmmjax.bayes.auto import (
+    FIXED_SECONDS,
+    STEPS_PER_ITERATION,
+    candidate_label,
+    choose_marginal,
+    fixed_overhead,
+    funnel_depths,
+    gradient_seconds,
+)
 from lmmjax.datasets import load_bundled
 from lmmjax.design import build_model
 from lmmjax.errors import LmmInputError
@@ -78,6 +86,29 @@ def test_rule_marginalises_deep_funnels_and_skips_costly_shallow_ones():
     assert not all(choice.marginal)
     scores = {label: score for label, _, _, score in choice.candidates}
     assert scores["all"] > min(scores.values())
+
+
+def test_fixed_work_is_spread_over_the_run():
+    # t_0 = FIXED_SECONDS over the gradients one core runs: 4 chains on 2 cores run 2 each
+    assert fixed_overhead(4, 1000, 1000, cores=2) == pytest.approx(
+        FIXED_SECONDS / (2 * 2000 * STEPS_PER_ITERATION)
+    )
+    assert fixed_overhead(4, 1000, 1000, cores=8) == pytest.approx(
+        fixed_overhead(1, 1000, 1000, cores=1)
+    )
+    df = simulated(1500, 2, 0.05, 1.0, second=(1200, 0.05))
+    crossed = build_model(df, "y ~ 1 + (1 | g) + (1 | h)")
+    for overhead in (0.0, 1e-4, 1.0):
+        choice = choose_marginal(crossed.y, crossed.X, crossed.terms, ["g", "h"],
+                                 overhead=overhead)  # fmt: skip
+        assert choice.overhead == overhead
+        for _, t, factor, score in choice.candidates:
+            assert score == pytest.approx((t + overhead) * factor)
+        best = min(choice.candidates, key=lambda c: c[3])
+        chosen = candidate_label(choice.marginal, ["g", "h"])
+        assert best[0] == chosen
+    # when fixed work dominates, the smallest funnel factor wins whatever its gradient costs
+    assert best[2] == min(c[2] for c in choice.candidates)
 
 
 def test_cost_model_grows_with_the_schur_block():

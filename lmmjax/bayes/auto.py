@@ -36,14 +36,31 @@ compiled, in milliseconds, and deterministic (no timing, no random numbers):
   dillonE1 8.6 with 16; right within a factor of 2).
 
 The rule: choose the set minimising the predicted seconds per effective draw,
-``t(S) (1 + max_{l not in S} lambda_l)`` (the max over no class being 0);
-ties go to the set listed first, ``all`` before ``none`` before subsets.
-Compile time, which dominates small models, is not modelled: it is of the
-same order for every choice.
+``(t(S) + t_0) (1 + max_{l not in S} lambda_l)`` (the max over no class being
+0); ties go to the set listed first, ``all`` before ``none`` before subsets.
+
+``t_0`` (:func:`fixed_overhead`) spreads the fit's fixed work over the
+gradients that one core runs: ``FIXED_SECONDS`` (imports, compiling the
+sampler and the recovery, the recovery, the InferenceData and its summary;
+6-8 s of a dillonE1 fit on the 2-core CPU, 3-4 s of a sleepstudy one) over
+``ceil(chains / cores) (warmup + samples) STEPS_PER_ITERATION`` gradients.
+At a fixed number of draws the effective draws fall about as
+``1 / (1 + lambda)`` while the steps per iteration stay near 10, so the
+process's seconds per effective draw are ``(1 + lambda) (F + G t) / E_0``,
+``G`` the gradients per core: the rule above up to a constant. With ``t_0 =
+0`` (before, and in the limit of long runs) bambi's uncorrelated model of
+dillonE1, ``(c_int || subj) + (c_int || item)``, chose the subj intercepts
+(51 against 426 us per gradient for ``all``, funnel factors 3.8 and 1) and
+reached 0.78 of ``all``'s ESS per second over whole processes
+(``benchmarks/vs_bambi.py --uncorrelated``): its 6-8 s of fixed work weigh
+on the smaller ESS. The default run (4 chains x 2,000 iterations on 2 cores)
+gives ``t_0`` = 125 us, which leaves the choices on sleepstudy, Orthodont,
+dillonE1 and dutch as they were.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -53,6 +70,7 @@ __all__ = [
     "AutoChoice",
     "candidate_label",
     "choose_marginal",
+    "fixed_overhead",
     "funnel_depths",
     "funnel_factor",
     "gradient_features",
@@ -67,6 +85,8 @@ T_FLOP = 1.75e-10  # per multiply-add of the blocked factorisation (value and gr
 PAIR_FLOPS = 8.0  # a scattered pair of B rows costs about 8 multiply-adds (linalg's figure)
 COSTS = np.array([T_FIXED, T_CLASS, T_ROW, T_FLOP])
 MAX_SUBSETS_CLASSES = 4  # beyond this, only none, all and single classes are candidates
+FIXED_SECONDS = 5.0  # a NUTS fit's work besides its gradients (see the module docstring)
+STEPS_PER_ITERATION = 10  # leapfrog steps per iteration (dillonE1 all: 10-12 in sampling)
 
 
 @dataclass(frozen=True)
@@ -82,17 +102,21 @@ class AutoChoice:
     candidates : tuple of (label, seconds per gradient, gradient factor, score)
         Every candidate in the order considered; ``score`` is the predicted
         seconds per effective draw up to a constant (the lowest wins).
+    overhead : float
+        ``t_0``, the fixed seconds per gradient added to each candidate's.
     """
 
     marginal: tuple[bool, ...]
     depths: tuple[float, ...]
     candidates: tuple[tuple[str, float, float, float], ...]
+    overhead: float = 0.0
 
     def to_dict(self, term_names) -> dict:
         """For the JSON result: chosen groups, depths and every candidate's score."""
         return {
             "chosen": [g for g, m in zip(term_names, self.marginal, strict=True) if m],
             "funnel_depth": dict(zip(term_names, self.depths, strict=True)),
+            "fixed_seconds_per_gradient": self.overhead,
             "candidates": {
                 label: {"seconds_per_gradient": t, "gradient_factor": f, "score": s}
                 for label, t, f, s in self.candidates
@@ -240,6 +264,7 @@ def choose_marginal(
     fast_eligible=None,
     row_sigma: bool = False,
     max_dense_b: float = np.inf,
+    overhead: float = 0.0,
 ) -> AutoChoice:
     """Apply the rule of the module docstring.
 
@@ -257,6 +282,8 @@ def choose_marginal(
     max_dense_b : float
         With ``row_sigma``, candidates whose dense ``B`` would hold more numbers
         are skipped (the model refuses them).
+    overhead : float
+        ``t_0`` (:func:`fixed_overhead`); 0 ranks by the gradients' cost alone.
 
     Returns
     -------
@@ -273,7 +300,28 @@ def choose_marginal(
         fast = bool(fast_eligible(marginal)) if fast_eligible is not None else False
         t = gradient_seconds(terms, marginal, n, p, fast=fast, row_sigma=row_sigma)
         factor, label = funnel_factor(depths, marginal), candidate_label(marginal, names)
-        rows.append((label, float(t), float(factor), float(t * factor)))
-        if best is None or t * factor < best[1]:
-            best = (marginal, t * factor)
-    return AutoChoice(best[0], tuple(float(d) for d in depths), tuple(rows))
+        score = (t + overhead) * factor
+        rows.append((label, float(t), float(factor), float(score)))
+        if best is None or score < best[1]:
+            best = (marginal, score)
+    return AutoChoice(best[0], tuple(float(d) for d in depths), tuple(rows), float(overhead))
+
+
+def fixed_overhead(num_chains: int, num_warmup: int, num_samples: int, cores: int | None = None):
+    """``t_0``: ``FIXED_SECONDS`` over the gradients one core runs in the fit.
+
+    Parameters
+    ----------
+    num_chains, num_warmup, num_samples : int
+        The run's size.
+    cores : int, optional
+        Cores the chains share (by default those this process may use).
+    """
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+    per_core = -(-max(num_chains, 1) // max(min(cores, num_chains), 1))
+    gradients = per_core * (num_warmup + num_samples) * STEPS_PER_ITERATION
+    return FIXED_SECONDS / max(gradients, 1)

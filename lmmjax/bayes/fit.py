@@ -8,7 +8,7 @@ import warnings
 import jax
 import numpy as np
 
-from lmmjax.bayes.model import BayesModel, build_bayes_model
+from lmmjax.bayes.model import BayesModel, build_bayes_model, run_overhead
 from lmmjax.bayes.recovery import recover_effects
 from lmmjax.bayes.result import BayesFit, build_inference_data, import_arviz
 from lmmjax.bayes.samplers import QUICK_SECONDS, predicted_seconds, run_sampler
@@ -149,7 +149,7 @@ def fit_nuts(model, options: NutsOptions | None = None, **kwargs) -> BayesFit:
     bm = build_bayes_model(
         model, marginalize=opts.marginalize, likelihood=opts.likelihood, priors=opts.priors,
         fixed_scales=opts.fixed_scales, shared_scale=opts.shared_scale, fast_path=opts.fast_path,
-        sigma=opts.sigma, center=opts.center,
+        sigma=opts.sigma, center=opts.center, overhead=run_overhead(opts),
     )  # fmt: skip
     if bm.moments is not None:  # streamed: before sampling, what needs the rows
         opts.check_streamed([t.group for t in model.terms])

@@ -45,7 +45,7 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.infer.util import potential_energy
 
-from lmmjax.bayes.auto import AutoChoice, choose_marginal
+from lmmjax.bayes.auto import AutoChoice, choose_marginal, fixed_overhead
 from lmmjax.bayes.lkj import lkj_cholesky
 from lmmjax.bayes.marginal import KernelData, marginal_loglik
 from lmmjax.bayes.moments import RowMoments, row_moments
@@ -581,7 +581,7 @@ def _intercept_column(model, center: bool) -> int:
 
 
 def _resolve(model, *, marginalize, likelihood, priors, fixed_scales, shared_scale, fast_path,
-             sigma, center=False) -> _Resolved:  # fmt: skip
+             sigma, center=False, overhead=0.0) -> _Resolved:  # fmt: skip
     """Every option checked against the model and turned into a static spec.
 
     The only array work is ``marginalize: auto``'s rule, O(N d^2) in NumPy.
@@ -633,7 +633,7 @@ def _resolve(model, *, marginalize, likelihood, priors, fixed_scales, shared_sca
         auto = choose_marginal(
             y, model.X, terms, names, fixed_sd=None if shared_scale else fixed,
             fast_eligible=lambda m: fast_path is not False and fast_eligible(m),
-            row_sigma=sub is not None, max_dense_b=_MAX_DENSE_B,
+            row_sigma=sub is not None, max_dense_b=_MAX_DENSE_B, overhead=overhead,
         )  # fmt: skip
         marginal = auto.marginal
     else:
@@ -709,8 +709,13 @@ def check_options(model, options) -> BayesSpec:
         model, marginalize=options.marginalize, likelihood=options.likelihood,
         priors=options.priors, fixed_scales=options.fixed_scales,
         shared_scale=options.shared_scale, fast_path=options.fast_path, sigma=options.sigma,
-        center=options.center,
+        center=options.center, overhead=run_overhead(options),
     ).spec  # fmt: skip
+
+
+def run_overhead(options) -> float:
+    """``marginalize: auto``'s fixed seconds per gradient for a run of ``options``' size."""
+    return fixed_overhead(options.num_chains, options.num_warmup, options.num_samples)
 
 
 def build_bayes_model(
@@ -724,6 +729,7 @@ def build_bayes_model(
     fast_path: bool | None = None,
     sigma: str | None = None,
     center: bool = False,
+    overhead: float = 0.0,
 ) -> BayesModel:
     """Build the Bayesian version of a structured model.
 
@@ -756,6 +762,10 @@ def build_bayes_model(
     center : bool
         Sample the fixed effects in the coordinates of centred predictors when
         the model has an intercept (see the module docstring).
+    overhead : float
+        For "auto": the run's fixed seconds per gradient (:func:`run_overhead`
+        of the NUTS options, as :func:`~lmmjax.bayes.fit_nuts` passes it); 0
+        ranks the candidates by the cost of their gradients alone.
 
     Returns
     -------
@@ -764,7 +774,7 @@ def build_bayes_model(
     spec, y, log_jac, sub, names, auto, moments = _resolve(
         model, marginalize=marginalize, likelihood=likelihood, priors=priors,
         fixed_scales=fixed_scales, shared_scale=shared_scale, fast_path=fast_path, sigma=sigma,
-        center=center,
+        center=center, overhead=overhead,
     )  # fmt: skip
     terms, marginal, fixed, fast = list(model.terms), spec.marginal, spec.fixed_sd, spec.fast
     dtype = float_dtype()
