@@ -43,7 +43,10 @@ The rule: choose the set minimising the predicted seconds per effective draw,
 gradients that one core runs: ``FIXED_SECONDS`` (imports, compiling the
 sampler and the recovery, the recovery, the InferenceData and its summary;
 6-8 s of a dillonE1 fit on the 2-core CPU, 3-4 s of a sleepstudy one) over
-``ceil(chains / cores) (warmup + samples) STEPS_PER_ITERATION`` gradients.
+``ceil(chains / cores) (warmup + samples) STEPS_PER_ITERATION`` gradients,
+``cores`` the 2 of the machine the constants were fitted on (a fixed number,
+like the constants, so that the same data and run give the same choice on
+any machine).
 At a fixed number of draws the effective draws fall about as
 ``1 / (1 + lambda)`` while the steps per iteration stay near 10, so the
 process's seconds per effective draw are ``(1 + lambda) (F + G t) / E_0``,
@@ -60,7 +63,6 @@ dillonE1 and dutch as they were.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -87,6 +89,7 @@ COSTS = np.array([T_FIXED, T_CLASS, T_ROW, T_FLOP])
 MAX_SUBSETS_CLASSES = 4  # beyond this, only none, all and single classes are candidates
 FIXED_SECONDS = 5.0  # a NUTS fit's work besides its gradients (see the module docstring)
 STEPS_PER_ITERATION = 10  # leapfrog steps per iteration (dillonE1 all: 10-12 in sampling)
+CORES = 2  # the cores of the machine these constants were fitted on (see fixed_overhead)
 
 
 @dataclass(frozen=True)
@@ -307,21 +310,18 @@ def choose_marginal(
     return AutoChoice(best[0], tuple(float(d) for d in depths), tuple(rows), float(overhead))
 
 
-def fixed_overhead(num_chains: int, num_warmup: int, num_samples: int, cores: int | None = None):
+def fixed_overhead(num_chains: int, num_warmup: int, num_samples: int, cores: int = CORES):
     """``t_0``: ``FIXED_SECONDS`` over the gradients one core runs in the fit.
 
     Parameters
     ----------
     num_chains, num_warmup, num_samples : int
         The run's size.
-    cores : int, optional
-        Cores the chains share (by default those this process may use).
+    cores : int
+        Cores the chains share: by default :data:`CORES`, those of the machine
+        the constants were fitted on, not this one's, so that the choice
+        depends on the data and the run's size only.
     """
-    if cores is None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            cores = os.cpu_count() or 1
     per_core = -(-max(num_chains, 1) // max(min(cores, num_chains), 1))
     gradients = per_core * (num_warmup + num_samples) * STEPS_PER_ITERATION
     return FIXED_SECONDS / max(gradients, 1)

@@ -67,7 +67,7 @@ from lmmjax.linalg import (
     eigen_precompute,
     z_times,
 )
-from lmmjax.options import check_streamed_nuts
+from lmmjax.options import NutsOptions, check_streamed_nuts
 from lmmjax.precision import float_dtype
 from lmmjax.terms import unique_group_names
 
@@ -713,8 +713,12 @@ def check_options(model, options) -> BayesSpec:
     ).spec  # fmt: skip
 
 
-def run_overhead(options) -> float:
-    """``marginalize: auto``'s fixed seconds per gradient for a run of ``options``' size."""
+def run_overhead(options=None) -> float:
+    """``marginalize: auto``'s fixed seconds per gradient for a run of ``options``' size.
+
+    Without options, a run of the defaults (:class:`~lmmjax.options.NutsOptions`).
+    """
+    options = NutsOptions() if options is None else options
     return fixed_overhead(options.num_chains, options.num_warmup, options.num_samples)
 
 
@@ -729,7 +733,7 @@ def build_bayes_model(
     fast_path: bool | None = None,
     sigma: str | None = None,
     center: bool = False,
-    overhead: float = 0.0,
+    overhead: float | None = None,
 ) -> BayesModel:
     """Build the Bayesian version of a structured model.
 
@@ -762,10 +766,12 @@ def build_bayes_model(
     center : bool
         Sample the fixed effects in the coordinates of centred predictors when
         the model has an intercept (see the module docstring).
-    overhead : float
-        For "auto": the run's fixed seconds per gradient (:func:`run_overhead`
-        of the NUTS options, as :func:`~lmmjax.bayes.fit_nuts` passes it); 0
-        ranks the candidates by the cost of their gradients alone.
+    overhead : float, optional
+        For "auto": the run's fixed seconds per gradient, :func:`run_overhead`
+        of the NUTS options (:func:`~lmmjax.bayes.fit_nuts` passes it); by
+        default that of a run of the default options, so that the choice is
+        the one ``lmmjax.lmm(..., method="nuts")`` makes. 0 ranks the
+        candidates by the cost of their gradients alone.
 
     Returns
     -------
@@ -774,7 +780,7 @@ def build_bayes_model(
     spec, y, log_jac, sub, names, auto, moments = _resolve(
         model, marginalize=marginalize, likelihood=likelihood, priors=priors,
         fixed_scales=fixed_scales, shared_scale=shared_scale, fast_path=fast_path, sigma=sigma,
-        center=center, overhead=overhead,
+        center=center, overhead=run_overhead() if overhead is None else overhead,
     )  # fmt: skip
     terms, marginal, fixed, fast = list(model.terms), spec.marginal, spec.fixed_sd, spec.fast
     dtype = float_dtype()

@@ -6,11 +6,11 @@ evaluation is one call of the compiled value-and-gradient. This replaced
 SciPy's L-BFGS-B, which lmmjax used without bounds and with the same memory
 of 10 pairs, because importing ``scipy.optimize`` took 0.12-0.14 s of a
 1.3-1.6 s command-line fit of sleepstudy (issue 11); on lme4's reference
-cases both take the same number of evaluations within a few (5-17), to the
-same optimum. The iteration follows Nocedal & Wright, *Numerical
-Optimization* (2006): the two-loop recursion (Algorithm 7.4) with the scaling
-(7.20), the line search of Algorithms 3.5 and 3.6 with cubic interpolation
-(3.59); the first trial step has unit length, as in L-BFGS-B.
+cases both took 5-19 evaluations to the same optimum. The iteration follows
+Nocedal & Wright, *Numerical Optimization* (2006): the two-loop recursion
+(Algorithm 7.4) with the scaling (7.20), the line search of Algorithms 3.5
+and 3.6 with cubic interpolation (3.59); the first trial step has unit
+length, as in L-BFGS-B.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 __all__ = ["Result", "minimize"]
 
 C1, C2 = 1e-4, 0.9  # sufficient decrease and curvature constants of the Wolfe conditions
-MAX_TRIALS = 40  # evaluations per line search
+MAX_TRIALS = 20  # evaluations per line search, as SciPy's L-BFGS-B
 MEMORY = 10  # correction pairs kept, as SciPy's L-BFGS-B default
 
 
