@@ -63,6 +63,7 @@ dillonE1 and dutch as they were.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -322,6 +323,6 @@ def fixed_overhead(num_chains: int, num_warmup: int, num_samples: int, cores: in
         the constants were fitted on, not this one's, so that the choice
         depends on the data and the run's size only.
     """
-    per_core = -(-max(num_chains, 1) // max(min(cores, num_chains), 1))
+    per_core = math.ceil(max(num_chains, 1) / cores)  # chains run one per core at a time
     gradients = per_core * (num_warmup + num_samples) * STEPS_PER_ITERATION
     return FIXED_SECONDS / max(gradients, 1)

@@ -117,8 +117,6 @@ def _line_search(fun, x, p, start: _Point, step: float) -> tuple[_Point, int]:
         t = _cubic(prev, pt)  # still descending: extrapolate, 1.5 to 4 times further
         step = float(np.clip(t, 1.5 * step, 4.0 * step)) if np.isfinite(t) else 2.0 * step
         prev = pt
-        if nfev >= MAX_TRIALS:
-            break
     return prev, nfev
 
 

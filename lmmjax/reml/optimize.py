@@ -99,7 +99,15 @@ class _Evaluations:
         return value, grad / self.scale
 
 
-def _lbfgs(evaluate: _Evaluations, theta0: np.ndarray, maxiter: int, gtol: float):
+def stop_tolerance(value, nobs, gtol: float, xnp=np):
+    """The gradient's infinity norm at which the optimisers stop (see :func:`_lbfgs`).
+
+    ``xnp`` is NumPy on the host, ``jax.numpy`` inside :func:`lbfgs_loop`.
+    """
+    return gtol * xnp.maximum(1.0, xnp.minimum(xnp.abs(value), nobs))
+
+
+def _lbfgs(evaluate: _Evaluations, theta0: np.ndarray, maxiter: int, gtol: float, nobs: int):
     """L-BFGS (:mod:`lmmjax.reml.lbfgs`) on ``phi = theta * scale``, to a scale-free tolerance.
 
     Stops when the gradient with respect to theta has infinity norm at most
@@ -113,10 +121,9 @@ def _lbfgs(evaluate: _Evaluations, theta0: np.ndarray, maxiter: int, gtol: float
     documented ``gtol * max(1, |objective|)``, which this implies.
     """
     scale = evaluate.scale
-    nobs = float(np.asarray(evaluate.objective.args[0].nobs))
 
     def stop(value: float, grad_phi: np.ndarray) -> bool:
-        tol = gtol * max(1.0, min(abs(value), nobs))
+        tol = stop_tolerance(value, nobs, gtol)
         return np.max(np.abs(grad_phi * scale), initial=0.0) <= tol
 
     res = lbfgs.minimize(evaluate, theta0 * scale, maxiter=maxiter, stop=stop)
@@ -154,7 +161,7 @@ def lbfgs_loop(theta0, struct: Structure, xp: CrossProducts, scale, maxiter, gto
         _, state, prev, it, _ = carry
         value = optax.tree.get(state, "value")
         size = jnp.maximum(1.0, jnp.abs(value))
-        tol = gtol * jnp.maximum(1.0, jnp.minimum(jnp.abs(value), struct.nobs))  # as _lbfgs
+        tol = stop_tolerance(value, struct.nobs, gtol, jnp)
         small = jnp.max(jnp.abs(optax.tree.get(state, "grad") * scale)) <= tol
         stalled = (it > 1) & (jnp.abs(prev - value) <= 1e-14 * size)
         return (it == 0) | ((it < maxiter) & ~small & ~stalled & jnp.isfinite(value))
@@ -411,7 +418,8 @@ def optimize_theta(
     else:
 
         def minimise(start):
-            return (*_lbfgs(evaluate, np.asarray(start, float), options.maxiter, gtol), None)
+            nobs = int(np.asarray(struct.nobs))
+            return (*_lbfgs(evaluate, np.asarray(start, float), options.maxiter, gtol, nobs), None)
 
     theta, value, grad, it, est = minimise(theta0)
     log.iterations = it
