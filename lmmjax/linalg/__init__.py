@@ -39,7 +39,13 @@ from lmmjax.linalg.products import (
     linear_predictor,
     z_times,
 )
-from lmmjax.linalg.small import SmallLayout, SmallSystem, small_system
+from lmmjax.linalg.small import (
+    SmallDerivatives,
+    SmallLayout,
+    SmallSystem,
+    small_derivatives,
+    small_system,
+)
 from lmmjax.linalg.structure import (
     Structure,
     build_structure,
@@ -63,6 +69,7 @@ __all__ = [
     "EigenSystem",
     "Factor",
     "Moments",
+    "SmallDerivatives",
     "SmallLayout",
     "SmallSystem",
     "Structure",
@@ -87,6 +94,7 @@ __all__ = [
     "make_lambdas",
     "rows_scalable",
     "scale_rows",
+    "small_derivatives",
     "small_system",
     "tri_solve",
     "z_times",

@@ -42,8 +42,10 @@ from lmmjax.linalg.structure import device_array
 
 __all__ = [
     "MAX_Q",
+    "SmallDerivatives",
     "SmallLayout",
     "SmallSystem",
+    "small_derivatives",
     "small_gls_gram",
     "small_cov",
     "small_lambda",
@@ -250,3 +252,76 @@ def small_mean(system: SmallSystem, lam: jax.Array, xp: DenseProducts) -> jax.Ar
     L = cholesky(_a_matrix(system, lam))
     u = tri_solve(L, tri_solve(L, lam.T @ xp.zt), transpose=True)
     return (lam @ u)[:, 0]
+
+
+class SmallDerivatives(NamedTuple):
+    """First and second derivatives in theta of a small system's log-determinants.
+
+    ``Omega(theta) = D' G D + diag(I, 0)`` with ``D = diag(Lambda, I)`` and
+    ``G = [Z M]' [Z M]`` is the augmented system; its leading blocks give
+    ``log|A|`` (the first ``Q`` rows), ``log|A| + log|X' V^-1 X|`` (all but
+    the last) and that plus ``log r^2`` (all). The padded columns of ``X`` add
+    nothing to either.
+
+    Attributes
+    ----------
+    grad : array (3, T)
+        Derivatives of the three log-determinants.
+    hess : array (3, T, T)
+        Their second derivatives.
+    r2 : array ()
+        The penalised residual sum of squares ``r^2``.
+    fixed_inv : array (P - 1, P - 1)
+        ``(X' V^-1 X)^-1`` (the identity in the padded rows and columns).
+    fixed_inv_jac : array (T, P - 1, P - 1)
+        Its derivatives.
+    """
+
+    grad: jax.Array
+    hess: jax.Array
+    r2: jax.Array
+    fixed_inv: jax.Array
+    fixed_inv_jac: jax.Array
+
+
+def small_derivatives(theta: jax.Array, system: SmallSystem, xp: DenseProducts):
+    """:class:`SmallDerivatives` at ``theta``, in closed form from one Cholesky factor.
+
+    With ``L`` the factor of ``Omega`` and ``Y_i = L^-1 (dOmega / dtheta_i) L^-T``,
+    a leading block ``B`` has ``d log|Omega_B| = tr_B(Y_i)`` and
+    ``d2 log|Omega_B| = tr(Omega_B^-1 Omega_ij) - sum_B Y_i (.) Y_j``, because
+    the leading block of ``Y_i`` is ``L_B^-1 (dOmega_i)_B L_B^-T``. ``Omega`` is
+    quadratic in theta, so ``Omega_ij`` pairs the nonzeros of ``Lambda``'s
+    patterns through ``Z'Z``. Second-order autodiff of the same quantities
+    traced and compiled in about 0.6 s for sleepstudy; this in a fraction.
+    """
+    Q, P = xp.zt.shape
+    m, T, dtype = Q + P, theta.shape[0], theta.dtype
+    lam = small_lambda(theta, system)
+    lzm = lam.T @ xp.zt
+    L = cholesky(jnp.block([[_a_matrix(system, lam), lzm], [lzm.T, xp.gram]]))
+    rows, cols = system.lam_pos // Q, system.lam_pos % Q
+    # dOmega_i = S_i + S_i' with S_i = E_i' (G D)[:Q], E_i theta_i's 0/1 pattern in Lambda
+    gd = jnp.concatenate([system.ZtZ @ lam, xp.zt], axis=1)  # (Q, m)
+    S = jnp.zeros((T + 1, m, m), dtype).at[system.lam_theta, cols].add(gd[rows])[:T]
+    dOmega = S + jnp.swapaxes(S, 1, 2)
+    half = tri_solve(L, jnp.moveaxis(dOmega, 0, 1).reshape(m, T * m))  # L^-1 dOmega_i
+    half = jnp.moveaxis(half.reshape(m, T, m), 1, 0)
+    # Y_i = L^-1 (L^-1 dOmega_i)': the rows of the second solve are half_i's columns
+    Y = tri_solve(L, jnp.transpose(half, (2, 1, 0)).reshape(m, m * T))
+    Y = jnp.moveaxis(Y.reshape(m, m, T), 2, 0)
+    ends = jnp.array([Q, m - 1, m])
+    inside = jnp.arange(m) < ends[:, None]  # (3, m): rows of each leading block
+    grad = inside.astype(dtype) @ jnp.diagonal(Y, axis1=1, axis2=2).T
+    block = (inside[:, :, None] & inside[:, None, :]).astype(dtype)
+    second = jnp.einsum("bxy,ixy,jxy->bij", block, Y, Y)
+    # tr(Omega_B^-1 Omega_ij) = 2 sum over nonzeros s of theta_i, t of theta_j of
+    # (Z'Z)[row_s, row_t] (Omega_B^-1)[col_s, col_t]; Omega_B^-1's first Q columns from L^-1
+    W = tri_solve(L, jnp.eye(m, Q, dtype=dtype))[:, cols]  # (m, K)
+    inv_pairs = jnp.einsum("bx,xs,xt->bst", inside.astype(dtype), W, W)
+    which = (system.lam_theta[:, None] == jnp.arange(T)).astype(dtype)  # (K, T)
+    pairs = system.ZtZ[rows[:, None], rows[None, :]] * inv_pairs
+    first = 2.0 * jnp.einsum("si,bst,tj->bij", which, pairs, which)
+    Rinv = tri_solve(L[Q:-1, Q:-1], jnp.eye(P - 1, dtype=dtype))
+    jac = -jnp.einsum("xa,ixy,yb->iab", Rinv, Y[:, Q:-1, Q:-1], Rinv)
+    return SmallDerivatives(grad, first - second, L[-1, -1] ** 2, Rinv.T @ Rinv, jac)

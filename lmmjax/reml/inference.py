@@ -10,8 +10,10 @@ the asymptotic covariance of ``varpar`` is ``2 H^-1`` (``H`` the Hessian of
 ``d`` at the estimate), and for a contrast ``l`` with ``v(varpar) = l' Cov(beta) l``
 (``Cov(beta) = sigma^2 (X'V^-1 X)^-1``) the Satterthwaite degrees of freedom
 are ``2 v^2 / (g' (2 H^-1) g)`` with ``g`` the gradient of ``v``. lmerTest
-gets ``H`` and ``g`` by finite differences; here they are exact (JAX autodiff),
-through the same ``gls_gram`` as the fit.
+gets ``H`` and ``g`` by finite differences; here they are exact: in closed
+form on a small model's padded dense system
+(:func:`lmmjax.reml.objective.small_vcov_pieces`), by JAX autodiff through the
+same ``gls_gram`` as the fit on the blocked one.
 """
 
 from __future__ import annotations
@@ -50,11 +52,12 @@ class VcovDerivatives(NamedTuple):
 
 
 def vcov_derivatives(fit) -> VcovDerivatives:
-    """:class:`VcovDerivatives` of a REML/ML fit, by JAX autodiff through ``gls_gram``.
+    """:class:`VcovDerivatives` of a REML/ML fit.
 
-    A small model's padded dense system serves when the fit has one (its
-    program is shared with other small models); the padded entries of theta
-    are cut from the derivatives.
+    A small model's padded dense system serves when the fit has one: the
+    fit's own program holds the closed-form pieces (it is shared with other
+    small models), and the padded entries of theta are cut from them. Otherwise
+    by JAX autodiff through ``gls_gram``.
     """
     if fit._small is not None:  # the fit's own program holds the pieces
         struct, xp, layout = fit._small

@@ -30,6 +30,7 @@ from lmmjax.linalg import (
     cross_products,
     gls_gram,
     make_lambdas,
+    small_derivatives,
     small_system,
     tri_solve,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "nfixed",
     "profiled_criterion",
     "profiled_objective",
+    "small_vcov_pieces",
     "vcov_pieces",
     "weighted_problem",
 ]
@@ -252,3 +254,33 @@ def small_problem(model):
 def padded(layout: SmallLayout | None, theta) -> np.ndarray:
     """Theta as a program on ``layout``'s system takes it (unchanged without one)."""
     return np.asarray(theta, dtype=float) if layout is None else layout.pad(theta)
+
+
+def small_vcov_pieces(varpar, system: SmallSystem, xp, reml: bool):
+    """:func:`vcov_pieces` of a small model's padded system, in closed form.
+
+    The same ``H``, ``C`` and ``J`` from :func:`lmmjax.linalg.small.small_derivatives`:
+    with ``rho = r^2 = exp(l_F - l_S)`` (the log-determinants of the whole
+    system and of all but its last row) and ``c = n - p`` (REML) or ``n``,
+
+        d = l_S (REML) or l_A (ML) + c log(2 pi sigma^2) + rho / sigma^2,
+
+    so ``H`` needs the log-determinants' first and second derivatives only.
+    """
+    theta, sigma = varpar[:-1], varpar[-1]
+    der = small_derivatives(theta, system, xp)
+    n = system.n
+    c = n - system.p if reml else n
+    rho = der.r2
+    delta = der.grad[2] - der.grad[1]  # d log rho
+    d_rho = rho * delta
+    d2_rho = rho * (der.hess[2] - der.hess[1] + jnp.outer(delta, delta))
+    s2 = sigma**2
+    h_tt = der.hess[1 if reml else 0] + d2_rho / s2
+    h_ts = -2.0 * d_rho / (s2 * sigma)
+    h_ss = -2.0 * c / s2 + 6.0 * rho / s2**2
+    H = jnp.block([[h_tt, h_ts[:, None]], [h_ts[None, :], h_ss[None, None]]])
+    C = s2 * der.fixed_inv
+    J = jnp.concatenate([s2 * jnp.moveaxis(der.fixed_inv_jac, 0, -1),
+                         (2.0 * sigma * der.fixed_inv)[..., None]], axis=-1)  # fmt: skip
+    return H, C, J

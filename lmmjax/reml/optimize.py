@@ -40,7 +40,7 @@ from lmmjax.reml.objective import (
     estimates,
     padded,
     profiled_objective,
-    vcov_pieces,
+    small_vcov_pieces,
 )
 
 
@@ -182,12 +182,13 @@ def _only_where(pred, fn, *args):
 
     ``lax.cond`` needs the zeros' shapes before it traces its branches; from
     ``jax.eval_shape`` of ``fn`` itself they cost a second trace, which for
-    Satterthwaite's pieces (reverse over reverse) was 0.15-0.2 s of a cold
-    command-line fit of sleepstudy. Wrapped in ``jax.jit``, the trace that
-    gives the shapes is cached and the branch calls it (in one process, the
-    program's trace 0.30-0.41 s against 0.48-0.50 s when the branch evaluated
-    the shapes' jaxpr again with ``jaxpr_as_fun``). ``args`` are pytrees of
-    arrays: a Python number among them is traced like one.
+    Satterthwaite's pieces by reverse-over-reverse autodiff (before they were
+    written in closed form) was 0.15-0.2 s of a cold command-line fit of
+    sleepstudy. Wrapped in ``jax.jit``, the trace that gives the shapes is
+    cached and the branch calls it (in one process, the program's trace
+    0.30-0.41 s against 0.48-0.50 s when the branch evaluated the shapes'
+    jaxpr again with ``jaxpr_as_fun``). ``args`` are pytrees of arrays: a
+    Python number among them is traced like one.
     """
     fn = jax.jit(fn)
     shape = jax.eval_shape(fn, *args)
@@ -206,7 +207,7 @@ def _evaluate(theta, sigma, struct, xp, mode, reml, pieces):
 
     ``mode`` (traced) is :data:`GRADIENT`, :data:`ESTIMATES` (the estimates
     too) or, where ``pieces`` (static) built it in, :data:`PIECES`
-    (Satterthwaite's, :func:`lmmjax.reml.objective.vcov_pieces`, at
+    (Satterthwaite's, :func:`lmmjax.reml.objective.small_vcov_pieces`, at
     ``(theta, sigma)``). Branches that do not run return zeros.
 
     One program for the whole fit and its summary: the estimates run once, at
@@ -220,8 +221,7 @@ def _evaluate(theta, sigma, struct, xp, mode, reml, pieces):
     if not pieces:
         return value, grad, est, None
     varpar = jnp.append(theta, sigma)
-    parts = _only_where(mode == PIECES, partial(vcov_pieces, reml=reml), varpar, struct, xp,
-                        struct.nobs)  # fmt: skip
+    parts = _only_where(mode == PIECES, partial(small_vcov_pieces, reml=reml), varpar, struct, xp)
     return value, grad, est, parts
 
 
@@ -262,7 +262,7 @@ class Objective:
         return est._replace(beta=beta, vcov=vcov, b=self.padding.unpack(est.b[0]))
 
     def pieces(self, theta, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:func:`lmmjax.reml.objective.vcov_pieces` at ``(theta, sigma)``, padding included.
+        """:func:`lmmjax.reml.objective.small_vcov_pieces` at ``(theta, sigma)``, padding included.
 
         Only for a small model's padded system (``padding``), whose program holds them.
         """
