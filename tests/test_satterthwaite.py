@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import lmmjax
@@ -103,3 +104,60 @@ def test_small_pieces_in_closed_form_match_autodiff(formula, data, reml):
         for g, w in zip(got, want, strict=True):
             assert g.shape == w.shape
             np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-11 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("reml", [True, False])
+def test_small_pieces_in_float32_at_large_n_are_as_accurate_as_autodiff(reml):
+    # r^2's derivatives as a difference of cumulative log-determinants lost N eps in float32
+    # (H 1.7e-4 off at N = 1e5, degrees of freedom off by half); as pieces of their own,
+    # the closed form is as accurate as autodiff in float32
+    import jax
+
+    from lmmjax.linalg import device_array
+    from lmmjax.reml.objective import small_problem, small_vcov_pieces, vcov_pieces
+
+    rng = np.random.default_rng(7)
+    groups, per = 40, 2500
+    g = np.repeat(np.arange(groups), per)
+    x = rng.normal(size=g.size)
+    u = rng.normal(size=(groups, 2)) * [1.0, 0.3]
+    y = 2 + 0.5 * x + u[g, 0] + u[g, 1] * x + rng.normal(size=g.size)
+    frame = pd.DataFrame({"y": y, "x": x, "g": g.astype(str)})
+    fit = lmmjax.lmm("y ~ x + (x | g)", frame, method="reml" if reml else "ml")
+    lmmjax.set_precision("float32")
+    try:
+        systems = [fit._small, small_problem(fit.model)[:3]]
+    finally:
+        lmmjax.set_precision("float64")
+    closed, auto = [], []
+    for struct, xp, layout in systems:
+        varpar = device_array(np.append(layout.pad(fit.theta), fit.sigma), struct.dtype)
+        got = jax.jit(small_vcov_pieces, static_argnums=3)(varpar, struct, xp, reml)
+        closed.append([np.asarray(a, dtype=float) for a in got])
+        want = jax.jit(vcov_pieces, static_argnums=4)(varpar, struct, xp, struct.nobs, reml)
+        auto.append([np.asarray(a, dtype=float) for a in want])
+    for k in range(3):  # H, C, J: float32 against float64, max-normalised
+        err_closed = np.abs(closed[1][k] - closed[0][k]).max() / np.abs(closed[0][k]).max()
+        err_auto = np.abs(auto[1][k] - auto[0][k]).max() / np.abs(auto[0][k]).max()
+        assert err_closed <= max(2.0 * err_auto, 1e-6)
+
+
+def test_small_pieces_beyond_the_closed_forms_sizes_come_from_autodiff(monkeypatch):
+    import jax
+
+    from lmmjax.linalg import device_array, small
+    from lmmjax.reml import objective
+
+    fit = lmmjax.lmm("Reaction ~ Days + (Days | Subject)", "bundled:sleepstudy")
+    struct, xp, layout = fit._small
+    varpar = device_array(np.append(layout.pad(fit.theta), fit.sigma), struct.dtype)
+    assert small.closed_form_fits(layout.size, struct, xp)
+    calls = []
+    monkeypatch.setattr(objective, "small_derivatives", lambda *a: calls.append(a) or None)
+    monkeypatch.setattr(small, "MAX_PAIRS", struct.lam_pos.shape[0] - 1)
+    assert not small.closed_form_fits(layout.size, struct, xp)
+    got = jax.jit(objective.small_vcov_pieces, static_argnums=3)(varpar, struct, xp, True)
+    want = objective.vcov_pieces(varpar, struct, xp, struct.nobs, True)
+    assert not calls
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12 * np.abs(w).max())

@@ -43,6 +43,7 @@ from lmmjax.linalg.small import (
     SmallDerivatives,
     SmallLayout,
     SmallSystem,
+    closed_form_fits,
     small_derivatives,
     small_system,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "make_lambdas",
     "rows_scalable",
     "scale_rows",
+    "closed_form_fits",
     "small_derivatives",
     "small_system",
     "tri_solve",

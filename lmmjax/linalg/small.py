@@ -45,6 +45,7 @@ __all__ = [
     "SmallDerivatives",
     "SmallLayout",
     "SmallSystem",
+    "closed_form_fits",
     "small_derivatives",
     "small_gls_gram",
     "small_cov",
@@ -258,15 +259,18 @@ class SmallDerivatives(NamedTuple):
     """First and second derivatives in theta of a small system's log-determinants.
 
     ``Omega(theta) = D' G D + diag(I, 0)`` with ``D = diag(Lambda, I)`` and
-    ``G = [Z M]' [Z M]`` is the augmented system; its leading blocks give
-    ``log|A|`` (the first ``Q`` rows), ``log|A| + log|X' V^-1 X|`` (all but
-    the last) and that plus ``log r^2`` (all). The padded columns of ``X`` add
-    nothing to either.
+    ``G = [Z M]' [Z M]`` is the augmented system. Its leading blocks have the
+    log-determinants ``log|A|`` (the first ``Q`` rows), ``log|A| + log|X'
+    V^-1 X|`` (all but the last) and that plus ``log r^2`` (all); the three
+    pieces ``log|A|``, ``log|X' V^-1 X|`` and ``log r^2`` are differentiated
+    each on its own, with no difference of the cumulative ones (in float32,
+    ``r^2``'s derivatives as such a difference lost ``N eps`` relative). The
+    padded columns of ``X`` add nothing.
 
     Attributes
     ----------
     grad : array (3, T)
-        Derivatives of the three log-determinants.
+        Derivatives of ``log|A|``, ``log|X' V^-1 X|`` and ``log r^2``.
     hess : array (3, T, T)
         Their second derivatives.
     r2 : array ()
@@ -274,7 +278,7 @@ class SmallDerivatives(NamedTuple):
     fixed_inv : array (P - 1, P - 1)
         ``(X' V^-1 X)^-1`` (the identity in the padded rows and columns).
     fixed_inv_jac : array (T, P - 1, P - 1)
-        Its derivatives.
+        Its derivatives (zero in the padded rows and columns).
     """
 
     grad: jax.Array
@@ -284,15 +288,31 @@ class SmallDerivatives(NamedTuple):
     fixed_inv_jac: jax.Array
 
 
+# closed form up to these sizes: its (K, K) pairs of Lambda's nonzeros and (T, m, m)
+# products outgrow reverse-over-reverse autodiff's memory and time beyond them (a review:
+# 16 correlated effects on 16 levels, K = 4096, first coef_table 4.7 s and 1.8 GB
+# against 3.4 s and 1.3 GB; at K = 2048, T = 64 it was 0.69 s against 0.91 s)
+MAX_PAIRS = 2048
+MAX_PRODUCTS = 1 << 23
+
+
+def closed_form_fits(theta_size: int, system: SmallSystem, xp: DenseProducts) -> bool:
+    """Whether :func:`small_derivatives` is within its sizes, theta of ``theta_size`` (static)."""
+    m = system.q + xp.zt.shape[1]
+    return system.lam_pos.shape[0] <= MAX_PAIRS and theta_size * m * m <= MAX_PRODUCTS
+
+
 def small_derivatives(theta: jax.Array, system: SmallSystem, xp: DenseProducts):
     """:class:`SmallDerivatives` at ``theta``, in closed form from one Cholesky factor.
 
     With ``L`` the factor of ``Omega`` and ``Y_i = L^-1 (dOmega / dtheta_i) L^-T``,
     a leading block ``B`` has ``d log|Omega_B| = tr_B(Y_i)`` and
     ``d2 log|Omega_B| = tr(Omega_B^-1 Omega_ij) - sum_B Y_i (.) Y_j``, because
-    the leading block of ``Y_i`` is ``L_B^-1 (dOmega_i)_B L_B^-T``. ``Omega`` is
-    quadratic in theta, so ``Omega_ij`` pairs the nonzeros of ``Lambda``'s
-    patterns through ``Z'Z``. For sleepstudy's Satterthwaite pieces
+    the leading block of ``Y_i`` is ``L_B^-1 (dOmega_i)_B L_B^-T``. Each
+    piece's are the sums over the rows (and the pairs of rows) that its block
+    adds to the one before. ``Omega`` is quadratic in theta, so ``Omega_ij``
+    pairs the nonzeros of ``Lambda``'s patterns through ``Z'Z``. For
+    sleepstudy's Satterthwaite pieces
     (:func:`lmmjax.reml.objective.small_vcov_pieces`), alone in a program
     compiled quickly: trace, lowering and compile 0.18-0.20 s and a run
     1.6-1.9 ms, against 0.71-0.81 s and 5.7-6.4 ms by reverse-over-reverse
@@ -313,15 +333,15 @@ def small_derivatives(theta: jax.Array, system: SmallSystem, xp: DenseProducts):
     # Y_i = L^-1 (L^-1 dOmega_i)': the rows of the second solve are half_i's columns
     Y = tri_solve(L, jnp.transpose(half, (2, 1, 0)).reshape(m, m * T))
     Y = jnp.moveaxis(Y.reshape(m, m, T), 2, 0)
-    ends = jnp.array([Q, m - 1, m])
-    inside = jnp.arange(m) < ends[:, None]  # (3, m): rows of each leading block
-    grad = inside.astype(dtype) @ jnp.diagonal(Y, axis1=1, axis2=2).T
-    block = (inside[:, :, None] & inside[:, None, :]).astype(dtype)
-    second = jnp.einsum("bixy,jxy->bij", block[:, None] * Y, Y)  # (3, T, m, m) in between
+    piece = jnp.searchsorted(jnp.array([Q, m - 1]), jnp.arange(m), side="right")  # row's piece
+    own = (piece == jnp.arange(3)[:, None]).astype(dtype)  # (3, m): the rows each adds
+    grad = own @ jnp.diagonal(Y, axis1=1, axis2=2).T
+    region = jnp.maximum(piece[:, None], piece[None, :]) == jnp.arange(3)[:, None, None]
+    second = jnp.einsum("bixy,jxy->bij", region.astype(dtype)[:, None] * Y, Y)
     # tr(Omega_B^-1 Omega_ij) = 2 sum over nonzeros s of theta_i, t of theta_j of
     # (Z'Z)[row_s, row_t] (Omega_B^-1)[col_s, col_t]; Omega_B^-1's first Q columns from L^-1
     W = tri_solve(L, jnp.eye(m, Q, dtype=dtype))[:, cols]  # (m, K)
-    inv_pairs = jnp.einsum("bxs,xt->bst", inside[:, :, None] * W, W)
+    inv_pairs = jnp.einsum("bxs,xt->bst", own[:, :, None] * W, W)
     which = (system.lam_theta[:, None] == jnp.arange(T)).astype(dtype)  # (K, T)
     pairs = system.ZtZ[rows[:, None], rows[None, :]] * inv_pairs
     first = 2.0 * jnp.einsum("si,bst,tj->bij", which, pairs, which)

@@ -62,9 +62,11 @@ def vcov_derivatives(fit) -> VcovDerivatives:
     if fit._small is not None:  # the fit's own program holds the pieces
         struct, xp, layout = fit._small
         objective = Objective(struct, xp, fit.reml, padding=layout)
-        H, C, J = objective.pieces(fit.theta, fit.sigma)
+        H, _, J = objective.pieces(fit.theta, fit.sigma)
         keep, p = np.r_[np.arange(layout.ntheta), layout.size], layout.nfixed
-        H, C, J = H[np.ix_(keep, keep)], C[:p, :p], J[:p, :p, keep]
+        # Cov(beta) as the fit reports it: the same up to rounding, which in a
+        # near-singular fit the closed form's larger system magnifies
+        H, C, J = H[np.ix_(keep, keep)], fit.vcov_matrix, J[:p, :p, keep]
     else:
         (struct, xp), theta = fit._blocked(), fit.theta
         varpar = device_array(np.append(theta, fit.sigma), struct.dtype)

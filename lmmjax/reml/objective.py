@@ -26,6 +26,7 @@ from lmmjax.linalg import (
     Structure,
     build_structure,
     cholesky,
+    closed_form_fits,
     conditional_moments,
     cross_products,
     gls_gram,
@@ -259,25 +260,26 @@ def padded(layout: SmallLayout | None, theta) -> np.ndarray:
 def small_vcov_pieces(varpar, system: SmallSystem, xp, reml: bool):
     """:func:`vcov_pieces` of a small model's padded system, in closed form.
 
-    The same ``H``, ``C`` and ``J`` from :func:`lmmjax.linalg.small.small_derivatives`:
-    with ``rho = r^2 = exp(l_F - l_S)`` (the log-determinants of the whole
-    system and of all but its last row) and ``c = n - p`` (REML) or ``n``,
+    The same ``H``, ``C`` and ``J`` from :func:`lmmjax.linalg.small_derivatives`:
+    with ``rho = r^2`` and ``c = n - p`` (REML) or ``n`` (ML),
 
-        d = l_S (REML) or l_A (ML) + c log(2 pi sigma^2) + rho / sigma^2,
+        d = log|A| [+ log|X' V^-1 X|, REML] + c log(2 pi sigma^2) + rho / sigma^2,
 
-    so ``H`` needs the log-determinants' first and second derivatives only.
+    so ``H`` needs the first and second derivatives of ``log|A|``,
+    ``log|X' V^-1 X|`` and ``log rho`` only. Beyond the closed form's sizes
+    (:func:`lmmjax.linalg.small.closed_form_fits`), :func:`vcov_pieces`.
     """
+    if not closed_form_fits(varpar.shape[0] - 1, system, xp):
+        return vcov_pieces(varpar, system, xp, system.nobs, reml)
     theta, sigma = varpar[:-1], varpar[-1]
     der = small_derivatives(theta, system, xp)
     n = system.n
     c = n - system.p if reml else n
-    rho = der.r2
-    delta = der.grad[2] - der.grad[1]  # d log rho
-    d_rho = rho * delta
-    d2_rho = rho * (der.hess[2] - der.hess[1] + jnp.outer(delta, delta))
+    rho, delta = der.r2, der.grad[2]  # delta: d log rho
+    d2_rho = rho * (der.hess[2] + jnp.outer(delta, delta))
     s2 = sigma**2
-    h_tt = der.hess[1 if reml else 0] + d2_rho / s2
-    h_ts = -2.0 * d_rho / (s2 * sigma)
+    h_tt = (der.hess[0] + der.hess[1] if reml else der.hess[0]) + d2_rho / s2
+    h_ts = -2.0 * rho * delta / (s2 * sigma)
     h_ss = -2.0 * c / s2 + 6.0 * rho / s2**2
     H = jnp.block([[h_tt, h_ts[:, None]], [h_ts[None, :], h_ss[None, None]]])
     C = s2 * der.fixed_inv
