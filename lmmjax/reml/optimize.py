@@ -416,9 +416,9 @@ def optimize_theta(
             return np.asarray(theta, float), float(value), np.asarray(grad, float), int(it), est
 
     else:
+        nobs = int(np.asarray(struct.nobs))  # once, not per start: a transfer from the device
 
         def minimise(start):
-            nobs = int(np.asarray(struct.nobs))
             return (*_lbfgs(evaluate, np.asarray(start, float), options.maxiter, gtol, nobs), None)
 
     theta, value, grad, it, est = minimise(theta0)
